@@ -1,0 +1,158 @@
+"""Every frame exchanged between a queen and a worker, as frozen pydantic models.
+
+The first frame on a connection is the worker's `Register`; the queen answers with `Welcome` or
+closes the socket with a `ProtocolError` frame and a close reason. After that, every frame that
+belongs to a request carries its `request_id`, so one connection carries many requests at once:
+
+    queen -> worker:  Welcome, Job, Cancel, ProtocolError
+    worker -> queen:  Register, Chunk, Result, JobError, ProtocolError
+
+Units: memory and disk sizes are MiB (2**20 bytes) unless a field name ends in `_bytes`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.errors import ErrorCode
+
+PROTOCOL_VERSION = 1
+"""Bumped on every incompatible change to the frames below."""
+
+RequestId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Frame(BaseModel):
+    """Base of every frame: immutable, and strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GpuInfo(Frame):
+    """One GPU as the worker sees it."""
+
+    name: str = Field(description="Device name as reported by the driver.")
+    memory: int = Field(ge=0, description="Total device memory, MiB.")
+    memory_free: int | None = Field(
+        default=None, ge=0, description="Free device memory when the report was made, MiB."
+    )
+    uuid: str | None = Field(default=None, description="Stable device id (NVML uuid), if known.")
+    index: int | None = Field(default=None, ge=0, description="Device index as the driver numbers it.")
+
+
+class ModelInfo(Frame):
+    """A model a worker serves."""
+
+    id: str = Field(min_length=1, max_length=256, description="The name clients send as `model`.")
+    n_ctx: int = Field(ge=1, description="Context length the model is loaded with, tokens.")
+    size_bytes: int | None = Field(default=None, ge=0, description="Size of the GGUF file(s), bytes.")
+    n_gpu_layers: int = Field(default=0, ge=0, description="Layers offloaded to GPUs.")
+    embeddings: bool = Field(default=False, description="Whether /v1/embeddings is served.")
+
+
+class Register(Frame):
+    """The worker's first frame: who it is, what it has, what it serves.
+
+    The hardware fields keep the names of the original workerbee design; their units are fixed here.
+    """
+
+    type: Literal["register"] = "register"
+    protocol_version: int = Field(description="The PROTOCOL_VERSION the worker speaks.")
+    worker_version: str = Field(max_length=64, description="The workerbee package version.")
+    ln_url: str = Field(default="", max_length=2048, description="Lightning address or LNURL for payouts.")
+    auth_key: str = Field(default="", max_length=1024, description="Worker token the queen may require.")
+    cpu_count: int = Field(ge=0, description="Logical CPUs.")
+    memory: int = Field(default=0, ge=0, description="Total system memory, MiB.")
+    disk_space: int = Field(ge=0, description="Free disk where models are cached, MiB.")
+    vram: int = Field(ge=0, description="Total memory of the GPUs reported (NVIDIA, else OpenCL), MiB.")
+    nv_gpu_count: int | None = Field(default=None, ge=0, description="NVIDIA GPUs seen by NVML.")
+    nv_driver_version: str | None = Field(default=None, description="NVIDIA driver version.")
+    nv_cuda_version: str | None = Field(default=None, description="CUDA version the driver supports.")
+    nv_gpus: list[GpuInfo] = Field(default_factory=list, description="One entry per NVIDIA GPU.")
+    cl_driver_version: str | None = Field(default=None, description="OpenCL driver version.")
+    cl_gpus: list[GpuInfo] = Field(default_factory=list, description="One entry per OpenCL GPU device.")
+    models: list[ModelInfo] = Field(min_length=1, max_length=64, description="Models this worker serves.")
+    parallel: int = Field(default=1, ge=1, le=256, description="Requests the worker runs at once.")
+
+
+class Welcome(Frame):
+    """The queen accepted the registration."""
+
+    type: Literal["welcome"] = "welcome"
+    protocol_version: int = PROTOCOL_VERSION
+    worker_id: str = Field(description="The id the queen knows this connection by.")
+
+
+class Job(Frame):
+    """One OpenAI request for the worker to run, in the original design's shape."""
+
+    type: Literal["job"] = "job"
+    request_id: RequestId
+    openai_url: str = Field(description="The OpenAI path, e.g. /v1/chat/completions.")
+    openai_req: dict[str, Any] = Field(description="The validated OpenAI request body.")
+
+
+class Cancel(Frame):
+    """The client went away: stop generating and free the slot."""
+
+    type: Literal["cancel"] = "cancel"
+    request_id: RequestId
+
+
+class Usage(Frame):
+    """Token counts of one request."""
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class Chunk(Frame):
+    """One streamed piece of an answer: an OpenAI `chat.completion.chunk` object's `choices` and extras.
+
+    The queen owns `id`, `created` and `model`; it overwrites them before relaying.
+    """
+
+    type: Literal["chunk"] = "chunk"
+    request_id: RequestId
+    chunk: dict[str, Any]
+
+
+class Result(Frame):
+    """The end of a request that succeeded.
+
+    `response` is the whole OpenAI response object for requests that were not streamed; for streams it
+    is None, since the content already went out as chunks.
+    """
+
+    type: Literal["result"] = "result"
+    request_id: RequestId
+    usage: Usage
+    response: dict[str, Any] | None = None
+
+
+class JobError(Frame):
+    """The end of a request that failed on the worker."""
+
+    type: Literal["job_error"] = "job_error"
+    request_id: RequestId
+    code: ErrorCode
+    message: str = Field(max_length=4096)
+    param: str | None = None
+
+
+class ProtocolError(Frame):
+    """A frame could not be understood; sent before closing, or for a frame that was dropped."""
+
+    type: Literal["protocol_error"] = "protocol_error"
+    code: ErrorCode
+    message: str = Field(max_length=4096)
+
+
+WorkerFrame = Annotated[Register | Chunk | Result | JobError | ProtocolError, Field(discriminator="type")]
+"""Any frame a worker sends."""
+
+QueenFrame = Annotated[Welcome | Job | Cancel | ProtocolError, Field(discriminator="type")]
+"""Any frame a queen sends."""

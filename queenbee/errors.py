@@ -1,0 +1,104 @@
+"""The queen's exception tree, and the one place where errors become OpenAI error bodies.
+
+    QueenError                    any error a client sees
+    ├── InvalidRequest            400 invalid_request_error (malformed JSON, bad or unsupported field)
+    ├── ContextLengthExceeded     400 invalid_request_error, code context_length_exceeded
+    ├── ModelNotFound             404 invalid_request_error, code model_not_found
+    ├── NoCapacity                503 service_unavailable, with Retry-After
+    ├── UpstreamError             502 upstream_error: the worker failed or went away
+    └── UpstreamTimeout           504 timeout: the worker did not answer in time
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol import ErrorCode
+
+
+class QueenError(Exception):
+    """An error with an HTTP status and an OpenAI error body."""
+
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers."""
+        return {}
+
+
+class InvalidRequest(QueenError):
+    """The request is malformed or asks for something that cannot be honoured."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt does not fit in the model's context."""
+
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(QueenError):
+    """No connected worker serves the model."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NoCapacity(QueenError):
+    """Every worker for the model is busy, and the wait is over."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_capacity"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        """Tell the client when to try again."""
+        return {"Retry-After": str(self.retry_after)}
+
+
+class UpstreamError(QueenError):
+    """The worker failed or disconnected while running the request."""
+
+    status = 502
+    type = "upstream_error"
+    code = "worker_failed"
+
+
+class UpstreamTimeout(QueenError):
+    """The worker did not answer within a deadline."""
+
+    status = 504
+    type = "timeout"
+    code = "worker_timeout"
+
+
+def from_job_error(code: ErrorCode, message: str, param: str | None) -> QueenError:
+    """Translate a worker's JobError into the error the client sees."""
+    if code is ErrorCode.CONTEXT_LENGTH_EXCEEDED:
+        return ContextLengthExceeded(message, param=param or "messages")
+    if code is ErrorCode.INVALID_REQUEST:
+        return InvalidRequest(message, param=param)
+    if code is ErrorCode.MODEL_NOT_FOUND:
+        return ModelNotFound(message, param=param or "model")
+    return UpstreamError(f"the worker failed: {message}", code=code.value)

@@ -1,0 +1,132 @@
+"""The registry of connected workers, and the per-model queues of requests waiting for a free slot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from queenbee.errors import ModelNotFound, NoCapacity
+from queenbee.scheduling import choose_worker
+from queenbee.settings import QueenSettings
+from queenbee.worker_session import RequestStream, WorkerSession
+
+log = logging.getLogger("queenbee.hive")
+
+
+class Hive:
+    """Every connected worker, indexed by the models it serves."""
+
+    def __init__(self, settings: QueenSettings) -> None:
+        self._settings = settings
+        self.workers: dict[str, WorkerSession] = {}
+        self._by_model: dict[str, dict[str, WorkerSession]] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+
+    def add(self, worker: WorkerSession) -> None:
+        """Put a newly registered worker into rotation."""
+        self.workers[worker.id] = worker
+        for model in worker.models:
+            self._by_model.setdefault(model, {})[worker.id] = worker
+        self.slot_freed(worker)
+
+    def remove(self, worker: WorkerSession) -> None:
+        """Take a worker out of rotation (it disconnected or was dropped)."""
+        self.workers.pop(worker.id, None)
+        for model in worker.models:
+            serving = self._by_model.get(model)
+            if serving is None:
+                continue
+            serving.pop(worker.id, None)
+            if not serving:
+                del self._by_model[model]
+                # Nobody serves the model any more: waiting requests learn it now, not at their deadline.
+                self._wake_all(model)
+
+    def models(self) -> list[str]:
+        """Ids of the models at least one connected worker serves, sorted."""
+        return sorted(self._by_model)
+
+    def serving(self, model: str) -> list[WorkerSession]:
+        """The workers that serve a model."""
+        return list(self._by_model.get(model, {}).values())
+
+    def queue_depth(self, model: str | None = None) -> int:
+        """Requests waiting for a slot, for one model or all."""
+        if model is not None:
+            return len(self._waiters.get(model, ()))
+        return sum(len(queue) for queue in self._waiters.values())
+
+    async def acquire(
+        self, model: str, request_id: str, *, exclude: frozenset[str] = frozenset()
+    ) -> tuple[WorkerSession, RequestStream]:
+        """Reserve a slot on the best worker for `model`, waiting in line if every worker is busy.
+
+        First come, first served: a newcomer takes a slot at once only if nobody is waiting; a waiter
+        that is woken but cannot use the slot (its retry excludes that worker) passes the turn on.
+        Raises ModelNotFound if no worker serves the model, NoCapacity if the line is full or the wait
+        runs past the queue timeout.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.queue_timeout
+        queue = self._waiters.setdefault(model, deque())
+        waiter: asyncio.Event | None = None
+        try:
+            while True:
+                serving = self._by_model.get(model)
+                if serving is None:
+                    raise ModelNotFound(
+                        f"The model '{model}' does not exist or no worker serves it.", param="model"
+                    )
+                if waiter is not None or not queue:
+                    worker = choose_worker(serving.values(), model, now=time.monotonic(), exclude=exclude)
+                    if worker is not None:
+                        return worker, worker.reserve(request_id, model)
+                    if exclude and all(worker_id in exclude for worker_id in serving):
+                        raise NoCapacity(f"No other worker for '{model}' is left to retry on.")
+                    if waiter is not None:
+                        waiter.clear()
+                        self._wake_next(model, after=waiter)
+                if waiter is None:
+                    if len(queue) >= self._settings.queue_size:
+                        raise NoCapacity(f"All workers for '{model}' are busy and the queue is full.")
+                    waiter = asyncio.Event()
+                    queue.append(waiter)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await waiter.wait()
+                except TimeoutError:
+                    raise NoCapacity(
+                        f"All workers for '{model}' stayed busy for {self._settings.queue_timeout:g} s."
+                    ) from None
+        finally:
+            if waiter is not None:
+                queue.remove(waiter)
+                # More slots may be free than this request used: let the next in line look.
+                self._wake_next(model)
+            if not queue and self._waiters.get(model) is queue:
+                del self._waiters[model]
+
+    def slot_freed(self, worker: WorkerSession) -> None:
+        """A slot opened on `worker`: wake the first request waiting for each model it serves."""
+        for model in worker.models:
+            self._wake_next(model)
+
+    def _wake_next(self, model: str, *, after: asyncio.Event | None = None) -> None:
+        """Wake the first waiter for `model` that is not awake yet (behind `after`, if given)."""
+        queue = self._waiters.get(model)
+        if not queue:
+            return
+        seen_after = after is None
+        for waiter in queue:
+            if not seen_after:
+                seen_after = waiter is after
+                continue
+            if not waiter.is_set():
+                waiter.set()
+                return
+
+    def _wake_all(self, model: str) -> None:
+        for waiter in self._waiters.get(model, ()):
+            waiter.set()

@@ -1,0 +1,57 @@
+"""The queen's settings: every option is a command-line flag and a QUEENBEE_* environment variable."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QueenSettings(BaseSettings):
+    """queenbee: an OpenAI-compatible router for workerbee workers.
+
+    Every option can also be set with an environment variable: QUEENBEE_ followed by the option's name
+    in upper case with underscores, e.g. QUEENBEE_PORT=8000.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="QUEENBEE_",
+        cli_kebab_case=True,
+        cli_prog_name="queenbee",
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        frozen=True,
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
+    log_level: str = Field(default="info", description="Log level: debug, info, warning or error.")
+    queue_size: int = Field(
+        default=64, ge=0, description="Requests per model that may wait for a free worker before 503."
+    )
+    queue_timeout: float = Field(
+        default=30.0, ge=0, description="Seconds a request may wait for a free worker before 503."
+    )
+    first_token_timeout: float = Field(
+        default=120.0, gt=0, description="Seconds a worker may take to send the first token."
+    )
+    token_timeout: float = Field(default=60.0, gt=0, description="Seconds a worker may stay silent between tokens.")
+    request_timeout: float = Field(default=600.0, gt=0, description="Seconds a whole request may take.")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Workers tried for one request when a worker fails before answering."
+    )
+    register_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a new worker connection has to send its registration."
+    )
+    cancel_grace: float = Field(
+        default=5.0, gt=0, description="Seconds a worker has to confirm a cancel before its slot is freed."
+    )
+    heartbeat_interval: float = Field(default=15.0, gt=0, description="Seconds between pings to each worker.")
+    heartbeat_timeout: float = Field(
+        default=20.0, gt=0, description="Seconds a worker has to answer a ping before it is dropped."
+    )
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="Seconds in-flight requests may take to finish on shutdown."
+    )
+    max_frame_bytes: int = Field(default=8 * 2**20, ge=1024, description="Largest websocket frame accepted, bytes.")
+    max_body_bytes: int = Field(default=8 * 2**20, ge=1024, description="Largest HTTP request body accepted, bytes.")

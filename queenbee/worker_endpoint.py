@@ -1,0 +1,73 @@
+"""The /worker websocket: registration handshake, then the session's reader until the worker leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from protocol import FrameError, ProtocolError, Register, Welcome, check_registration, decode_worker_frame, encode
+from queenbee.hive import Hive
+from queenbee.settings import QueenSettings
+from queenbee.worker_session import WorkerSession
+
+log = logging.getLogger("queenbee.workers")
+
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_PROTOCOL_ERROR = 1002
+
+
+async def _receive_registration(websocket: WebSocket, settings: QueenSettings) -> Register:
+    async with asyncio.timeout(settings.register_timeout):
+        message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    data = message.get("text")
+    if data is None:
+        data = message.get("bytes") or b""
+    return check_registration(decode_worker_frame(data, limit=settings.max_frame_bytes))
+
+
+async def worker_endpoint(websocket: WebSocket) -> None:
+    """Accept a worker: it must register first; then it serves until it disconnects."""
+    hive: Hive = websocket.state.hive
+    settings: QueenSettings = websocket.state.settings
+    await websocket.accept()
+    peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "unknown"
+    try:
+        registration = await _receive_registration(websocket, settings)
+    except FrameError as exc:
+        log.warning("refused worker from %s: %s", peer, exc.message)
+        await websocket.send_text(encode(ProtocolError(code=exc.code, message=exc.message)))
+        await websocket.close(code=CLOSE_PROTOCOL_ERROR, reason=exc.message[:120])
+        return
+    except TimeoutError:
+        log.warning("refused worker from %s: no registration within %g s", peer, settings.register_timeout)
+        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason="registration timeout")
+        return
+    except WebSocketDisconnect:
+        return
+    worker = WorkerSession(
+        f"worker-{uuid.uuid4().hex[:12]}",
+        websocket,
+        registration,
+        on_slot_free=hive.slot_freed,
+        cancel_grace=settings.cancel_grace,
+        max_frame_bytes=settings.max_frame_bytes,
+    )
+    await websocket.send_text(encode(Welcome(worker_id=worker.id)))
+    hive.add(worker)
+    log.info(
+        "worker %s connected from %s: models=%s parallel=%d",
+        worker.id,
+        peer,
+        ",".join(sorted(worker.models)),
+        worker.parallel,
+    )
+    try:
+        reason = await worker.run_reader()
+    finally:
+        hive.remove(worker)
+    log.info("worker %s left: %s", worker.id, reason)

@@ -1,0 +1,262 @@
+"""One connected worker: its registration, the requests it is running, and the reader of its socket.
+
+A single reader task owns the websocket's receiving side and hands each frame to the request it belongs
+to, through one queue per request. Senders share the socket under a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from protocol import (
+    Cancel,
+    Chunk,
+    ErrorCode,
+    FrameError,
+    Job,
+    JobError,
+    ProtocolError,
+    Register,
+    Result,
+    decode_worker_frame,
+    encode,
+)
+from protocol.messages import Frame
+
+log = logging.getLogger("queenbee.worker_session")
+
+
+@dataclass(frozen=True)
+class WorkerGone:
+    """Put on a request's queue when its worker disconnected or was dropped."""
+
+    reason: str
+
+
+RequestEvent = Chunk | Result | JobError | WorkerGone
+
+
+class RequestStream:
+    """The frames of one request, in order, as the worker sends them."""
+
+    def __init__(self, request_id: str, model: str) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.started = time.monotonic()
+        self._queue: asyncio.Queue[RequestEvent] = asyncio.Queue()
+
+    def put(self, event: RequestEvent) -> None:
+        """Deliver an event (called by the session's reader)."""
+        self._queue.put_nowait(event)
+
+    async def next(self, timeout: float) -> RequestEvent:
+        """The next event; raises TimeoutError if none comes within `timeout` seconds."""
+        async with asyncio.timeout(timeout):
+            return await self._queue.get()
+
+
+@dataclass
+class ModelSpeed:
+    """The queen's own measurements of a worker on one model, as exponential moving averages."""
+
+    ttft: float | None = None
+    tokens_per_second: float | None = None
+    samples: int = 0
+
+    def record(self, ttft: float | None, tokens: int, duration: float, alpha: float = 0.3) -> None:
+        """Fold one finished request into the averages."""
+        if ttft is not None:
+            self.ttft = ttft if self.ttft is None else (1 - alpha) * self.ttft + alpha * ttft
+        generating = duration - (ttft or 0.0)
+        if tokens > 1 and generating > 0:
+            tps = (tokens - 1) / generating
+            self.tokens_per_second = (
+                tps if self.tokens_per_second is None else (1 - alpha) * self.tokens_per_second + alpha * tps
+            )
+        self.samples += 1
+
+
+@dataclass
+class WorkerHealth:
+    """Failures that count against a worker, and the bench it sits on after too many."""
+
+    consecutive_failures: int = 0
+    benched_until: float = 0.0
+    bench_count: int = 0
+
+    def benched(self, now: float) -> bool:
+        """Whether the worker is out of rotation at `now` (monotonic seconds)."""
+        return now < self.benched_until
+
+    def record_success(self) -> None:
+        """A request went well: the failure streak is over."""
+        self.consecutive_failures = 0
+
+    def record_failure(self, now: float, *, threshold: int = 3, base: float = 5.0, cap: float = 300.0) -> bool:
+        """A request failed through the worker's fault; returns True if that benched the worker.
+
+        After `threshold` failures in a row the worker sits out `base` seconds, doubling with every
+        bench up to `cap`, like outlier ejection in service meshes.
+        """
+        self.consecutive_failures += 1
+        if self.consecutive_failures < threshold:
+            return False
+        self.benched_until = now + min(cap, base * 2**self.bench_count)
+        self.bench_count += 1
+        self.consecutive_failures = 0
+        return True
+
+
+class WorkerSession:
+    """A registered worker connection and the requests in flight on it."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        websocket: WebSocket,
+        registration: Register,
+        *,
+        on_slot_free: Callable[[WorkerSession], None],
+        cancel_grace: float,
+        max_frame_bytes: int,
+    ) -> None:
+        self.id = worker_id
+        self.registration = registration
+        self.models = frozenset(model.id for model in registration.models)
+        self.parallel = registration.parallel
+        self.connected_at = time.time()
+        self.speed: dict[str, ModelSpeed] = {}
+        self.health = WorkerHealth()
+        self.closed = False
+        self._websocket = websocket
+        self._send_lock = asyncio.Lock()
+        self._pending: dict[str, RequestStream] = {}
+        self._cancelling: dict[str, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._on_slot_free = on_slot_free
+        self._cancel_grace = cancel_grace
+        self._max_frame_bytes = max_frame_bytes
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a slot on this worker, including ones being cancelled."""
+        return len(self._pending)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots that can take a new request now."""
+        return 0 if self.closed else max(0, self.parallel - len(self._pending))
+
+    def reserve(self, request_id: str, model: str) -> RequestStream:
+        """Take a slot for a request; synchronous so that choosing and reserving cannot interleave."""
+        if self.free_slots <= 0:
+            raise RuntimeError(f"worker {self.id} has no free slot")
+        stream = RequestStream(request_id, model)
+        self._pending[request_id] = stream
+        return stream
+
+    async def send_job(self, job: Job) -> None:
+        """Send a job for a reserved slot; a send failure reads as the worker being gone."""
+        try:
+            await self._send(job)
+        except Exception as exc:  # the socket is broken: the reader will clean up the rest
+            self._finish(job.request_id, WorkerGone(f"could not send to worker: {exc!r}"))
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the worker to stop a request; its slot is freed when the worker confirms, or after a grace.
+
+        Synchronous, so it can run in cleanup code whose task is being cancelled: the send happens in a
+        task of its own.
+        """
+        if request_id not in self._pending or request_id in self._cancelling:
+            return
+        loop = asyncio.get_running_loop()
+        self._cancelling[request_id] = loop.call_later(
+            self._cancel_grace, self._finish, request_id, WorkerGone("cancel was not confirmed in time")
+        )
+        task = loop.create_task(self._send_quietly(Cancel(request_id=request_id)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def run_reader(self) -> str:
+        """Receive frames until the worker goes away; returns why it ended."""
+        reason = "worker disconnected"
+        try:
+            while True:
+                message = await self._websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    code = message.get("code")
+                    reason = f"worker disconnected (code {code})"
+                    break
+                data = message.get("text")
+                if data is None:
+                    data = message.get("bytes") or b""
+                await self._handle(data)
+        except WebSocketDisconnect as exc:
+            reason = f"worker disconnected (code {exc.code})"
+        except Exception as exc:
+            reason = f"worker connection failed: {exc!r}"
+        finally:
+            self.fail_all(reason)
+        return reason
+
+    def fail_all(self, reason: str) -> None:
+        """End every request in flight with WorkerGone (the worker is not coming back)."""
+        self.closed = True
+        for request_id in list(self._pending):
+            self._finish(request_id, WorkerGone(reason))
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the socket."""
+        self.closed = True
+        try:
+            await self._websocket.close(code=code, reason=reason)
+        except Exception:
+            log.debug("closing worker %s failed; it was already gone", self.id)
+
+    async def _handle(self, data: str | bytes) -> None:
+        try:
+            frame = decode_worker_frame(data, limit=self._max_frame_bytes)
+        except FrameError as exc:
+            log.warning("worker %s sent a bad frame: %s", self.id, exc.message)
+            await self._send_quietly(ProtocolError(code=exc.code, message=exc.message))
+            return
+        if isinstance(frame, Chunk):
+            stream = self._pending.get(frame.request_id)
+            if stream is not None and frame.request_id not in self._cancelling:
+                stream.put(frame)
+        elif isinstance(frame, Result | JobError):
+            self._finish(frame.request_id, frame)
+        elif isinstance(frame, ProtocolError):
+            log.warning("worker %s reports a protocol error: %s: %s", self.id, frame.code, frame.message)
+        else:
+            message = f"unexpected {frame.type!r} frame after registration"
+            log.warning("worker %s sent an %s", self.id, message)
+            await self._send_quietly(ProtocolError(code=ErrorCode.INVALID_FRAME, message=message))
+
+    def _finish(self, request_id: str, event: RequestEvent | None) -> None:
+        stream = self._pending.pop(request_id, None)
+        timer = self._cancelling.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+        if stream is None:
+            return
+        if event is not None and timer is None:
+            stream.put(event)
+        self._on_slot_free(self)
+
+    async def _send(self, frame: Frame) -> None:
+        async with self._send_lock:
+            await self._websocket.send_text(encode(frame))
+
+    async def _send_quietly(self, frame: Frame) -> None:
+        try:
+            await self._send(frame)
+        except Exception:
+            log.debug("could not send %s to worker %s", frame.__class__.__name__, self.id)

