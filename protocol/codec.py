@@ -33,7 +33,9 @@ def encode(frame: Frame) -> str:
 def _check_size(data: str | bytes, limit: int) -> None:
     size = len(data) if isinstance(data, bytes) else len(data.encode())
     if size > limit:
-        raise FrameError(ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        raise FrameError(
+            ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds the limit of {limit} bytes"
+        )
 
 
 def _describe(exc: ValidationError) -> str:
@@ -64,10 +66,13 @@ def decode_queen_frame(data: str | bytes, *, limit: int = MAX_FRAME_BYTES) -> Qu
 def check_registration(frame: WorkerFrame) -> Register:
     """Ensure the first frame is a registration in a protocol version this side speaks."""
     if not isinstance(frame, Register):
-        raise FrameError(ErrorCode.REGISTRATION_REQUIRED, f"the first frame must be 'register', not {frame.type!r}")
+        raise FrameError(
+            ErrorCode.REGISTRATION_REQUIRED, f"the first frame must be 'register', not {frame.type!r}"
+        )
     if frame.protocol_version != PROTOCOL_VERSION:
         raise FrameError(
             ErrorCode.UNSUPPORTED_PROTOCOL_VERSION,
-            f"protocol version {frame.protocol_version} is not supported; this queen speaks {PROTOCOL_VERSION}",
+            f"protocol version {frame.protocol_version} is not supported; "
+            f"this queen speaks {PROTOCOL_VERSION}",
         )
     return frame

@@ -51,7 +51,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error while handling %s %s", request.method, request.url.path)
-    body = {"error": {"message": "Internal server error.", "type": "internal_error", "param": None, "code": None}}
+    body = {
+        "error": {"message": "Internal server error.", "type": "internal_error", "param": None, "code": None}
+    }
     return JSONResponse(body, status_code=500)
 
 

@@ -37,7 +37,7 @@ def uvicorn_config(settings: QueenSettings) -> uvicorn.Config:
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_interval,
         ws_ping_timeout=settings.heartbeat_timeout,
-        timeout_graceful_shutdown=settings.shutdown_grace,
+        timeout_graceful_shutdown=round(settings.shutdown_grace),
         lifespan="on",
     )
 

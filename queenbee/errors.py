@@ -1,12 +1,12 @@
 """The queen's exception tree, and the one place where errors become OpenAI error bodies.
 
-    QueenError                    any error a client sees
-    ├── InvalidRequest            400 invalid_request_error (malformed JSON, bad or unsupported field)
-    ├── ContextLengthExceeded     400 invalid_request_error, code context_length_exceeded
-    ├── ModelNotFound             404 invalid_request_error, code model_not_found
-    ├── NoCapacity                503 service_unavailable, with Retry-After
-    ├── UpstreamError             502 upstream_error: the worker failed or went away
-    └── UpstreamTimeout           504 timeout: the worker did not answer in time
+QueenError                    any error a client sees
+├── InvalidRequest            400 invalid_request_error (malformed JSON, bad or unsupported field)
+├── ContextLengthExceeded     400 invalid_request_error, code context_length_exceeded
+├── ModelNotFound             404 invalid_request_error, code model_not_found
+├── NoCapacity                503 service_unavailable, with Retry-After
+├── UpstreamError             502 upstream_error: the worker failed or went away
+└── UpstreamTimeout           504 timeout: the worker did not answer in time
 """
 
 from __future__ import annotations

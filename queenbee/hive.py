@@ -22,7 +22,7 @@ class Hive:
         self._settings = settings
         self.workers: dict[str, WorkerSession] = {}
         self._by_model: dict[str, dict[str, WorkerSession]] = {}
-        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, deque[asyncio.Event]] = {}
 
     def add(self, worker: WorkerSession) -> None:
         """Put a newly registered worker into rotation."""

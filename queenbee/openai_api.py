@@ -116,7 +116,9 @@ class ChatCall:
         tried: set[str] = set()
         last_error: QueenError = UpstreamError("No worker could run the request.")
         for attempt in range(self.settings.max_attempts):
-            worker, stream = await self.hive.acquire(self.chat.model, self.request_id, exclude=frozenset(tried))
+            worker, stream = await self.hive.acquire(
+                self.chat.model, self.request_id, exclude=frozenset(tried)
+            )
             tried.add(worker.id)
             await worker.send_job(job)
             timeout = min(self.settings.first_token_timeout, self.remaining())
@@ -126,7 +128,9 @@ class ChatCall:
                 worker.cancel(self.request_id)
                 worker.health.record_failure(time.monotonic())
                 last_error = UpstreamTimeout(f"The worker sent nothing for {timeout:g} s.")
-                log.warning("request %s: worker %s timed out before the first token", self.request_id, worker.id)
+                log.warning(
+                    "request %s: worker %s timed out before the first token", self.request_id, worker.id
+                )
                 if self.remaining() <= 0:
                     break
                 continue
@@ -240,7 +244,11 @@ class ChatCall:
         finally:
             if not done:
                 # The client went away mid-stream: free the worker's slot.
-                log.info("request %s: client disconnected; cancelling on worker %s", self.request_id, attempt.worker.id)
+                log.info(
+                    "request %s: client disconnected; cancelling on worker %s",
+                    self.request_id,
+                    attempt.worker.id,
+                )
                 attempt.worker.cancel(self.request_id)
 
     async def whole(self, attempt: Attempt, request: Request) -> Response:
@@ -309,9 +317,7 @@ async def chat_completions(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     """GET /v1/models: what connected workers serve, in OpenAI's list shape."""
     hive: Hive = request.state.hive
-    data = [
-        {"id": model, "object": "model", "created": 0, "owned_by": "queenbee"} for model in hive.models()
-    ]
+    data = [{"id": model, "object": "model", "created": 0, "owned_by": "queenbee"} for model in hive.models()]
     return JSONResponse({"object": "list", "data": data})
 
 

@@ -35,7 +35,9 @@ class QueenSettings(BaseSettings):
     first_token_timeout: float = Field(
         default=120.0, gt=0, description="Seconds a worker may take to send the first token."
     )
-    token_timeout: float = Field(default=60.0, gt=0, description="Seconds a worker may stay silent between tokens.")
+    token_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a worker may stay silent between tokens."
+    )
     request_timeout: float = Field(default=600.0, gt=0, description="Seconds a whole request may take.")
     max_attempts: int = Field(
         default=3, ge=1, description="Workers tried for one request when a worker fails before answering."
@@ -53,5 +55,9 @@ class QueenSettings(BaseSettings):
     shutdown_grace: float = Field(
         default=30.0, ge=0, description="Seconds in-flight requests may take to finish on shutdown."
     )
-    max_frame_bytes: int = Field(default=8 * 2**20, ge=1024, description="Largest websocket frame accepted, bytes.")
-    max_body_bytes: int = Field(default=8 * 2**20, ge=1024, description="Largest HTTP request body accepted, bytes.")
+    max_frame_bytes: int = Field(
+        default=8 * 2**20, ge=1024, description="Largest websocket frame accepted, bytes."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 2**20, ge=1024, description="Largest HTTP request body accepted, bytes."
+    )

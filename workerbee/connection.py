@@ -110,7 +110,12 @@ class WorkerConnection:
                 if stop.is_set():
                     break
                 delay = self.backoff.next_delay()
-                log.warning("cannot reach the queen at %s (%s); retrying in %.1f s", self.queen_url, _describe(exc), delay)
+                log.warning(
+                    "cannot reach the queen at %s (%s); retrying in %.1f s",
+                    self.queen_url,
+                    _describe(exc),
+                    delay,
+                )
                 try:
                     async with asyncio.timeout(delay):
                         await stop.wait()
@@ -204,13 +209,18 @@ class WorkerConnection:
             usage, response = await self.engine.chat(chat, cancel, on_chunk)
             await self._send(websocket, Result(request_id=request_id, usage=usage, response=response))
         except Cancelled:
-            await self._send(websocket, JobError(request_id=request_id, code=ErrorCode.CANCELLED, message="cancelled"))
+            await self._send(
+                websocket, JobError(request_id=request_id, code=ErrorCode.CANCELLED, message="cancelled")
+            )
         except ValidationError as exc:
             message = f"invalid request: {exc.errors(include_url=False)[0]['msg']}"
-            await self._send(websocket, JobError(request_id=request_id, code=ErrorCode.INVALID_REQUEST, message=message))
+            await self._send(
+                websocket, JobError(request_id=request_id, code=ErrorCode.INVALID_REQUEST, message=message)
+            )
         except EngineError as exc:
             await self._send(
-                websocket, JobError(request_id=request_id, code=exc.code, message=exc.message, param=exc.param)
+                websocket,
+                JobError(request_id=request_id, code=exc.code, message=exc.message, param=exc.param),
             )
         except websockets.ConnectionClosed:
             cancel.set()
@@ -227,11 +237,13 @@ class WorkerConnection:
         tasks = [task for task, _ in self._jobs.values()]
         if not tasks:
             return
-        log.info("shutting down: waiting up to %g s for %d request(s) in flight", self.shutdown_grace, len(tasks))
+        log.info(
+            "shutting down: waiting up to %g s for %d request(s) in flight", self.shutdown_grace, len(tasks)
+        )
         _, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace)
         if pending:
             log.warning("shutting down: cancelling %d request(s) still running after the grace", len(pending))
-            for task, cancel in list(self._jobs.values()):
+            for _, cancel in list(self._jobs.values()):
                 cancel.set()
             await asyncio.wait(pending, timeout=5)
 

@@ -66,7 +66,9 @@ class _TokenCounter:
         self.banned_token = banned_token
         self.sampled = 0
 
-    def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
         if self.cancel.is_set():
             raise Cancelled
         self.sampled += 1
@@ -140,11 +142,13 @@ class LoadedModel:
         )
 
     def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int | None:
-        """Tokens the chat template makes of `messages`, as llama-cpp-python will feed them; None if unknown."""
+        """Tokens the chat template makes of `messages`, as llama-cpp-python feeds them; None if unknown."""
         if self._formatter is None:
             return None
         result = self._formatter(messages=messages)
-        tokens = self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        tokens = self.llama.tokenize(
+            result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
+        )
         return len(tokens)
 
     def info(self) -> ModelInfo:
@@ -179,8 +183,9 @@ class LoadedModel:
         if prompt_tokens is not None and limit is not None and prompt_tokens + limit > self.config.n_ctx:
             raise EngineError(
                 ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {self.config.n_ctx} tokens. However, you requested "
-                f"{prompt_tokens + limit} tokens ({prompt_tokens} in the messages, {limit} in the completion).",
+                f"This model's maximum context length is {self.config.n_ctx} tokens. However, you "
+                f"requested {prompt_tokens + limit} tokens ({prompt_tokens} in the messages, "
+                f"{limit} in the completion).",
                 "max_tokens",
             )
         counter = _TokenCounter(cancel, self.llama.token_eos() if chat.ignore_eos else None)
@@ -207,7 +212,9 @@ class LoadedModel:
         # The token that ended generation by EOS was sampled but is not part of the answer.
         completion = max(0, counter.sampled - (1 if finish_reason == "stop" else 0))
         prompt = prompt_tokens or 0
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion), None
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        ), None
 
     def close(self) -> None:
         """Free the model and its thread."""
@@ -266,7 +273,9 @@ class Engine:
         """
         model = self.models.get(chat.model)
         if model is None:
-            raise EngineError(ErrorCode.MODEL_NOT_FOUND, f"this worker does not serve '{chat.model}'", "model")
+            raise EngineError(
+                ErrorCode.MODEL_NOT_FOUND, f"this worker does not serve '{chat.model}'", "model"
+            )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 

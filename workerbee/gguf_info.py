@@ -126,7 +126,8 @@ def read_model_shape(path: Path) -> ModelShape:
             output_bytes += n_bytes
             has_output_weight = has_output_weight or name == "output.weight"
         else:
-            # Blocks past block_count only appear in malformed files; count them so nothing is lost.
+            # rope_freqs, token_embd_norm, position embeddings, and blocks past block_count (malformed
+            # files): counted here so that the byte accounting stays complete.
             other_bytes += n_bytes
 
     tied = not has_output_weight and embedding_bytes > 0
@@ -162,11 +163,18 @@ def _open(path: Path) -> Any:
     if not path.is_file():
         raise GGUFInfoError(f"not a regular file: {path}")
     try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise GGUFInfoError(f"{path}: cannot read ({_one_line(e)})") from e
+    if magic != b"GGUF":
+        raise GGUFInfoError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+    try:
         return gguf.GGUFReader(path)
-    # The parser walks untrusted bytes with numpy views, so a damaged file surfaces as whatever
+    # The parser walks untrusted bytes with numpy views, so a damaged or cut-off file surfaces as whatever
     # ValueError/IndexError/KeyError/OverflowError/UnicodeDecodeError/OSError comes first.
     except Exception as e:
-        raise GGUFInfoError(f"{path}: not a valid GGUF file ({_one_line(e)})") from e
+        raise GGUFInfoError(f"{path}: damaged or truncated GGUF file ({_one_line(e)})") from e
 
 
 def _tensor_table(reader: Any, path: Path) -> list[tuple[str, int, Sequence[int]]]:

@@ -136,9 +136,9 @@ def select_gguf_files(repo_files: Sequence[str], filter: str | None, repo_id: st
     Raises `ModelError`, listing the repo's GGUF files, when nothing or more than one file matches.
     """
     units = _group_gguf_files(repo_files)
-    available = ", ".join(_describe(unit) for unit in units) or "none"
     if not units:
         raise ModelError(f"{repo_id} has no GGUF model files")
+    available = ", ".join(_describe(unit) for unit in units)
     if filter is None:
         if len(units) > 1:
             raise ModelError(

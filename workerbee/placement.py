@@ -155,6 +155,8 @@ def plan_placement(
     else:
         plan = _best_plan(shape, n_ctx, usable, split_override)
         reason = _auto_reason(shape, n_ctx, plan, ordered, usable)
+        if split_override is not None and plan.n_gpu_layers > 0:
+            reason += ", with the requested tensor_split"
 
     if plan.n_gpu_layers == 0 or split_override is not None:
         split = split_override
@@ -176,8 +178,8 @@ class _Plan:
 
 
 def _best_plan(shape: ModelShape, n_ctx: int, usable: list[int], split: tuple[float, ...] | None) -> _Plan:
-    # Offloading one more layer never frees GPU memory, so the first n_gpu_layers that fits, counting
-    # down, is the most that fits; 0 always fits.
+    # Trying every count from the top (at most a few hundred cheap checks) finds the most that fits even
+    # where a fixed tensor_split rounds unevenly; 0 always fits.
     for n_gpu_layers in range(shape.n_layers + 1, -1, -1):
         plan = _plan_for(shape, n_ctx, n_gpu_layers, usable, split, best_effort=False)
         if plan.fits:

@@ -26,7 +26,8 @@ class WorkerSettings(BaseSettings):
     )
 
     queen_url: str = Field(
-        default="ws://127.0.0.1:8000/worker", description="The queen's worker websocket URL (ws:// or wss://)."
+        default="ws://127.0.0.1:8000/worker",
+        description="The queen's worker websocket URL (ws:// or wss://).",
     )
     model: list[str] = Field(
         default_factory=list,

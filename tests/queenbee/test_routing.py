@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from fake_worker import FakeWorker, answer, content_chunk
-from servers import QueenServer
+from servers import QueenServer, eventually
 
 from protocol import Chunk, ErrorCode, Job, Result, Usage
 
@@ -58,7 +58,9 @@ async def test_stream_wire_format(queen: QueenServer) -> None:
     assert payloads[-1] == "[DONE]"
     chunks = payloads[:-1]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Hello there"
+    assert (
+        "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Hello there"
+    )
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -82,7 +84,9 @@ async def test_openai_sdk_streams_and_completes(queen: QueenServer) -> None:
     """The async openai SDK works unchanged against the queen, streamed and not."""
     worker = await FakeWorker(queen.worker_url).connect()
     client = openai.AsyncOpenAI(base_url=queen.openai_url, api_key="unused")
-    whole = await client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}])
+    whole = await client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}]
+    )
     stream = await client.chat.completions.create(
         model="fake-model", messages=[{"role": "user", "content": "hi"}], stream=True
     )
@@ -103,7 +107,11 @@ async def test_openai_sdk_streams_and_completes(queen: QueenServer) -> None:
         (json.dumps({**CHAT, "temperature": 5}).encode(), "temperature", "temperature"),
         (json.dumps({**CHAT, "frobnicate": True}).encode(), "frobnicate", "frobnicate"),
         (json.dumps({**CHAT, "n": 2}).encode(), "n", "n=1"),
-        (json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(), "messages[0].role", "role"),
+        (
+            json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+            "messages[0].role",
+            "role",
+        ),
     ],
 )
 async def test_bad_requests_are_400_with_openai_error(
@@ -144,8 +152,7 @@ async def test_busy_workers_give_503_with_retry_after(queen: QueenServer) -> Non
     worker = await FakeWorker(queen.worker_url, behaviour=slow).connect()
     async with httpx.AsyncClient(base_url=queen.base_url, timeout=30) as client:
         first = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-        while not worker.jobs:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: bool(worker.jobs))
         second = await client.post("/v1/chat/completions", json=CHAT)
         release.set()
         assert (await first).status_code == 200
@@ -167,11 +174,9 @@ async def test_waiting_request_gets_the_slot_when_it_frees(queen: QueenServer) -
     worker = await FakeWorker(queen.worker_url, behaviour=first_slow).connect()
     async with httpx.AsyncClient(base_url=queen.base_url, timeout=30) as client:
         first = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-        while not worker.jobs:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: bool(worker.jobs))
         second = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-        while queen.hive.queue_depth("fake-model") == 0:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: queen.hive.queue_depth("fake-model") > 0)
         release.set()
         responses = await asyncio.gather(first, second)
     await worker.close()
@@ -228,9 +233,13 @@ async def test_disconnect_mid_stream_raises_in_the_sdk(queen: QueenServer) -> No
     stream = await client.chat.completions.create(
         model="fake-model", messages=[{"role": "user", "content": "hi"}], stream=True
     )
-    with pytest.raises(openai.APIError) as raised:
+
+    async def read_all() -> None:
         async for chunk in stream:
             received.append(chunk.choices[0].delta.content or "")
+
+    with pytest.raises(openai.APIError) as raised:
+        await read_all()
     await client.close()
     assert "".join(received) == "Hel"
     assert "went away" in raised.value.message
@@ -316,13 +325,9 @@ async def test_closing_a_stream_cancels_it_on_the_worker(queen: QueenServer) -> 
                 break
     await asyncio.wait_for(worker.cancelled.wait(), 10)
     session = queen.hive.workers[worker.worker_id]
-    for _ in range(500):
-        if session.in_flight == 0:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: session.in_flight == 0)
     await worker.close()
     assert worker.cancels == [worker.jobs[0].request_id]
-    assert session.in_flight == 0
 
 
 async def test_garbage_frames_do_not_break_the_connection(queen: QueenServer) -> None:
@@ -350,10 +355,7 @@ async def test_models_and_health_list_connected_workers(queen: QueenServer) -> N
         models = (await client.get("/v1/models")).json()
         health = (await client.get("/health")).json()
         await worker.close()
-        for _ in range(500):
-            if not (await client.get("/v1/models")).json()["data"]:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not queen.hive.models())
         after = (await client.get("/v1/models")).json()
     assert models["object"] == "list"
     assert [model["id"] for model in models["data"]] == ["alpha", "beta"]

@@ -201,29 +201,50 @@ def test_directory_is_not_a_model(tmp_path: Path) -> None:
         read_model_shape(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "content", [b"", os.urandom(4096), b"GGUF" + os.urandom(4092)], ids=["empty", "random", "magic"]
-)
-def test_garbage_is_not_a_gguf_file(tmp_path: Path, content: bytes) -> None:
-    """Empty files, random bytes, random bytes behind the magic: all one-line GGUFInfoErrors."""
+@pytest.mark.parametrize("content", [b"", b"GG", os.urandom(4096)], ids=["empty", "short", "random"])
+def test_non_gguf_file(tmp_path: Path, content: bytes) -> None:
+    """Empty files, a few bytes, random bytes: not GGUF, in one line."""
     path = tmp_path / "garbage.gguf"
     path.write_bytes(content)
     with pytest.raises(GGUFInfoError) as caught:
         read_model_shape(path)
-    assert assert_one_line(caught).startswith(f"{path}: not a valid GGUF file (")
+    assert assert_one_line(caught) == f"{path}: not a GGUF file (it does not start with the GGUF magic)"
 
 
-@pytest.mark.parametrize("keep_bytes", [100_000, 50_000_000], ids=["in-header", "in-tensor-data"])
-def test_truncated_file(tmp_path: Path, smollm2: Path, keep_bytes: int) -> None:
-    """A download cut short, in the metadata or in the tensor data, is reported, not half-read."""
-    path = tmp_path / "cut.gguf"
-    with smollm2.open("rb") as source, path.open("wb") as target:
-        target.write(source.read(keep_bytes))
+def test_random_bytes_behind_the_magic(tmp_path: Path) -> None:
+    """A GGUF magic followed by garbage is reported as damaged, in one line."""
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(b"GGUF" + os.urandom(4092))
+    with pytest.raises(GGUFInfoError) as caught:
+        read_model_shape(path)
+    assert assert_one_line(caught).startswith(f"{path}: damaged or truncated GGUF file (")
+
+
+def assert_truncated(path: Path) -> None:
+    """Reading `path` fails with a one-line message that blames damage or truncation."""
     with pytest.raises(GGUFInfoError) as caught:
         read_model_shape(path)
     message = assert_one_line(caught)
-    assert message.startswith(f"{path}: ")
-    assert "not a valid GGUF file" in message or "truncated" in message
+    assert message.startswith((f"{path}: damaged or truncated GGUF file (", f"{path}: truncated:"))
+
+
+def test_truncated_download(tmp_path: Path, smollm2: Path) -> None:
+    """SmolLM2 cut short in its tokenizer metadata is reported, not half-read."""
+    path = tmp_path / "cut.gguf"
+    with smollm2.open("rb") as source, path.open("wb") as target:
+        target.write(source.read(100_000))
+    assert_truncated(path)
+
+
+@pytest.mark.parametrize("where", ["last-byte", "tensor-data", "header"])
+def test_truncated_tiny_file(tmp_path: Path, where: str) -> None:
+    """Losing the end of the header, the middle of the data, or even the last byte is caught."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    data_offset = int(gguf.GGUFReader(path).data_offset)
+    data = path.read_bytes()
+    keep = {"last-byte": len(data) - 1, "tensor-data": data_offset + 100, "header": data_offset - 100}[where]
+    path.write_bytes(data[:keep])
+    assert_truncated(path)
 
 
 def test_missing_metadata(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -93,10 +94,12 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def resolve(text: str, hub: FakeHub, cache: Path, *, token: str | None = None) -> ResolvedModel:
+    """Resolve `text` against the fake hub and cache."""
     return resolve_model(parse_model_spec(text), cache_dir=cache, endpoint=hub.url, token=token)
 
 
 def model_error(text: str, hub: FakeHub, cache: Path) -> str:
+    """The one-line ModelError message resolving `text` gives."""
     with pytest.raises(ModelError) as info:
         resolve(text, hub, cache)
     message = str(info.value)
@@ -105,8 +108,7 @@ def model_error(text: str, hub: FakeHub, cache: Path) -> str:
 
 
 def closed_port_url() -> str:
-    import socket
-
+    """The URL of a 127.0.0.1 port that nothing listens on."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}"

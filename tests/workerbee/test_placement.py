@@ -313,6 +313,7 @@ def test_override_split_that_starves_a_gpu_limits_the_layers() -> None:
     even = plan_placement(shape, gpus, n_ctx, PlacementOverrides(tensor_split=(1.0, 1.0)))
     own = plan_placement(shape, gpus, n_ctx)
     assert even.n_gpu_layers < own.n_gpu_layers == 33
+    assert even.reason.endswith(", with the requested tensor_split")
     assert_within_budget(even, gpus)
 
 
