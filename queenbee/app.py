@@ -15,6 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from queenbee.errors import QueenError
 from queenbee.hive import Hive
+from queenbee.observer import Observers, RequestLog, RequestObserver
 from queenbee.openai_api import chat_completions, health, list_models
 from queenbee.settings import QueenSettings
 from queenbee.worker_endpoint import worker_endpoint
@@ -29,6 +30,7 @@ class QueenState(TypedDict):
 
     hive: Hive
     settings: QueenSettings
+    observer: RequestObserver
 
 
 async def _queen_error(request: Request, exc: Exception) -> Response:
@@ -65,7 +67,8 @@ def create_app(settings: QueenSettings) -> Starlette:
         hive = Hive(settings)
         # Also on app.state, for operators' tools and tests that hold the app rather than a request.
         app.state.hive = hive
-        yield {"hive": hive, "settings": settings}
+        observer = Observers([RequestLog()])
+        yield {"hive": hive, "settings": settings, "observer": observer}
         for worker in list(hive.workers.values()):
             await worker.close(1001, "queen shutting down")
 

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any
 
 from queenbee.errors import ModelNotFound, NoCapacity
 from queenbee.scheduling import choose_worker
@@ -23,6 +25,17 @@ class Hive:
         self.workers: dict[str, WorkerSession] = {}
         self._by_model: dict[str, dict[str, WorkerSession]] = {}
         self._waiters: dict[str, deque[asyncio.Event]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a coroutine in a task of its own, holding a reference until it is done.
+
+        For work that must outlive the task that starts it, such as recording a request whose handler
+        is being cancelled.
+        """
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def add(self, worker: WorkerSession) -> None:
         """Put a newly registered worker into rotation."""

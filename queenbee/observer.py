@@ -1,0 +1,85 @@
+"""What the queen tells the rest of the world about each request once it has ended.
+
+The forwarding path builds one `RequestRecord` per client request and hands it to the observers (the
+usage ledger, metrics, the request log) before the client receives the end of its response.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+log = logging.getLogger("queenbee.requests")
+
+Outcome = Literal["success", "error", "cancelled"]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished client request: who asked, who served, what it cost, how it ended."""
+
+    request_id: str
+    path: str
+    model: str
+    started_at: float
+    """Wall-clock time the request arrived (seconds since the epoch)."""
+    outcome: Outcome
+    status: int
+    """HTTP status sent, or that the stream would have had (200 for streams that began)."""
+    api_key_id: str | None = None
+    worker_id: str | None = None
+    ln_url: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft: float | None = None
+    """Seconds from arrival to the worker's first output."""
+    duration: float = 0.0
+    attempts: int = 0
+    """Workers tried; more than one means the request was retried."""
+    error_code: str | None = None
+    streamed: bool = False
+
+
+class RequestObserver(Protocol):
+    """Something that wants to know about every finished request."""
+
+    async def request_finished(self, record: RequestRecord) -> None:
+        """Called once per request, before the client gets the end of its response."""
+
+
+class RequestLog:
+    """One INFO line per request, with no prompt or completion text in it."""
+
+    async def request_finished(self, record: RequestRecord) -> None:
+        """Log the record."""
+        log.info(
+            "request %s %s model=%s worker=%s outcome=%s status=%d prompt_tokens=%d completion_tokens=%d "
+            "ttft=%s duration=%.3fs attempts=%d",
+            record.request_id,
+            record.path,
+            record.model,
+            record.worker_id or "-",
+            record.outcome,
+            record.status,
+            record.prompt_tokens,
+            record.completion_tokens,
+            f"{record.ttft:.3f}s" if record.ttft is not None else "-",
+            record.duration,
+            record.attempts,
+        )
+
+
+class Observers:
+    """Fans a record out to several observers; one failing observer does not stop the others."""
+
+    def __init__(self, observers: list[RequestObserver]) -> None:
+        self.observers = observers
+
+    async def request_finished(self, record: RequestRecord) -> None:
+        """Tell every observer."""
+        for observer in self.observers:
+            try:
+                await observer.request_finished(record)
+            except Exception:
+                log.exception("observer %s failed on request %s", type(observer).__name__, record.request_id)
