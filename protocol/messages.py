@@ -5,7 +5,7 @@ closes the socket with a `ProtocolError` frame and a close reason. After that, e
 belongs to a request carries its `request_id`, so one connection carries many requests at once:
 
     queen -> worker:  Welcome, Job, Cancel, ProtocolError
-    worker -> queen:  Register, Chunk, Result, JobError, ProtocolError
+    worker -> queen:  Register, Chunk, Result, JobError, Draining, ProtocolError
 
 Units: memory and disk sizes are MiB (2**20 bytes) unless a field name ends in `_bytes`.
 """
@@ -143,6 +143,12 @@ class JobError(Frame):
     param: str | None = None
 
 
+class Draining(Frame):
+    """The worker is shutting down: it finishes what it runs but takes no new jobs."""
+
+    type: Literal["draining"] = "draining"
+
+
 class ProtocolError(Frame):
     """A frame could not be understood; sent before closing, or for a frame that was dropped."""
 
@@ -151,7 +157,9 @@ class ProtocolError(Frame):
     message: str = Field(max_length=4096)
 
 
-WorkerFrame = Annotated[Register | Chunk | Result | JobError | ProtocolError, Field(discriminator="type")]
+WorkerFrame = Annotated[
+    Register | Chunk | Result | JobError | Draining | ProtocolError, Field(discriminator="type")
+]
 """Any frame a worker sends."""
 
 QueenFrame = Annotated[Welcome | Job | Cancel | ProtocolError, Field(discriminator="type")]

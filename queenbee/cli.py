@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from queenbee.app import create_app
+from queenbee.server import DrainingServer
 from queenbee.settings import QueenSettings
 
 log = logging.getLogger("queenbee")
@@ -48,5 +49,5 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.Server(uvicorn_config(settings)).run()
+    DrainingServer(uvicorn_config(settings), grace=settings.shutdown_grace).run()
     return 0

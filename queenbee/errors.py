@@ -3,7 +3,9 @@
 QueenError                    any error a client sees
 ├── InvalidRequest            400 invalid_request_error (malformed JSON, bad or unsupported field)
 ├── ContextLengthExceeded     400 invalid_request_error, code context_length_exceeded
+├── AuthenticationError       401 invalid_request_error, code invalid_api_key, with WWW-Authenticate
 ├── ModelNotFound             404 invalid_request_error, code model_not_found
+├── RateLimited               429 requests or tokens, code rate_limit_exceeded, with Retry-After
 ├── NoCapacity                503 service_unavailable, with Retry-After
 ├── UpstreamError             502 upstream_error: the worker failed or went away
 └── UpstreamTimeout           504 timeout: the worker did not answer in time
@@ -51,6 +53,35 @@ class ContextLengthExceeded(InvalidRequest):
     """The prompt does not fit in the model's context."""
 
     code = "context_length_exceeded"
+
+
+class AuthenticationError(QueenError):
+    """The request carries no API key, or one the queen does not know."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        """Name the scheme the client should use (RFC 6750)."""
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class RateLimited(QueenError):
+    """The API key used up its requests or tokens for the minute."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after: int) -> None:
+        super().__init__(message)
+        # OpenAI names the exhausted limit in the type: "requests" or "tokens".
+        self.type = limit
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        """Tell the client when to try again."""
+        return {"Retry-After": str(self.retry_after)}
 
 
 class ModelNotFound(QueenError):

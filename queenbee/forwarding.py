@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from protocol import Chunk, Job, JobError, Result, is_client_error
+from protocol import Chunk, ErrorCode, Job, JobError, Result, is_client_error
 from queenbee.errors import QueenError, UpstreamError, UpstreamTimeout, from_job_error
 from queenbee.hive import Hive
 from queenbee.observer import Outcome, RequestObserver, RequestRecord
@@ -102,7 +102,13 @@ class ForwardedCall:
         tried: set[str] = set()
         last_error: QueenError = UpstreamError("No worker could run the request.")
         for _ in range(self.settings.max_attempts):
-            worker, stream = await self.hive.acquire(self.model, self.request_id, exclude=frozenset(tried))
+            try:
+                worker, stream = await self.hive.acquire(self.model, self.request_id, exclude=frozenset(tried))
+            except QueenError:
+                if not tried:
+                    raise
+                # Nowhere left to retry: the client should learn what went wrong, not that nobody is free.
+                raise last_error from None
             tried.add(worker.id)
             self.attempts += 1
             await worker.send_job(job)
@@ -123,7 +129,9 @@ class ForwardedCall:
                 return Attempt(worker, stream, event, time.monotonic())
             if isinstance(event, JobError) and is_client_error(event.code):
                 raise from_job_error(event.code, event.message, event.param)
-            worker.health.record_failure(time.monotonic())
+            if not (isinstance(event, JobError) and event.code is ErrorCode.OVERLOADED):
+                # A full or draining worker did nothing wrong: try another without holding it against it.
+                worker.health.record_failure(time.monotonic())
             last_error = worker_failure(event)
             log.warning(
                 "request %s: worker %s failed before its first output (attempt %d): %s",

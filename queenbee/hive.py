@@ -26,6 +26,9 @@ class Hive:
         self._by_model: dict[str, dict[str, WorkerSession]] = {}
         self._waiters: dict[str, deque[asyncio.Event]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self._activity = asyncio.Event()
+        """Set on shutdown: requests already accepted finish, new ones are refused."""
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a coroutine in a task of its own, holding a reference until it is done.
@@ -46,6 +49,7 @@ class Hive:
 
     def remove(self, worker: WorkerSession) -> None:
         """Take a worker out of rotation (it disconnected or was dropped)."""
+        self._activity.set()
         self.workers.pop(worker.id, None)
         for model in worker.models:
             serving = self._by_model.get(model)
@@ -56,6 +60,21 @@ class Hive:
                 del self._by_model[model]
                 # Nobody serves the model any more: waiting requests learn it now, not at their deadline.
                 self._wake_all(model)
+
+    def busy(self) -> int:
+        """Requests in flight on workers plus requests waiting for a slot."""
+        return sum(worker.in_flight for worker in self.workers.values()) + self.queue_depth()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight or waiting; False if that did not happen in time."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.busy():
+                    self._activity.clear()
+                    await self._activity.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def models(self) -> list[str]:
         """Ids of the models at least one connected worker serves, sorted."""
@@ -81,6 +100,8 @@ class Hive:
         Raises ModelNotFound if no worker serves the model, NoCapacity if the line is full or the wait
         runs past the queue timeout.
         """
+        if self.draining:
+            raise NoCapacity("The queen is shutting down.", retry_after=5)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.queue_timeout
         queue = self._waiters.setdefault(model, deque())
@@ -120,9 +141,11 @@ class Hive:
                 self._wake_next(model)
             if not queue and self._waiters.get(model) is queue:
                 del self._waiters[model]
+            self._activity.set()
 
     def slot_freed(self, worker: WorkerSession) -> None:
         """A slot opened on `worker`: wake the first request waiting for each model it serves."""
+        self._activity.set()
         for model in worker.models:
             self._wake_next(model)
 

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_db_path() -> Path:
+    """Where the usage ledger lives unless --db says otherwise: $XDG_DATA_HOME/queenbee/queenbee.db.
+
+    A fixed per-user location rather than the working directory, so that the queen and `queenbee usage`
+    find the same ledger wherever they are started from.
+    """
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "queenbee" / "queenbee.db"
 
 
 class QueenSettings(BaseSettings):
@@ -61,3 +74,33 @@ class QueenSettings(BaseSettings):
     max_body_bytes: int = Field(
         default=8 * 2**20, ge=1024, description="Largest HTTP request body accepted, bytes."
     )
+    api_key: list[SecretStr] = Field(
+        default_factory=list,
+        description="Client API key accepted as 'Authorization: Bearer KEY' (repeatable). "
+        "With no key here or in --api-keys-file, the queen is open to anyone who can reach it.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of client API keys, one per line: 'KEY' or 'NAME KEY [rpm=N] [tpm=N]'; "
+        "blank lines and lines starting with # are ignored. NAME is what the usage ledger records.",
+    )
+    worker_token: SecretStr | None = Field(
+        default=None, description="Token workers must present (workerbee --auth-key) to register."
+    )
+    admin_key: SecretStr | None = Field(
+        default=None, description="Bearer key for the /admin endpoints; without it they do not exist."
+    )
+    rate_limit_rpm: int | None = Field(
+        default=None, ge=1, description="Requests per minute allowed to each API key (unlimited if unset)."
+    )
+    rate_limit_tpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Prompt plus completion tokens per minute allowed to each API key (unlimited if unset).",
+    )
+    db: Path = Field(
+        default_factory=default_db_path,
+        description="SQLite file of the usage ledger (created if missing). "
+        "Default: $XDG_DATA_HOME/queenbee/queenbee.db, i.e. ~/.local/share/queenbee/queenbee.db.",
+    )
+    log_json: bool = Field(default=False, description="Log JSON lines instead of text.")

@@ -65,8 +65,10 @@ async def worker_endpoint(websocket: WebSocket) -> None:
         cancel_grace=settings.cancel_grace,
         max_frame_bytes=settings.max_frame_bytes,
     )
-    await websocket.send_text(encode(Welcome(worker_id=worker.id)))
+    # Into rotation first, welcome second, with nothing awaited between: the welcome takes the session's
+    # send lock before any job can, so the worker always reads it first, and is routable once welcomed.
     hive.add(worker)
+    await worker.send(Welcome(worker_id=worker.id))
     log.info(
         "worker %s connected from %s: models=%s parallel=%d",
         worker.id,

@@ -17,6 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from protocol import (
     Cancel,
     Chunk,
+    Draining,
     ErrorCode,
     FrameError,
     Job,
@@ -136,6 +137,7 @@ class WorkerSession:
         self.speed: dict[str, ModelSpeed] = {}
         self.health = WorkerHealth()
         self.closed = False
+        self.draining = False
         self._websocket = websocket
         self._send_lock = asyncio.Lock()
         self._pending: dict[str, RequestStream] = {}
@@ -153,7 +155,9 @@ class WorkerSession:
     @property
     def free_slots(self) -> int:
         """Slots that can take a new request now."""
-        return 0 if self.closed else max(0, self.parallel - len(self._pending))
+        if self.closed or self.draining:
+            return 0
+        return max(0, self.parallel - len(self._pending))
 
     def reserve(self, request_id: str, model: str) -> RequestStream:
         """Take a slot for a request; synchronous so that choosing and reserving cannot interleave."""
@@ -166,7 +170,7 @@ class WorkerSession:
     async def send_job(self, job: Job) -> None:
         """Send a job for a reserved slot; a send failure reads as the worker being gone."""
         try:
-            await self._send(job)
+            await self.send(job)
         except Exception as exc:  # the socket is broken: the reader will clean up the rest
             self._finish(job.request_id, WorkerGone(f"could not send to worker: {exc!r}"))
 
@@ -235,6 +239,9 @@ class WorkerSession:
                 stream.put(frame)
         elif isinstance(frame, Result | JobError):
             self._finish(frame.request_id, frame)
+        elif isinstance(frame, Draining):
+            log.info("worker %s is shutting down: no new requests go to it", self.id)
+            self.draining = True
         elif isinstance(frame, ProtocolError):
             log.warning("worker %s reports a protocol error: %s: %s", self.id, frame.code, frame.message)
         else:
@@ -253,12 +260,13 @@ class WorkerSession:
             stream.put(event)
         self._on_slot_free(self)
 
-    async def _send(self, frame: Frame) -> None:
+    async def send(self, frame: Frame) -> None:
+        """Send one frame to the worker (frames never interleave)."""
         async with self._send_lock:
             await self._websocket.send_text(encode(frame))
 
     async def _send_quietly(self, frame: Frame) -> None:
         try:
-            await self._send(frame)
+            await self.send(frame)
         except Exception:
             log.debug("could not send %s to worker %s", frame.__class__.__name__, self.id)

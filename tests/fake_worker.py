@@ -139,6 +139,11 @@ class FakeWorker:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
 
+    def freeze(self) -> None:
+        """Stop reading from the socket, so pings go unanswered, as a hung worker's would."""
+        assert self._websocket is not None
+        self._websocket.transport.pause_reading()
+
     async def abort(self) -> None:
         """Drop the TCP connection without a closing handshake, as a crashed worker would."""
         assert self._websocket is not None

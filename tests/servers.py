@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 
 from queenbee.cli import uvicorn_config
+from queenbee.server import DrainingServer
 from queenbee.settings import QueenSettings
 
 TIME_UNIT = float(os.environ.get("TEST_TIME_UNIT", "1.0"))
@@ -89,7 +90,7 @@ class QueenServer:
         self.port = sock.getsockname()[1]
         config = uvicorn_config(self.settings)
         config.log_level = "warning"
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config, grace=self.settings.shutdown_grace)
         server = self.server
 
         def run() -> None:

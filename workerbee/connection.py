@@ -22,6 +22,7 @@ from protocol import (
     MAX_FRAME_BYTES,
     Cancel,
     Chunk,
+    Draining,
     ErrorCode,
     FrameError,
     Job,
@@ -138,7 +139,7 @@ class WorkerConnection:
             try:
                 await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stop.is_set():
-                    await self._drain()
+                    await self._drain(websocket)
                     reader.cancel()
                     await websocket.close(1001, "worker shutting down")
                 else:
@@ -231,9 +232,10 @@ class WorkerConnection:
                 JobError(request_id=request_id, code=ErrorCode.INTERNAL_ERROR, message=_describe(exc)[:4000]),
             )
 
-    async def _drain(self) -> None:
+    async def _drain(self, websocket: ClientConnection) -> None:
         """Stop taking jobs and let the ones in flight finish, up to the grace period."""
         self._draining = True
+        await self._send(websocket, Draining())
         tasks = [task for task, _ in self._jobs.values()]
         if not tasks:
             return
