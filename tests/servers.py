@@ -46,11 +46,11 @@ async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> No
         await asyncio.sleep(0.01)
 
 
-def bound_socket() -> socket.socket:
-    """A listening-ready socket on 127.0.0.1 with a port the kernel chose: no port races."""
+def bound_socket(port: int = 0) -> socket.socket:
+    """A socket bound on 127.0.0.1, by default to a port the kernel chose: no port races."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
 
 
@@ -85,8 +85,8 @@ class QueenServer:
         return self.server.config.app.state.hive
 
     def start(self) -> QueenServer:
-        """Start serving; returns once the queen accepts connections."""
-        sock = bound_socket()
+        """Start serving (on `port` if set, else a free one); returns once the queen accepts connections."""
+        sock = bound_socket(self.port)
         self.port = sock.getsockname()[1]
         config = uvicorn_config(self.settings)
         config.log_level = "warning"

@@ -1,0 +1,138 @@
+"""The routing policy and the hive's slot accounting, on made-up workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from servers import eventually
+
+from protocol import PROTOCOL_VERSION, ModelInfo, Register
+from queenbee.errors import ModelNotFound, NoCapacity
+from queenbee.hive import Hive
+from queenbee.scheduling import choose_worker
+from queenbee.settings import QueenSettings
+from queenbee.worker_session import ModelSpeed, WorkerSession
+
+
+def make_worker(worker_id: str, *, parallel: int = 1, models: tuple[str, ...] = ("m",)) -> WorkerSession:
+    """A session with no socket behind it: enough for routing decisions."""
+    registration = Register(
+        protocol_version=PROTOCOL_VERSION,
+        worker_version="t",
+        cpu_count=1,
+        disk_space=1,
+        vram=0,
+        models=[ModelInfo(id=model, n_ctx=512) for model in models],
+        parallel=parallel,
+    )
+    socket: Any = None
+    return WorkerSession(
+        worker_id, socket, registration, on_slot_free=lambda _: None, cancel_grace=1.0, max_frame_bytes=2**20
+    )
+
+
+def measured(worker: WorkerSession, tokens_per_second: float) -> WorkerSession:
+    """Give a worker a measured speed for model m."""
+    worker.speed["m"] = ModelSpeed(ttft=0.1, tokens_per_second=tokens_per_second, samples=5)
+    return worker
+
+
+def test_least_loaded_worker_wins() -> None:
+    """A worker with a smaller share of its slots busy is chosen over a busier one, whatever its speed."""
+    busy = measured(make_worker("busy", parallel=2), 1000.0)
+    idle = measured(make_worker("idle", parallel=2), 10.0)
+    busy.reserve("r1", "m")
+    assert choose_worker([busy, idle], "m", now=time.monotonic()) is idle
+
+
+def test_fastest_wins_among_equally_loaded() -> None:
+    """Among equally loaded workers the one the queen measured fastest is chosen."""
+    slow = measured(make_worker("slow"), 20.0)
+    fast = measured(make_worker("fast"), 80.0)
+    assert choose_worker([slow, fast], "m", now=time.monotonic()) is fast
+
+
+def test_new_workers_get_a_chance() -> None:
+    """An unmeasured worker is tried before measured ones of equal load."""
+    known = measured(make_worker("known"), 500.0)
+    new = make_worker("new")
+    assert choose_worker([known, new], "m", now=time.monotonic()) is new
+
+
+def test_full_benched_and_excluded_workers_are_skipped() -> None:
+    """No free slot, a bench, or an exclusion each take a worker out of the choice."""
+    full = make_worker("full")
+    full.reserve("r", "m")
+    benched = make_worker("benched")
+    benched.health.benched_until = time.monotonic() + 60
+    excluded = make_worker("excluded")
+    ok = make_worker("ok")
+    now = time.monotonic()
+    assert choose_worker([full, benched, excluded, ok], "m", now=now, exclude=frozenset({"excluded"})) is ok
+    assert choose_worker([full, benched, excluded], "m", now=now, exclude=frozenset({"excluded"})) is None
+
+
+def test_bench_time_grows_with_each_bench() -> None:
+    """Each bench lasts twice as long as the one before, up to a cap."""
+    worker = make_worker("w")
+    lengths = []
+    for _ in range(5):
+        now = 1000.0
+        for _ in range(3):
+            worker.health.record_failure(now)
+        lengths.append(worker.health.benched_until - now)
+    assert lengths == [5.0, 10.0, 20.0, 40.0, 80.0]
+    worker.health.record_success()
+    assert worker.health.consecutive_failures == 0
+
+
+def test_a_thousand_workers_spread_the_load() -> None:
+    """With 1,000 workers, 1,000 requests land on 1,000 different workers."""
+    workers = [make_worker(f"w{index}") for index in range(1000)]
+    chosen = set()
+    for index in range(1000):
+        worker = choose_worker(workers, "m", now=time.monotonic())
+        assert worker is not None
+        worker.reserve(f"r{index}", "m")
+        chosen.add(worker.id)
+    assert len(chosen) == 1000
+    assert choose_worker(workers, "m", now=time.monotonic()) is None
+
+
+async def test_hive_routes_only_to_workers_of_the_model() -> None:
+    """The hive reserves a slot on a worker that serves the model; other models are 404 at once."""
+    hive = Hive(QueenSettings(queue_timeout=0.05))
+    alpha = make_worker("alpha", models=("a",))
+    beta = make_worker("beta", models=("b",))
+    hive.add(alpha)
+    hive.add(beta)
+    worker, stream = await hive.acquire("b", "r1")
+    assert worker is beta
+    assert stream.request_id == "r1"
+    with pytest.raises(ModelNotFound):
+        await hive.acquire("c", "r2")
+    with pytest.raises(NoCapacity):
+        await hive.acquire("b", "r3")
+    assert hive.models() == ["a", "b"]
+    hive.remove(alpha)
+    assert hive.models() == ["b"]
+
+
+async def test_freed_slot_goes_to_the_waiting_request() -> None:
+    """A request waiting in line gets the slot the moment it frees."""
+    hive = Hive(QueenSettings(queue_timeout=5))
+    worker = make_worker("w")
+    worker._on_slot_free = hive.slot_freed
+    hive.add(worker)
+    await hive.acquire("m", "first")
+    waiting = asyncio.create_task(hive.acquire("m", "second"))
+    await eventually(lambda: hive.queue_depth("m") == 1)
+    worker.fail_all("gone")  # frees the slot, as a finished request would
+    worker.closed = False
+    chosen, stream = await asyncio.wait_for(waiting, 5)
+    assert chosen is worker
+    assert stream.request_id == "second"
+    assert hive.queue_depth() == 0
