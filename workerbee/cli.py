@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if settings.log_level.lower() != "debug":
+        # One line per HTTP request to the hub is noise at INFO; keep it for --log-level debug.
+        for chatty in ("httpx", "httpx2"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         entries = resolve_models(settings)
         hardware = detect_hardware(hf_cache_dir(settings))
