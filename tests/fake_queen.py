@@ -1,0 +1,68 @@
+"""A scripted queen: a real websocket server whose frames a test controls, to exercise the worker side."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import websockets
+from websockets.asyncio.server import Server, ServerConnection
+
+from protocol import ProtocolError, Register, Welcome, decode_worker_frame, encode
+from protocol.messages import Frame
+
+
+class FakeQueen:
+    """Accepts worker connections on 127.0.0.1, welcomes them (or not), and records every frame."""
+
+    def __init__(self, *, refuse_with: ProtocolError | None = None) -> None:
+        self.refuse_with = refuse_with
+        self.registrations: list[Register] = []
+        self.frames: asyncio.Queue[Any] = asyncio.Queue()
+        self.connections: list[ServerConnection] = []
+        self.connected = asyncio.Event()
+        self._server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        """The worker URL to connect to."""
+        assert self._server is not None
+        port = next(iter(self._server.sockets)).getsockname()[1]
+        return f"ws://127.0.0.1:{port}/worker"
+
+    async def start(self) -> FakeQueen:
+        """Listen on an ephemeral port."""
+        self._server = await websockets.serve(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        """Close every connection and stop listening."""
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def send(self, frame: Frame | str) -> None:
+        """Send a frame (or raw text) to the most recent worker."""
+        text = frame if isinstance(frame, str) else encode(frame)
+        await self.connections[-1].send(text)
+
+    async def next_frame(self, timeout: float = 10.0) -> Any:
+        """The next frame a worker sent after registering."""
+        return await asyncio.wait_for(self.frames.get(), timeout)
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        registration = decode_worker_frame(await connection.recv())
+        assert isinstance(registration, Register)
+        self.registrations.append(registration)
+        if self.refuse_with is not None:
+            await connection.send(encode(self.refuse_with))
+            await connection.close(1008, self.refuse_with.message)
+            return
+        self.connections.append(connection)
+        await connection.send(encode(Welcome(worker_id=f"w{len(self.registrations)}")))
+        self.connected.set()
+        try:
+            async for message in connection:
+                await self.frames.put(decode_worker_frame(message))
+        except websockets.ConnectionClosed:
+            pass
