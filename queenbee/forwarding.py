@@ -103,7 +103,9 @@ class ForwardedCall:
         last_error: QueenError = UpstreamError("No worker could run the request.")
         for _ in range(self.settings.max_attempts):
             try:
-                worker, stream = await self.hive.acquire(self.model, self.request_id, exclude=frozenset(tried))
+                worker, stream = await self.hive.acquire(
+                    self.model, self.request_id, exclude=frozenset(tried)
+                )
             except QueenError:
                 if not tried:
                     raise
