@@ -23,7 +23,7 @@ from queenbee.hive import Hive
 from queenbee.observer import Outcome, RequestObserver, RequestRecord
 from queenbee.settings import QueenSettings
 from queenbee.streaming import SSE_DONE, SSE_HEADERS, sse_event
-from queenbee.worker_session import ModelSpeed, RequestEvent, RequestStream, WorkerGone, WorkerSession
+from queenbee.worker_session import RequestEvent, RequestStream, WorkerGone, WorkerSession
 
 log = logging.getLogger("queenbee.forwarding")
 
@@ -218,8 +218,12 @@ class ForwardedCall:
     async def succeeded(self, attempt: Attempt, result: Result) -> None:
         """Credit the worker with a good request and record it."""
         attempt.worker.health.record_success()
-        attempt.worker.speed.setdefault(self.model, ModelSpeed()).record(
-            attempt.first_at - self.started, result.usage.completion_tokens, time.monotonic() - self.started
+        self.hive.record_speed(
+            attempt.worker,
+            self.model,
+            ttft=attempt.first_at - self.started,
+            tokens=result.usage.completion_tokens,
+            duration=time.monotonic() - self.started,
         )
         await self.record("success", 200, attempt=attempt, result=result)
 

@@ -10,9 +10,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 from queenbee.errors import ModelNotFound, NoCapacity
-from queenbee.scheduling import choose_worker
+from queenbee.scheduling import WorkerIndex
 from queenbee.settings import QueenSettings
-from queenbee.worker_session import RequestStream, WorkerSession
+from queenbee.worker_session import ModelSpeed, RequestStream, WorkerSession
 
 log = logging.getLogger("queenbee.hive")
 
@@ -25,6 +25,7 @@ class Hive:
         self.workers: dict[str, WorkerSession] = {}
         self._by_model: dict[str, dict[str, WorkerSession]] = {}
         self._waiters: dict[str, deque[asyncio.Event]] = {}
+        self._index = WorkerIndex()
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self._activity = asyncio.Event()
@@ -51,6 +52,7 @@ class Hive:
         """Take a worker out of rotation (it disconnected or was dropped)."""
         self._activity.set()
         self.workers.pop(worker.id, None)
+        self._index.remove(worker)
         for model in worker.models:
             serving = self._by_model.get(model)
             if serving is None:
@@ -114,9 +116,11 @@ class Hive:
                         f"The model '{model}' does not exist or no worker serves it.", param="model"
                     )
                 if waiter is not None or not queue:
-                    worker = choose_worker(serving.values(), model, now=time.monotonic(), exclude=exclude)
+                    worker = self._index.choose(model, now=time.monotonic(), exclude=exclude)
                     if worker is not None:
-                        return worker, worker.reserve(request_id, model)
+                        stream = worker.reserve(request_id, model)
+                        self._index.update(worker)
+                        return worker, stream
                     if exclude and all(worker_id in exclude for worker_id in serving):
                         raise NoCapacity(f"No other worker for '{model}' is left to retry on.")
                     if waiter is not None:
@@ -146,8 +150,18 @@ class Hive:
     def slot_freed(self, worker: WorkerSession) -> None:
         """A slot opened on `worker`: wake the first request waiting for each model it serves."""
         self._activity.set()
+        if worker.id in self.workers:
+            self._index.update(worker)
         for model in worker.models:
             self._wake_next(model)
+
+    def record_speed(
+        self, worker: WorkerSession, model: str, *, ttft: float, tokens: int, duration: float
+    ) -> None:
+        """Fold a finished request into the worker's measured speed, and re-rank it."""
+        worker.speed.setdefault(model, ModelSpeed()).record(ttft, tokens, duration)
+        if worker.id in self.workers:
+            self._index.update(worker)
 
     def _wake_next(self, model: str, *, after: asyncio.Event | None = None) -> None:
         """Wake the first waiter for `model` that is not awake yet (behind `after`, if given)."""

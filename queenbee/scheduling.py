@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 
 from queenbee.worker_session import WorkerSession
@@ -34,3 +35,73 @@ def choose_worker(
         if best_key is None or key < best_key:
             best, best_key = worker, key
     return best
+
+
+HeapEntry = tuple[float, float, int, str, int]
+"""(load, -speed, arrival order, worker id, version): the order `choose_worker` ranks workers in."""
+
+
+class WorkerIndex:
+    """The same policy as `choose_worker`, in O(log n) per decision: one lazy heap per model.
+
+    Every change to a worker's load or speed pushes a fresh entry with a new version; entries whose
+    version is stale, or whose worker is full, are dropped when they reach the top. A full worker comes
+    back with the next `update`, which the hive calls whenever a slot frees. Benched and excluded workers
+    are set aside for one decision and pushed back.
+    """
+
+    def __init__(self) -> None:
+        self._heaps: dict[str, list[HeapEntry]] = {}
+        self._workers: dict[str, WorkerSession] = {}
+        self._versions: dict[str, int] = {}
+        self._order = 0
+
+    def update(self, worker: WorkerSession) -> None:
+        """Index a worker (again) after its load, speed or registration changed."""
+        self._workers[worker.id] = worker
+        version = self._versions.get(worker.id, 0) + 1
+        self._versions[worker.id] = version
+        if worker.free_slots <= 0:
+            return
+        self._order += 1
+        load = worker.in_flight / worker.parallel
+        for model in worker.models:
+            heap = self._heaps.setdefault(model, [])
+            heapq.heappush(heap, (load, -speed_score(worker, model), self._order, worker.id, version))
+            if len(heap) > 4 * len(self._workers) + 64:
+                self._compact(model)
+
+    def remove(self, worker: WorkerSession) -> None:
+        """Forget a worker; its entries die lazily."""
+        self._workers.pop(worker.id, None)
+        self._versions.pop(worker.id, None)
+
+    def choose(
+        self, model: str, *, now: float, exclude: frozenset[str] = frozenset()
+    ) -> WorkerSession | None:
+        """The worker `choose_worker` would pick for `model`, or None if none can take a request now."""
+        heap = self._heaps.get(model)
+        if not heap:
+            return None
+        set_aside: list[HeapEntry] = []
+        chosen: WorkerSession | None = None
+        while heap:
+            entry = heap[0]
+            worker = self._workers.get(entry[3])
+            if worker is None or self._versions.get(entry[3]) != entry[4] or worker.free_slots <= 0:
+                heapq.heappop(heap)
+                continue
+            if worker.id in exclude or worker.health.benched(now):
+                set_aside.append(heapq.heappop(heap))
+                continue
+            chosen = worker
+            break
+        for entry in set_aside:
+            heapq.heappush(heap, entry)
+        return chosen
+
+    def _compact(self, model: str) -> None:
+        heap = self._heaps[model]
+        live = [entry for entry in heap if self._versions.get(entry[3]) == entry[4]]
+        heapq.heapify(live)
+        self._heaps[model] = live

@@ -106,7 +106,7 @@ async def test_openai_sdk_streams_and_completes(queen: QueenServer) -> None:
         (json.dumps({"model": "fake-model", "messages": []}).encode(), "messages", "messages"),
         (json.dumps({**CHAT, "temperature": 5}).encode(), "temperature", "temperature"),
         (json.dumps({**CHAT, "frobnicate": True}).encode(), "frobnicate", "frobnicate"),
-        (json.dumps({**CHAT, "n": 2}).encode(), "n", "n=1"),
+        (json.dumps({**CHAT, "stop": ["a", "b", "c", "d", "e"]}).encode(), "stop", "at most 4"),
         (
             json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
             "messages[0].role",

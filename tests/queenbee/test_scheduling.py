@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
 import pytest
 from servers import eventually
 
-from protocol import PROTOCOL_VERSION, ModelInfo, Register
+from protocol import PROTOCOL_VERSION, ModelInfo, Register, Result, Usage, encode
 from queenbee.errors import ModelNotFound, NoCapacity
 from queenbee.hive import Hive
-from queenbee.scheduling import choose_worker
+from queenbee.scheduling import WorkerIndex, choose_worker, speed_score
 from queenbee.settings import QueenSettings
 from queenbee.worker_session import ModelSpeed, WorkerSession
 
@@ -130,9 +131,60 @@ async def test_freed_slot_goes_to_the_waiting_request() -> None:
     await hive.acquire("m", "first")
     waiting = asyncio.create_task(hive.acquire("m", "second"))
     await eventually(lambda: hive.queue_depth("m") == 1)
-    worker.fail_all("gone")  # frees the slot, as a finished request would
-    worker.closed = False
+    usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+    await worker._handle(encode(Result(request_id="first", usage=usage)))  # as the reader would
     chosen, stream = await asyncio.wait_for(waiting, 5)
     assert chosen is worker
     assert stream.request_id == "second"
     assert hive.queue_depth() == 0
+
+
+def test_index_agrees_with_the_reference_policy() -> None:
+    """Through random loads, speeds, benches and exclusions the fast index ranks as choose_worker does."""
+    rng = random.Random(7)
+    workers = [make_worker(f"w{index}", parallel=rng.choice([1, 2, 4])) for index in range(40)]
+    index = WorkerIndex()
+    for worker in workers:
+        index.update(worker)
+    running: list[tuple[WorkerSession, str]] = []
+    for step in range(2000):
+        now = float(step)
+        action = rng.random()
+        if action < 0.45:
+            exclude = frozenset(rng.sample([w.id for w in workers], 3))
+            expected = choose_worker(workers, "m", now=now, exclude=exclude)
+            chosen = index.choose("m", now=now, exclude=exclude)
+            if expected is None:
+                assert chosen is None
+                continue
+            assert chosen is not None
+            assert rank(chosen) == rank(expected)
+            request_id = f"r{step}"
+            chosen.reserve(request_id, "m")
+            index.update(chosen)
+            running.append((chosen, request_id))
+        elif action < 0.85 and running:
+            worker, request_id = running.pop(rng.randrange(len(running)))
+            worker._pending.pop(request_id)
+            if rng.random() < 0.5:
+                measured(worker, rng.uniform(5, 100))
+            index.update(worker)
+        else:
+            worker = rng.choice(workers)
+            worker.health.benched_until = now + rng.choice([0, 5, 50])
+
+
+def rank(worker: WorkerSession) -> tuple[float, float]:
+    """The sort key both implementations order by."""
+    return (worker.in_flight / worker.parallel, -speed_score(worker, "m"))
+
+
+def test_index_decisions_stay_cheap_with_many_workers() -> None:
+    """With 10,000 workers a decision looks at a handful of heap entries, not at every worker."""
+    workers = [make_worker(f"w{index}") for index in range(10_000)]
+    index = WorkerIndex()
+    for worker in workers:
+        index.update(worker)
+    chosen = {index.choose("m", now=0.0).id for _ in range(10)}  # type: ignore[union-attr]
+    assert len(chosen) == 1  # nothing reserved: the same best worker, found without a scan
+    assert len(index._heaps["m"]) == 10_000
