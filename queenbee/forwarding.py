@@ -36,9 +36,13 @@ class Endpoint:
     object_name: str
     chunk_object: str
     id_prefix: str
+    embeddings: bool = False
+    """Served only by workers that run the model with embeddings; its answers carry no id or created."""
 
 
 CHAT_COMPLETIONS = Endpoint("/v1/chat/completions", "chat.completion", "chat.completion.chunk", "chatcmpl-")
+COMPLETIONS = Endpoint("/v1/completions", "text_completion", "text_completion", "cmpl-")
+EMBEDDINGS = Endpoint("/v1/embeddings", "list", "list", "embd-", embeddings=True)
 
 
 @dataclass
@@ -70,6 +74,8 @@ class ForwardedCall:
     started: float = field(default_factory=time.monotonic)
     started_at: float = field(default_factory=time.time)
     attempts: int = 0
+    fingerprint: str | None = None
+    """The worker's system_fingerprint, as its last chunk gave it (for the usage chunk)."""
     _recorded: bool = False
 
     def __post_init__(self) -> None:
@@ -104,7 +110,7 @@ class ForwardedCall:
         for _ in range(self.settings.max_attempts):
             try:
                 worker, stream = await self.hive.acquire(
-                    self.model, self.request_id, exclude=frozenset(tried)
+                    self.model, self.request_id, exclude=frozenset(tried), embeddings=self.endpoint.embeddings
                 )
             except QueenError:
                 if not tried:
@@ -114,7 +120,11 @@ class ForwardedCall:
             tried.add(worker.id)
             self.attempts += 1
             await worker.send_job(job)
-            timeout = min(self.settings.first_token_timeout, self.remaining())
+            # A streamed answer must start within the first-token deadline; a whole answer only comes at
+            # the end, so it has the rest of the request's time (heartbeats still catch a dead worker).
+            timeout = (
+                min(self.settings.first_token_timeout, self.remaining()) if self.stream else self.remaining()
+            )
             try:
                 event = await stream.next(timeout)
             except TimeoutError:
@@ -146,6 +156,7 @@ class ForwardedCall:
 
     def chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
         """A worker's chunk with the queen's identity fields."""
+        self.fingerprint = payload.get("system_fingerprint", self.fingerprint)
         chunk = {
             **payload,
             "id": self.request_id,
@@ -164,7 +175,7 @@ class ForwardedCall:
             "object": self.endpoint.chunk_object,
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": None,
+            "system_fingerprint": self.fingerprint,
             "choices": [],
             "usage": result.usage.model_dump(),
         }
@@ -172,6 +183,14 @@ class ForwardedCall:
     def completion(self, result: Result) -> dict[str, Any]:
         """The worker's whole response with the queen's identity fields."""
         response = result.response or {}
+        if self.endpoint.embeddings:
+            usage = result.usage
+            return {
+                **response,
+                "object": self.endpoint.object_name,
+                "model": self.model,
+                "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens},
+            }
         return {
             **response,
             "id": self.request_id,

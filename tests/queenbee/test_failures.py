@@ -41,11 +41,13 @@ def queen_settings() -> QueenSettings:
 
 
 async def test_silent_worker_before_first_token_is_retried(queen: QueenServer) -> None:
-    """A worker that never answers times out, and the request is served by another worker."""
+    """A worker that never starts its stream times out, and another worker serves the request."""
     silent = await FakeWorker(queen.worker_url, behaviour=never_answers).connect()
     good = await FakeWorker(queen.worker_url).connect()
     async with httpx.AsyncClient(base_url=queen.base_url, timeout=30) as client:
-        responses = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(2)]
+        responses = [
+            await client.post("/v1/chat/completions", json={**CHAT, "stream": True}) for _ in range(2)
+        ]
     await silent.close()
     await good.close()
     assert [response.status_code for response in responses] == [200, 200]
@@ -57,10 +59,37 @@ async def test_only_a_silent_worker_gives_504(queen: QueenServer) -> None:
     """With no other worker to retry on, a first-token timeout is a 504 in OpenAI's shape."""
     silent = await FakeWorker(queen.worker_url, behaviour=never_answers).connect()
     async with httpx.AsyncClient(base_url=queen.base_url, timeout=30) as client:
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    await silent.close()
+    assert response.status_code == 504
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_whole_answers_may_take_longer_than_the_first_token_deadline(queen: QueenServer) -> None:
+    """A non-streamed answer arrives only at its end, so only the request deadline bounds it."""
+
+    async def slow_whole(worker: FakeWorker, job: Job) -> None:
+        await asyncio.sleep(1.0)  # twice the first-token deadline of this queen
+        await answer(worker, job)
+
+    worker = await FakeWorker(queen.worker_url, behaviour=slow_whole).connect()
+    async with httpx.AsyncClient(base_url=queen.base_url, timeout=30) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    await worker.close()
+    assert response.status_code == 200
+    assert worker.cancels == []
+
+
+@pytest.mark.parametrize("patient_queen", [1], indirect=True)
+async def test_silent_worker_hits_the_request_deadline(patient_queen: QueenServer) -> None:
+    """A whole answer that never comes ends at the request deadline with a 504."""
+    queen = patient_queen
+    silent = await FakeWorker(queen.worker_url, behaviour=never_answers).connect()
+    async with httpx.AsyncClient(base_url=queen.base_url, timeout=30) as client:
         response = await client.post("/v1/chat/completions", json=CHAT)
     await silent.close()
-    assert response.status_code in {503, 504}
-    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.status_code == 504
+    assert silent.cancels == [silent.jobs[0].request_id]
 
 
 async def test_stalled_stream_ends_with_a_timeout_error(queen: QueenServer) -> None:
@@ -195,7 +224,9 @@ async def test_waiting_requests_are_served_first_come_first_served(queen: QueenS
 @pytest.fixture(params=[1])
 def patient_queen(queen_settings: QueenSettings, request: pytest.FixtureRequest) -> Iterator[QueenServer]:
     """A queen whose requests may wait long for a slot, with a queue as long as the param."""
-    settings = queen_settings.model_copy(update={"queue_size": request.param, "queue_timeout": 30})
+    settings = queen_settings.model_copy(
+        update={"queue_size": request.param, "queue_timeout": 30, "request_timeout": 2.0}
+    )
     server = QueenServer(settings).start()
     yield server
     server.stop()
