@@ -1,17 +1,32 @@
 """The OpenAI request bodies the queen accepts and the worker runs: one definition for both sides.
 
 Unknown fields are refused rather than ignored: a client that sends a parameter we would silently drop
-gets a 400 naming it. Parameters that OpenAI defines but this project cannot honour yet are listed in
-`UNSUPPORTED_CHAT_PARAMETERS` and refused the same way.
+gets a 400 naming it. Parameters that OpenAI defines but this project cannot honour are listed in
+`UNSUPPORTED_CHAT_PARAMETERS` / `UNSUPPORTED_COMPLETION_PARAMETERS` (or checked by `unsupported_parameter`)
+and refused the same way.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
+
+MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 2048
 
 
 class _Strict(BaseModel):
@@ -130,9 +145,54 @@ class ResponseFormatJsonSchema(_Strict):
     json_schema: JsonSchemaFormat
 
 
+_RESPONSE_FORMAT_TAGS = {
+    "text": "ResponseFormatText",
+    "json_object": "ResponseFormatJsonObject",
+    "json_schema": "ResponseFormatJsonSchema",
+}
+
+
+def _response_format_tag(value: Any) -> str | None:
+    # Tags named like the classes keep error locations free of field-like names (`json_schema` is
+    # both a tag and a field), so the HTTP edge can name the parameter at fault exactly.
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return _RESPONSE_FORMAT_TAGS.get(kind) if isinstance(kind, str) else None
+
+
 ResponseFormat = Annotated[
-    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+    Annotated[ResponseFormatText, Tag("ResponseFormatText")]
+    | Annotated[ResponseFormatJsonObject, Tag("ResponseFormatJsonObject")]
+    | Annotated[ResponseFormatJsonSchema, Tag("ResponseFormatJsonSchema")],
+    Discriminator(
+        _response_format_tag,
+        custom_error_type="invalid_response_format",
+        custom_error_message="type must be 'text', 'json_object' or 'json_schema'",
+    ),
 ]
+
+
+def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(value, list):
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(not stop for stop in value):
+            raise ValueError("stop sequences must not be empty")
+    return value
+
+
+def _check_stream_options(value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+    if value is not None and not info.data.get("stream"):
+        raise ValueError("stream_options is only allowed when stream is true")
+    return value
+
+
+def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    for token, bias in (value or {}).items():
+        if not token.isdigit():
+            raise ValueError(f"keys must be token ids, got {token!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"biases must be between -100 and 100, got {bias}")
+    return value
 
 
 class ChatCompletionRequest(_Strict):
@@ -166,22 +226,38 @@ class ChatCompletionRequest(_Strict):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repeat_penalty: float | None = Field(default=None, ge=0)
 
-    @field_validator("stop")
+    _stops = field_validator("stop")(_check_stops)
+    _bias = field_validator("logit_bias")(_check_logit_bias)
+
+    # Field validators rather than a model validator, so that an error names the parameter at fault.
+    _stream_options = field_validator("stream_options")(_check_stream_options)
+
+    @field_validator("top_logprobs")
     @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ChatCompletionRequest:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+    @field_validator("tools")
+    @classmethod
+    def _distinct_tools(cls, value: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in value or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_tools(
+        cls, value: Literal["none", "auto", "required"] | NamedToolChoice | None, info: ValidationInfo
+    ) -> Literal["none", "auto", "required"] | NamedToolChoice | None:
+        tools: list[Tool] = info.data.get("tools") or []
+        if value is not None and value != "none" and not tools:
             raise ValueError("tool_choice requires tools")
-        return self
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"the function '{value.function.name}' is not in tools")
+        return value
 
     @property
     def token_limit(self) -> int | None:
@@ -193,20 +269,136 @@ class ChatCompletionRequest(_Strict):
         """Whether a streamed answer ends with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def tool_mode(self) -> Literal["none", "auto", "required"] | str:
+        """How tools are used: none, auto, required, or the name of the one function that must be called."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
 
-UNSUPPORTED_CHAT_PARAMETERS: dict[str, str] = {
-    "tools": "tool calling is not supported yet",
-    "tool_choice": "tool calling is not supported yet",
-    "parallel_tool_calls": "tool calling is not supported yet",
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+"""A prompt or input given as token ids."""
+
+
+class CompletionRequest(_Strict):
+    """The body of POST /v1/completions (OpenAI's legacy text completions)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # OpenAI's default for this endpoint is 16 tokens; null means "up to the context length".
+    max_tokens: int | None = Field(default=16, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=16)
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, ge=0)
+
+    _stops = field_validator("stop")(_check_stops)
+    _bias = field_validator("logit_bias")(_check_logit_bias)
+
+    _stream_options = field_validator("stream_options")(_check_stream_options)
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request: one text or token list each."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [[int(item) for item in self.prompt]]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    @property
+    def token_limit(self) -> int | None:
+        """The output token limit per choice; None means up to the context length."""
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class EmbeddingRequest(_Strict):
+    """The body of POST /v1/embeddings."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+        ]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """Every input of the request: one text or token list each."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(item, int) for item in self.input):
+            return [[int(item) for item in self.input]]  # type: ignore[arg-type]
+        return list(self.input)  # type: ignore[arg-type]
+
+
+UNSUPPORTED_CHAT_PARAMETERS: dict[str, str] = {}
+"""Chat parameters the schema accepts but the engine cannot honour, with the reason; refused with 400.
+
+Empty: every chat parameter of OpenAI's schema that the request model accepts is implemented. Value
+combinations that cannot be honoured are refused by `unsupported_parameter`.
+"""
+
+UNSUPPORTED_COMPLETION_PARAMETERS: dict[str, str] = {
+    "suffix": "insertion before a suffix (fill-in-the-middle) is not supported",
 }
-"""Parameters the schema accepts but the engine cannot honour yet, with the reason; refused with 400."""
+"""Text-completion parameters that cannot be honoured, with the reason; refused with 400."""
 
 
-def unsupported_parameter(request: ChatCompletionRequest) -> tuple[str, str] | None:
+def unsupported_parameter(
+    request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
+) -> tuple[str, str] | None:
     """The first parameter set in `request` that cannot be honoured, with the reason, or None."""
-    for name, reason in UNSUPPORTED_CHAT_PARAMETERS.items():
-        if getattr(request, name) is not None:
-            return name, reason
-    if request.n is not None and request.n > 1:
-        return "n", "only n=1 is supported"
+    if isinstance(request, ChatCompletionRequest):
+        for name, reason in UNSUPPORTED_CHAT_PARAMETERS.items():
+            if getattr(request, name) is not None:
+                return name, reason
+        if (
+            request.tool_mode != "none"
+            and request.response_format is not None
+            and request.response_format.type != "text"
+        ):
+            return "response_format", "a JSON response_format cannot be combined with tool calls"
+    elif isinstance(request, CompletionRequest):
+        for name, reason in UNSUPPORTED_COMPLETION_PARAMETERS.items():
+            if getattr(request, name) not in (None, ""):
+                return name, reason
+        if request.best_of is not None and request.best_of > 1:
+            return "best_of", "only best_of=1 is supported"
+        if request.echo and request.logprobs is not None:
+            return "echo", "echo cannot be combined with logprobs (prompt log probabilities are not computed)"
     return None

@@ -13,11 +13,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from queenbee.auth import ClientKeys, client_endpoint, warn_if_exposed
+from queenbee.dashboard import dashboard_routes
 from queenbee.errors import QueenError
 from queenbee.hive import Hive
+from queenbee.ledger import Ledger
+from queenbee.metrics import QueenMetrics, RecentActivity, metrics_endpoint
 from queenbee.observer import Observers, RequestLog, RequestObserver
-from queenbee.openai_api import chat_completions, health, list_models
+from queenbee.openai_api import (
+    chat_completions,
+    completions,
+    embeddings,
+    health,
+    list_models,
+    retrieve_model,
+)
+from queenbee.ratelimit import RateLimiter
 from queenbee.settings import QueenSettings
+from queenbee.usage_report import admin_usage
 from queenbee.worker_endpoint import worker_endpoint
 
 log = logging.getLogger("queenbee.app")
@@ -31,6 +44,11 @@ class QueenState(TypedDict):
     hive: Hive
     settings: QueenSettings
     observer: RequestObserver
+    clients: ClientKeys
+    limiter: RateLimiter
+    ledger: Ledger
+    metrics: QueenMetrics
+    activity: RecentActivity
 
 
 async def _queen_error(request: Request, exc: Exception) -> Response:
@@ -60,23 +78,49 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: QueenSettings) -> Starlette:
-    """Build the queen's application for `settings`."""
+    """Build the queen's application for `settings`.
+
+    Raises KeysFileError if the API keys file cannot be used: better now than at the first request.
+    """
+    clients = ClientKeys.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[QueenState]:
         hive = Hive(settings)
         # Also on app.state, for operators' tools and tests that hold the app rather than a request.
         app.state.hive = hive
-        observer = Observers([RequestLog()])
-        yield {"hive": hive, "settings": settings, "observer": observer}
+        warn_if_exposed(settings, clients)
+        ledger = await Ledger.open(settings.db)
+        limiter = RateLimiter.from_settings(settings, clients)
+        metrics = QueenMetrics(hive)
+        activity = RecentActivity(hive)
+        # The ledger first: a record is durable before anything else hears of it.
+        observer = Observers([ledger, RequestLog(), metrics, activity, limiter])
+        yield {
+            "hive": hive,
+            "settings": settings,
+            "observer": observer,
+            "clients": clients,
+            "limiter": limiter,
+            "ledger": ledger,
+            "metrics": metrics,
+            "activity": activity,
+        }
         for worker in list(hive.workers.values()):
             await worker.close(1001, "queen shutting down")
+        await ledger.close()
 
     routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", client_endpoint(chat_completions), methods=["POST"]),
+        Route("/v1/completions", client_endpoint(completions), methods=["POST"]),
+        Route("/v1/embeddings", client_endpoint(embeddings), methods=["POST"]),
+        Route("/v1/models", client_endpoint(list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", client_endpoint(retrieve_model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/admin/usage", admin_usage, methods=["GET"]),
         WebSocketRoute("/worker", worker_endpoint),
+        *dashboard_routes(),
     ]
     return Starlette(
         routes=routes,

@@ -1,4 +1,4 @@
-"""The `queenbee` command: parse settings, configure logging, run uvicorn."""
+"""The `queenbee` command: parse settings, configure logging, run uvicorn; `queenbee usage` reports usage."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from queenbee.app import create_app
+from queenbee.auth import KeysFileError
+from queenbee.ledger import LedgerError, connect
+from queenbee.logs import configure_logging
 from queenbee.server import DrainingServer
 from queenbee.settings import QueenSettings
+from queenbee.usage_report import usage_main
 
 log = logging.getLogger("queenbee")
 
@@ -40,14 +44,27 @@ def uvicorn_config(settings: QueenSettings) -> uvicorn.Config:
         ws_ping_timeout=settings.heartbeat_timeout,
         timeout_graceful_shutdown=round(settings.shutdown_grace),
         lifespan="on",
+        # uvicorn's loggers propagate to the one handler main() sets up, so --log-json covers them too.
+        log_config=None,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the queen until interrupted."""
-    settings = load_settings(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    DrainingServer(uvicorn_config(settings), grace=settings.shutdown_grace).run()
+    """Run the queen until interrupted, or `queenbee usage ...` to print the usage report."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["usage"]:
+        return usage_main(args[1:])
+    settings = load_settings(args)
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    try:
+        config = uvicorn_config(settings)
+        # Open (and migrate) the ledger once before serving, so a bad --db fails here in one line.
+        connect(settings.db).close()
+    except KeysFileError as exc:
+        print(f"queenbee: error: --api-keys-file: {exc}", file=sys.stderr)
+        return 2
+    except LedgerError as exc:
+        print(f"queenbee: error: --db: {exc}", file=sys.stderr)
+        return 1
+    DrainingServer(config, grace=settings.shutdown_grace).run()
     return 0

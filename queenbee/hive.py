@@ -6,10 +6,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
-from queenbee.errors import ModelNotFound, NoCapacity
+from queenbee.errors import InvalidRequest, ModelNotFound, NoCapacity
 from queenbee.scheduling import WorkerIndex
 from queenbee.settings import QueenSettings
 from queenbee.worker_session import ModelSpeed, RequestStream, WorkerSession
@@ -93,14 +93,20 @@ class Hive:
         return sum(len(queue) for queue in self._waiters.values())
 
     async def acquire(
-        self, model: str, request_id: str, *, exclude: frozenset[str] = frozenset()
+        self,
+        model: str,
+        request_id: str,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        embeddings: bool = False,
     ) -> tuple[WorkerSession, RequestStream]:
         """Reserve a slot on the best worker for `model`, waiting in line if every worker is busy.
 
         First come, first served: a newcomer takes a slot at once only if nobody is waiting; a waiter
         that is woken but cannot use the slot (its retry excludes that worker) passes the turn on.
         Raises ModelNotFound if no worker serves the model, NoCapacity if the line is full or the wait
-        runs past the queue timeout.
+        runs past the queue timeout. With `embeddings`, only workers that serve the model's embeddings
+        qualify (InvalidRequest if none does).
         """
         if self.draining:
             raise NoCapacity("The queen is shutting down.", retry_after=5)
@@ -115,6 +121,17 @@ class Hive:
                     raise ModelNotFound(
                         f"The model '{model}' does not exist or no worker serves it.", param="model"
                     )
+                if embeddings:
+                    # Workers without embeddings are set aside like the ones a retry excludes.
+                    without = _without_embeddings(serving.values(), model)
+                    if len(without) == len(serving):
+                        raise InvalidRequest(
+                            f"The model '{model}' is not served with embeddings: no worker that serves it "
+                            "was started with --embeddings.",
+                            param="model",
+                            code="embeddings_not_served",
+                        )
+                    exclude = exclude | without
                 if waiter is not None or not queue:
                     worker = self._index.choose(model, now=time.monotonic(), exclude=exclude)
                     if worker is not None:
@@ -125,7 +142,11 @@ class Hive:
                         raise NoCapacity(f"No other worker for '{model}' is left to retry on.")
                     if waiter is not None:
                         waiter.clear()
-                        self._wake_next(model, after=waiter)
+                        if exclude:
+                            # The slot may be on a worker this retry excludes: let the next one look.
+                            # Without excludes a slot this waiter cannot use does not exist, and passing
+                            # the turn on would let a later waiter overtake it.
+                            self._wake_next(model, after=waiter)
                 if waiter is None:
                     if len(queue) >= self._settings.queue_size:
                         raise NoCapacity(f"All workers for '{model}' are busy and the queue is full.")
@@ -180,3 +201,12 @@ class Hive:
     def _wake_all(self, model: str) -> None:
         for waiter in self._waiters.get(model, ()):
             waiter.set()
+
+
+def _serves_embeddings(worker: WorkerSession, model: str) -> bool:
+    return any(info.id == model and info.embeddings for info in worker.registration.models)
+
+
+def _without_embeddings(workers: Iterable[WorkerSession], model: str) -> frozenset[str]:
+    """Ids of the workers that serve `model` but not its embeddings: excluded from embeddings requests."""
+    return frozenset(worker.id for worker in workers if not _serves_embeddings(worker, model))

@@ -24,6 +24,8 @@ class QueenSettings(BaseSettings):
 
     Every option can also be set with an environment variable: QUEENBEE_ followed by the option's name
     in upper case with underscores, e.g. QUEENBEE_PORT=8000.
+
+    `queenbee usage --help` describes the usage report (tokens per worker payout address and per key).
     """
 
     model_config = SettingsConfigDict(
@@ -38,7 +40,7 @@ class QueenSettings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
-    log_level: str = Field(default="info", description="Log level: debug, info, warning or error.")
+    log_level: str = Field(default="info", description="Log level: trace, debug, info, warning or error.")
     queue_size: int = Field(
         default=64, ge=0, description="Requests per model that may wait for a free worker before 503."
     )

@@ -9,6 +9,7 @@ import uuid
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import (
+    ErrorCode,
     FrameError,
     ProtocolError,
     Register,
@@ -17,6 +18,7 @@ from protocol import (
     decode_worker_frame,
     encode,
 )
+from queenbee.auth import worker_refusal
 from queenbee.hive import Hive
 from queenbee.settings import QueenSettings
 from queenbee.worker_session import WorkerSession
@@ -56,6 +58,13 @@ async def worker_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code=CLOSE_POLICY_VIOLATION, reason="registration timeout")
         return
     except WebSocketDisconnect:
+        return
+    refusal = worker_refusal(settings, registration.auth_key)
+    if refusal is not None:
+        # The worker treats UNAUTHORIZED as final: it logs the reason once and exits instead of retrying.
+        log.warning("refused worker from %s: %s", peer, refusal)
+        await websocket.send_text(encode(ProtocolError(code=ErrorCode.UNAUTHORIZED, message=refusal)))
+        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=f"unauthorized: {refusal}"[:120])
         return
     worker = WorkerSession(
         f"worker-{uuid.uuid4().hex[:12]}",

@@ -23,6 +23,7 @@ from workerbee.hardware import HardwareReport, detect_hardware
 from workerbee.models import ModelError, ResolvedModel, parse_model_spec, resolve_model
 from workerbee.placement import GpuMemory, Placement, PlacementError, PlacementOverrides, plan_placement
 from workerbee.settings import WorkerSettings
+from workerbee.threads import thread_candidates
 
 log = logging.getLogger("workerbee")
 
@@ -97,17 +98,6 @@ def bundled_model() -> str | None:
         if path.is_file():
             return str(path)
     return None
-
-
-def default_threads(cpu_count: int) -> int:
-    """llama.cpp threads when --threads is not given.
-
-    Measured on a shared 2-core machine (docs/benchmarks.md): two OpenMP threads ran several times slower
-    than one, since the second core is rarely free; above that, leave one core for the event loop.
-    """
-    if cpu_count <= 2:
-        return 1
-    return max(1, cpu_count - 1)
 
 
 def model_ids(settings: WorkerSettings) -> list[tuple[str, str | None]]:
@@ -201,11 +191,13 @@ def hf_cache_dir(settings: WorkerSettings) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-async def serve(settings: WorkerSettings, planned: list[PlannedModel], threads: int) -> int:
+async def serve(settings: WorkerSettings, planned: list[PlannedModel], threads: int | None) -> int:
     """Load the models and serve the queen until SIGTERM or Ctrl-C; returns the exit code."""
     from workerbee.connection import QueenRefused, WorkerConnection
 
-    engine = await Engine.load([model.config(settings.embeddings) for model in planned], threads=threads)
+    engine = await Engine.load(
+        [model.config(settings.embeddings) for model in planned], threads=threads, parallel=settings.parallel
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -260,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ModelError, GGUFInfoError, PlacementError) as exc:
         print(f"workerbee: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
-    threads = settings.threads or default_threads(hardware.cpu_count)
+    # Without --threads, each model times the candidate counts once loaded and keeps the fastest:
+    # with OpenMP on shared cores, more threads can be several times slower (threads.py).
+    threads = settings.threads
     if settings.dry_run:
         frame = registration(settings, [model.info(settings.embeddings) for model in planned], hardware)
         report = {
             "registration": frame.model_dump(mode="json", exclude={"type"})
             | {"auth_key": "***" if settings.auth_key else ""},
-            "threads": threads,
+            "threads": threads if threads is not None else f"measured at startup among {thread_candidates()}",
             "models": [model.summary() for model in planned],
         }
         print(json.dumps(report, indent=2))

@@ -35,7 +35,14 @@ from protocol import (
     encode,
 )
 from protocol.messages import Frame
-from protocol.openai import CHAT_COMPLETIONS_PATH, ChatCompletionRequest
+from protocol.openai import (
+    CHAT_COMPLETIONS_PATH,
+    COMPLETIONS_PATH,
+    EMBEDDINGS_PATH,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from workerbee.engine import Cancelled, Engine, EngineError
 
 log = logging.getLogger("workerbee.connection")
@@ -200,14 +207,22 @@ class WorkerConnection:
         try:
             if self._draining:
                 raise EngineError(ErrorCode.OVERLOADED, "the worker is shutting down")
-            if job.openai_url != CHAT_COMPLETIONS_PATH:
-                raise EngineError(ErrorCode.INVALID_REQUEST, f"this worker does not serve {job.openai_url}")
-            chat = ChatCompletionRequest.model_validate(job.openai_req)
 
             async def on_chunk(chunk: dict[str, Any]) -> None:
                 await self._send(websocket, Chunk(request_id=request_id, chunk=chunk))
 
-            usage, response = await self.engine.chat(chat, cancel, on_chunk)
+            response: dict[str, Any] | None
+            if job.openai_url == CHAT_COMPLETIONS_PATH:
+                chat = ChatCompletionRequest.model_validate(job.openai_req)
+                usage, response = await self.engine.chat(chat, cancel, on_chunk)
+            elif job.openai_url == COMPLETIONS_PATH:
+                completion = CompletionRequest.model_validate(job.openai_req)
+                usage, response = await self.engine.complete(completion, cancel, on_chunk)
+            elif job.openai_url == EMBEDDINGS_PATH:
+                embedding = EmbeddingRequest.model_validate(job.openai_req)
+                usage, response = await self.engine.embed(embedding, cancel)
+            else:
+                raise EngineError(ErrorCode.INVALID_REQUEST, f"this worker does not serve {job.openai_url}")
             await self._send(websocket, Result(request_id=request_id, usage=usage, response=response))
         except Cancelled:
             await self._send(

@@ -44,7 +44,9 @@ class WorkerSettings(BaseSettings):
     ln_url: str = Field(default="", description="Lightning address or LNURL where payouts go.")
     auth_key: str = Field(default="", description="Token the queen requires from workers, if any.")
     threads: int | None = Field(
-        default=None, ge=1, description="CPU threads for llama.cpp (default: chosen from the CPU count)."
+        default=None,
+        ge=1,
+        description="CPU threads for llama.cpp (default: the fastest count, timed on the model at startup).",
     )
     parallel: int = Field(default=1, ge=1, le=64, description="Requests this worker runs at once.")
     ctx_size: int = Field(

@@ -1,0 +1,208 @@
+"""Validation of everything the queen answers against OpenAI's published JSON schemas (the *.json beside).
+
+`ValidatingTransport` and `AsyncValidatingTransport` sit under an httpx client (the openai SDK's or a
+test's own) and check every response body, and every event of every stream, as it passes: a test that
+talks to the queen through them cannot see an object that breaks the schema without failing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
+SCHEMAS = Path(__file__).parent
+BASE_URI = "https://schemas.openai.local/"
+
+
+@cache
+def _registry() -> Registry[Any]:
+    resources = [
+        (BASE_URI + path.name, Resource.from_contents(json.loads(path.read_text())))
+        for path in SCHEMAS.glob("*.json")
+    ]
+    return Registry().with_resources(resources)
+
+
+@cache
+def validator(name: str) -> Draft202012Validator:
+    """The validator for one schema, e.g. "CreateChatCompletionResponse"."""
+    schema = json.loads((SCHEMAS / f"{name}.json").read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, registry=_registry())
+
+
+def validate(name: str, instance: Any) -> None:
+    """Fail with every violation listed if `instance` does not match the schema `name`."""
+    errors = sorted(validator(name).iter_errors(instance), key=lambda error: list(error.path))
+    if errors:
+        details = "\n".join(f"  at {list(error.path)}: {error.message}" for error in errors)
+        raise AssertionError(
+            f"response does not match OpenAI's {name}:\n{details}\n{json.dumps(instance)[:2000]}"
+        )
+
+
+def schema_name(path: str, status: int, *, streamed: bool) -> str:
+    """Which schema a response to `path` must match."""
+    if status >= 400:
+        return "ErrorResponse"
+    if path.endswith("/chat/completions"):
+        return "CreateChatCompletionStreamResponse" if streamed else "CreateChatCompletionResponse"
+    if path.endswith("/completions"):
+        return "CreateCompletionResponse"
+    if path.endswith("/embeddings"):
+        return "CreateEmbeddingResponse"
+    if path.endswith("/models"):
+        return "ListModelsResponse"
+    if "/models/" in path:
+        return "Model"
+    raise AssertionError(f"no schema for {path}")
+
+
+@dataclass
+class Seen:
+    """What a transport validated: one schema name per object."""
+
+    names: list[str] = field(default_factory=list)
+    streams: int = 0
+
+
+@dataclass
+class _SseChecker:
+    """Splits a byte stream into SSE events and validates each data payload."""
+
+    path: str
+    seen: Seen
+    buffer: bytes = b""
+    done: bool = False
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n\n" in self.buffer:
+            event, self.buffer = self.buffer.split(b"\n\n", 1)
+            self._event(event.decode("utf-8"))
+
+    def _event(self, event: str) -> None:
+        assert event.startswith("data: "), f"not an SSE data event: {event!r}"
+        assert not self.done, "an event came after data: [DONE]"
+        payload = event[len("data: ") :]
+        if payload == "[DONE]":
+            self.done = True
+            return
+        body = json.loads(payload)
+        # A stream that fails after it began ends with an error event, in the error shape.
+        name = "ErrorResponse" if "error" in body else schema_name(self.path, 200, streamed=True)
+        validate(name, body)
+        self.seen.names.append(name)
+
+    def close(self) -> None:
+        assert not self.buffer.strip(), f"the stream ended inside an event: {self.buffer!r}"
+        assert self.done, "the stream ended without data: [DONE]"
+        self.seen.streams += 1
+
+
+def _check_whole(response: httpx.Response, path: str, seen: Seen) -> None:
+    name = schema_name(path, response.status_code, streamed=False)
+    validate(name, response.json())
+    seen.names.append(name)
+
+
+def _is_stream(response: httpx.Response) -> bool:
+    return response.status_code < 400 and response.headers.get("content-type", "").startswith(
+        "text/event-stream"
+    )
+
+
+class _SyncStream(httpx.SyncByteStream):
+    def __init__(self, inner: httpx.SyncByteStream, checker: _SseChecker) -> None:
+        self.inner = inner
+        self.checker = checker
+
+    def __iter__(self) -> Iterator[bytes]:
+        for data in self.inner:
+            self.checker.feed(data)
+            yield data
+        self.checker.close()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _AsyncStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, checker: _SseChecker) -> None:
+        self.inner = inner
+        self.checker = checker
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for data in self.inner:
+            self.checker.feed(data)
+            yield data
+        self.checker.close()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class ValidatingTransport(httpx.BaseTransport):
+    """An httpx transport that validates every response body and stream event it carries."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.seen = Seen()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send the request; check the answer (streams as they are read)."""
+        response = self.inner.handle_request(request)
+        path = request.url.path
+        if _is_stream(response):
+            assert isinstance(response.stream, httpx.SyncByteStream)
+            checker = _SseChecker(path, self.seen)
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=_SyncStream(response.stream, checker),
+                extensions=response.extensions,
+            )
+        response.read()
+        _check_whole(response, path, self.seen)
+        return response
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.inner.close()
+
+
+class AsyncValidatingTransport(httpx.AsyncBaseTransport):
+    """The async twin of ValidatingTransport."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.seen = Seen()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send the request; check the answer (streams as they are read)."""
+        response = await self.inner.handle_async_request(request)
+        path = request.url.path
+        if _is_stream(response):
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            checker = _SseChecker(path, self.seen)
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=_AsyncStream(response.stream, checker),
+                extensions=response.extensions,
+            )
+        await response.aread()
+        _check_whole(response, path, self.seen)
+        return response
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.inner.aclose()

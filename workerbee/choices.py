@@ -1,0 +1,175 @@
+"""OpenAI's answer objects, built from generated text: chat choices and chunks, text-completion choices.
+
+The worker builds `choices` (and `system_fingerprint`); the queen adds `id`, `object`, `created`,
+`model` and `usage`, which it owns. Fields OpenAI's schema requires are always present, as null when
+unused (`message.refusal`, `choices[].logprobs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from workerbee.decoding import Generation, Piece, TokenLogprob
+from workerbee.tool_calls import ToolCallParser
+
+ChunkEmitter = Callable[[dict[str, Any]], None]
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Token log probabilities in chat's shape: choices[].logprobs.content."""
+    return [
+        {
+            "token": entry.token,
+            "logprob": entry.logprob,
+            "bytes": entry.bytes,
+            "top_logprobs": [
+                {"token": top.token, "logprob": top.logprob, "bytes": top.bytes} for top in entry.top_logprobs
+            ],
+        }
+        for entry in entries
+    ]
+
+
+def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> dict[str, Any]:
+    """Token log probabilities in the legacy completions shape; offsets count from `text_offset`."""
+    offsets: list[int] = []
+    position = text_offset
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry.token)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [{top.token: top.logprob for top in entry.top_logprobs} for entry in entries],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class ChatChoice:
+    """One chat choice as it is generated: streams it as chunks if asked, and builds the whole choice.
+
+    `tool_mode` is none, auto, required or a function's name. In auto mode the grammar lets the answer be
+    text or a call, and the first character tells which: a call starts with "{", text never does.
+    """
+
+    index: int
+    tool_mode: str
+    logprobs: bool
+    fingerprint: str
+    emit: ChunkEmitter | None = None
+    parser: ToolCallParser | None = None
+    _deciding: bool = False
+    _pending: Piece = field(default_factory=lambda: Piece("", []))
+    _content: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._deciding = self.tool_mode == "auto"
+        if self.tool_mode not in {"none", "auto"}:
+            self.parser = ToolCallParser()
+        if self.emit is not None:
+            first = {"role": "assistant", "content": None if self.parser is not None else ""}
+            self._chunk(first)
+
+    def on_piece(self, piece: Piece) -> None:
+        """Take the next piece of generated text."""
+        if self._deciding:
+            piece = Piece(self._pending.text + piece.text, self._pending.logprobs + piece.logprobs)
+            if not piece.text.strip():
+                self._pending = piece
+                return
+            self._deciding = False
+            if piece.text.lstrip().startswith("{"):
+                self.parser = ToolCallParser()
+        text = piece.text
+        if self.logprobs:
+            self._content.extend(chat_logprobs(piece.logprobs))
+        if self.parser is not None:
+            deltas = self.parser.feed(text)
+            if deltas and self.emit is not None:
+                self._chunk({"tool_calls": deltas})
+        elif self.emit is not None and (text or piece.logprobs):
+            logprobs = {"content": chat_logprobs(piece.logprobs), "refusal": None} if self.logprobs else None
+            self._chunk({"content": text}, logprobs=logprobs)
+
+    def finish(self, generation: Generation) -> dict[str, Any]:
+        """End the choice: the last chunk if streaming, and the whole choice in chat.completion's shape."""
+        call = self.parser.tool_call() if self.parser is not None else None
+        if self.parser is not None and self.emit is not None:
+            deltas = self.parser.finish()
+            if deltas:
+                self._chunk({"tool_calls": deltas})
+        finish_reason: str = generation.finish_reason
+        message: dict[str, Any] = {"role": "assistant", "content": generation.text, "refusal": None}
+        if call is not None:
+            finish_reason = "tool_calls"
+            message["content"] = None
+            message["tool_calls"] = [call]
+        logprobs = None
+        if self.logprobs:
+            # Log probabilities describe message content; a tool call has none.
+            logprobs = {"content": None if call is not None else self._content, "refusal": None}
+        if self.emit is not None:
+            self._chunk({}, finish_reason=finish_reason)
+        return {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def _chunk(
+        self,
+        delta: dict[str, Any],
+        *,
+        logprobs: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
+    ) -> None:
+        assert self.emit is not None
+        choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        self.emit({"choices": [choice], "system_fingerprint": self.fingerprint})
+
+
+@dataclass
+class CompletionChoice:
+    """One text-completion choice: streams it as chunks if asked, and builds the whole choice."""
+
+    index: int
+    logprobs: bool
+    fingerprint: str
+    prompt: str = ""
+    """The prompt as text: log probabilities' text offsets count from its start."""
+    echo: bool = False
+    """Whether the prompt comes back before the completion."""
+    emit: ChunkEmitter | None = None
+    _sent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.emit is not None and self.echo and self.prompt:
+            self._chunk(self.prompt, None)
+
+    def on_piece(self, piece: Piece) -> None:
+        """Take the next piece of generated text."""
+        if self.emit is None or not (piece.text or piece.logprobs):
+            return
+        logprobs = (
+            completion_logprobs(piece.logprobs, len(self.prompt) + self._sent) if self.logprobs else None
+        )
+        self._sent += len(piece.text)
+        self._chunk(piece.text, logprobs)
+
+    def finish(self, generation: Generation) -> dict[str, Any]:
+        """End the choice: the last chunk if streaming, and the whole choice in text_completion's shape."""
+        logprobs = None
+        if self.logprobs and generation.logprobs is not None:
+            logprobs = completion_logprobs(generation.logprobs, len(self.prompt))
+        if self.emit is not None:
+            self._chunk("", None, finish_reason=generation.finish_reason)
+        return {
+            "index": self.index,
+            "text": (self.prompt if self.echo else "") + generation.text,
+            "logprobs": logprobs,
+            "finish_reason": generation.finish_reason,
+        }
+
+    def _chunk(self, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None = None) -> None:
+        assert self.emit is not None
+        choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        self.emit({"choices": [choice], "system_fingerprint": self.fingerprint})
