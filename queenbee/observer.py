@@ -67,6 +67,20 @@ class RequestLog:
             f"{record.ttft:.3f}s" if record.ttft is not None else "-",
             record.duration,
             record.attempts,
+            # The same facts as fields, for --log-json; never the prompt or the answer.
+            extra={
+                "request_id": record.request_id,
+                "path": record.path,
+                "model": record.model,
+                "worker_id": record.worker_id,
+                "outcome": record.outcome,
+                "status": record.status,
+                "prompt_tokens": record.prompt_tokens,
+                "completion_tokens": record.completion_tokens,
+                "ttft": record.ttft,
+                "duration": record.duration,
+                "attempts": record.attempts,
+            },
         )
 
 
