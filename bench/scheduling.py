@@ -30,7 +30,9 @@ def make_workers(count: int) -> list[WorkerSession]:
     )
     socket: Any = None
     return [
-        WorkerSession(f"w{i}", socket, registration, on_slot_free=lambda _: None, cancel_grace=1, max_frame_bytes=1)
+        WorkerSession(
+            f"w{i}", socket, registration, on_slot_free=lambda _: None, cancel_grace=1, max_frame_bytes=1
+        )
         for i in range(count)
     ]
 

@@ -218,6 +218,7 @@ class ChatCompletionRequest(_Strict):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # A choice makes at most one call, which both values allow: true permits parallel calls, not requires.
     parallel_tool_calls: bool | None = None
     # Not OpenAI's, but sent by common benchmark tools: generate exactly max_tokens.
     ignore_eos: bool = False

@@ -237,13 +237,15 @@ class ForwardedCall:
     async def succeeded(self, attempt: Attempt, result: Result) -> None:
         """Credit the worker with a good request and record it."""
         attempt.worker.health.record_success()
-        self.hive.record_speed(
-            attempt.worker,
-            self.model,
-            ttft=attempt.first_at - self.started,
-            tokens=result.usage.completion_tokens,
-            duration=time.monotonic() - self.started,
-        )
+        # An embedding has no first token nor generation speed: timing it would skew the worker's.
+        if not self.endpoint.embeddings:
+            self.hive.record_speed(
+                attempt.worker,
+                self.model,
+                ttft=attempt.first_at - self.started,
+                tokens=result.usage.completion_tokens,
+                duration=time.monotonic() - self.started,
+            )
         await self.record("success", 200, attempt=attempt, result=result)
 
     async def failed(self, attempt: Attempt, event: RequestEvent, error: QueenError) -> None:

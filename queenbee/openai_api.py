@@ -66,9 +66,11 @@ def _is_field_name(part: str) -> bool:
 def _param_of(loc: tuple[str | int, ...]) -> str:
     parts: list[str] = []
     for part in loc:
+        if parts == ["logit_bias"]:
+            break  # what follows is the client's token id, not a field
         if isinstance(part, int):
             parts.append(f"[{part}]")
-        elif _is_field_name(part) or (parts and parts[-1] == "logit_bias"):
+        elif _is_field_name(part):
             parts.append(("." if parts else "") + part)
     return "".join(parts)
 

@@ -586,6 +586,9 @@ def measure_threads(context: MultiSequenceContext, *, fixed: int | None) -> Thre
     """
     if fixed is not None:
         return ThreadChoice(fixed, {}, "set with --threads")
+    candidates = thread_candidates()
+    if len(candidates) == 1:
+        return ThreadChoice(candidates[0], {}, "the only candidate: one core is left for the rest")
     batch = TokenBatch(context.n_seq)
 
     def step(threads: int) -> float:
@@ -602,6 +605,6 @@ def measure_threads(context: MultiSequenceContext, *, fixed: int | None) -> Thre
 
     try:
         step(1)  # the first decode pays for allocations
-        return choose_threads(step, thread_candidates())
+        return choose_threads(step, candidates)
     finally:
         batch.close()

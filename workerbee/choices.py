@@ -60,10 +60,10 @@ class ChatChoice:
     logprobs: bool
     fingerprint: str
     emit: ChunkEmitter | None = None
-    parser: ToolCallParser | None = None
-    _deciding: bool = False
-    _pending: Piece = field(default_factory=lambda: Piece("", []))
-    _content: list[dict[str, Any]] = field(default_factory=list)
+    parser: ToolCallParser | None = field(default=None, init=False)
+    _deciding: bool = field(default=False, init=False)
+    _pending: Piece = field(default_factory=lambda: Piece("", []), init=False)
+    _content: list[dict[str, Any]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self._deciding = self.tool_mode == "auto"
@@ -139,7 +139,7 @@ class CompletionChoice:
     echo: bool = False
     """Whether the prompt comes back before the completion."""
     emit: ChunkEmitter | None = None
-    _sent: int = 0
+    _sent: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.emit is not None and self.echo and self.prompt:

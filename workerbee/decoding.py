@@ -18,7 +18,7 @@ from __future__ import annotations
 import codecs
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -157,16 +157,30 @@ def _token_text(llama: Any, token: int) -> bytes:
     return piece
 
 
+def end_of_generation_tokens(llama: Any) -> tuple[int, ...]:
+    """Every token that ends generation (EOS, EOT, <|im_end|>...).
+
+    ignore_eos must ban all of them, or a model that may not say EOS says another one and stops anyway.
+    """
+    import llama_cpp
+
+    vocab = llama._model.vocab
+    return tuple(token for token in range(llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, token))
+
+
 def generate(
     llama: Any,
     prompt: list[int],
     sampling: Sampling,
     cancel: threading.Event,
     on_piece: Callable[[Piece], None] | None = None,
+    *,
+    eog_tokens: Sequence[int] = (),
 ) -> Generation:
     """Generate one choice for `prompt` (tokens). Pieces of text go to `on_piece` as they become final.
 
     The caller has checked that the prompt fits the context; generation ends at the context's end.
+    `eog_tokens` (see end_of_generation_tokens) are banned when the request ignores EOS.
     """
     import llama_cpp
     from llama_cpp.llama_grammar import LlamaGrammar
@@ -176,7 +190,7 @@ def generate(
     if limit <= 0:
         return Generation("", "length", 0, [] if sampling.top_logprobs is not None else None)
     vocab = llama._model.vocab
-    banned = [llama.token_eos()] if sampling.ignore_eos else []
+    banned = list(eog_tokens or [llama.token_eos()]) if sampling.ignore_eos else []
     hook = _LogitsHook(sampling.top_logprobs, sampling.logit_bias, banned)
     grammar = None
     if sampling.grammar is not None:

@@ -28,7 +28,14 @@ from protocol import ErrorCode, ModelInfo, Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from workerbee import grammars, tool_calls
 from workerbee.choices import ChatChoice, CompletionChoice
-from workerbee.decoding import Cancelled, Generation, Sampling, choice_seeds, generate
+from workerbee.decoding import (
+    Cancelled,
+    Generation,
+    Sampling,
+    choice_seeds,
+    end_of_generation_tokens,
+    generate,
+)
 
 if TYPE_CHECKING:
     from workerbee.batching import BatchedModel
@@ -143,6 +150,7 @@ class LoadedModel:
         self.template: str = llama.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
         self.native_tools = tool_calls.template_knows_tools(self.template)
         self.fingerprint = _fingerprint(config)
+        self.eog_tokens = end_of_generation_tokens(llama)
         self._formatter = self._chat_formatter()
 
     def _chat_formatter(self) -> Any:
@@ -212,7 +220,7 @@ class LoadedModel:
             raise EngineError(
                 ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 f"This model's maximum context length is {n_ctx} tokens, "
-                f"but the {what} take {prompt_tokens} tokens.",
+                f"but the {what} {'take' if what == 'messages' else 'takes'} {prompt_tokens} tokens.",
                 param,
             )
         limit = request.token_limit
@@ -356,7 +364,9 @@ class LoadedModel:
     ) -> Generation:
         if cancel.is_set():
             raise Cancelled
-        return generate(self.llama, prompt, replace(sampling, seed=seed), cancel, on_piece)
+        return generate(
+            self.llama, prompt, replace(sampling, seed=seed), cancel, on_piece, eog_tokens=self.eog_tokens
+        )
 
     def run_embedding(
         self, request: EmbeddingRequest, cancel: threading.Event

@@ -1,11 +1,14 @@
 """How many CPU threads llama.cpp decodes with: measured on the loaded model at startup, not guessed.
 
-llama.cpp built with OpenMP splits every matrix product among its threads and waits for the slowest.
-On a machine whose cores are shared (a VM, a laptop running other work) a thread that is not scheduled
-stalls all the others: on a busy 2-core machine 2 threads decoded several times slower than 1
-(docs/benchmarks.md). So the worker times a few decode steps with each candidate count, interleaved so
-that a burst of outside load hits every candidate alike, and keeps the fastest. More threads must win
-by a clear margin: they also take cores from the event loop and from everything else on the machine.
+llama.cpp built with OpenMP splits every matrix product among its threads, which spin at a barrier
+until the slowest is done. A thread that is not scheduled stalls all the others, so llama.cpp must not
+count on every core: the worker's own event loop, the queen and the clients on the same machine need
+CPU for every token too. On a 2-core VM, 2 threads decoded 1.6x faster than 1 on an idle machine, and
+up to 10x slower once the queen and its clients were busy on the other core (docs/benchmarks.md).
+
+So the candidates never include every core (one is left for everything else), and among them the
+worker times a few decode steps of a full batch, interleaved so that a burst of outside load hits every
+candidate alike, and keeps the fastest. More threads must win by a clear margin.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ def usable_cpus() -> int:
 
 
 def thread_candidates(cpus: int | None = None) -> list[int]:
-    """Thread counts worth timing: 1, half, all but one, and all of the usable CPUs."""
+    """Thread counts worth timing: 1, half, and all but one of the usable CPUs."""
     cpus = usable_cpus() if cpus is None else cpus
-    return sorted({1, max(1, cpus // 2), max(1, cpus - 1), cpus})
+    return sorted({1, max(1, cpus // 2), max(1, cpus - 1)})
 
 
 def choose_threads(

@@ -130,10 +130,10 @@ class ToolCallParser:
     """
 
     call_id: str = field(default_factory=new_call_id)
-    text: str = ""
-    name: str | None = None
-    _arguments_at: int = 0
-    _sent: int = 0
+    text: str = field(default="", init=False)
+    name: str | None = field(default=None, init=False)
+    _arguments_at: int = field(default=0, init=False)
+    _sent: int = field(default=0, init=False)
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         """Take more of the model's text; returns the deltas (items of delta.tool_calls) it completes."""

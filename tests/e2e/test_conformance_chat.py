@@ -184,16 +184,18 @@ def test_logit_bias_forces_and_bans_tokens(client: openai.OpenAI, tokenizer: Any
     assert banned.choices[0].message.content != greedy
 
 
+# Plain requests and requests with logprobs take different paths in the worker (batching.py, engine.py).
+@pytest.mark.parametrize("extra", [{}, {"logprobs": True}], ids=["plain", "logprobs"])
 @pytest.mark.parametrize("stop", ["blue", ["yellow", "blue"]])
-def test_stop_text_never_appears(client: openai.OpenAI, stop: str | list[str]) -> None:
+def test_stop_text_never_appears(client: openai.OpenAI, stop: str | list[str], extra: dict[str, Any]) -> None:
     """The answer ends before the stop sequence, which is not in the text, streamed or not."""
     full = chat(client, max_tokens=24).choices[0].message.content
     assert "blue" in full
-    response = chat(client, max_tokens=24, stop=stop)
+    response = chat(client, max_tokens=24, stop=stop, **extra)
     text = response.choices[0].message.content
     assert text == full[: full.index("blue")]
     assert response.choices[0].finish_reason == "stop"
-    chunks = stream(client, max_tokens=24, stop=stop)
+    chunks = stream(client, max_tokens=24, stop=stop, **extra)
     assert streamed_text(chunks) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 

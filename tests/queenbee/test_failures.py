@@ -80,7 +80,7 @@ async def test_whole_answers_may_take_longer_than_the_first_token_deadline(queen
     assert worker.cancels == []
 
 
-@pytest.mark.parametrize("patient_queen", [1], indirect=True)
+@pytest.mark.parametrize("patient_queen", [{"request_timeout": 2.0}], indirect=True)
 async def test_silent_worker_hits_the_request_deadline(patient_queen: QueenServer) -> None:
     """A whole answer that never comes ends at the request deadline with a 504."""
     queen = patient_queen
@@ -221,12 +221,10 @@ async def test_waiting_requests_are_served_first_come_first_served(queen: QueenS
     assert order == ["first", "queued-0", "queued-1", "queued-2", "queued-3"]
 
 
-@pytest.fixture(params=[1])
+@pytest.fixture(params=[{}])
 def patient_queen(queen_settings: QueenSettings, request: pytest.FixtureRequest) -> Iterator[QueenServer]:
-    """A queen whose requests may wait long for a slot, with a queue as long as the param."""
-    settings = queen_settings.model_copy(
-        update={"queue_size": request.param, "queue_timeout": 30, "request_timeout": 2.0}
-    )
+    """A queen whose requests may wait long for a slot, in a queue of one; the param overrides settings."""
+    settings = queen_settings.model_copy(update={"queue_size": 1, "queue_timeout": 30, **request.param})
     server = QueenServer(settings).start()
     yield server
     server.stop()
@@ -278,7 +276,7 @@ async def test_waiting_request_learns_when_the_last_worker_leaves(patient_queen:
     assert ran.status_code == 502
 
 
-@pytest.mark.parametrize("patient_queen", [16], indirect=True)
+@pytest.mark.parametrize("patient_queen", [{"queue_size": 16}], indirect=True)
 async def test_parallel_slots_are_never_exceeded(patient_queen: QueenServer) -> None:
     """A worker advertising 2 slots never has more than 2 jobs at once, however many requests come."""
     running = 0

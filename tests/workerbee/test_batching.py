@@ -379,7 +379,8 @@ def test_thread_choice_prefers_fewer_threads_unless_clearly_faster() -> None:
 
 
 def test_thread_candidates() -> None:
-    """One, half, all but one, and all of the CPUs, without duplicates."""
+    """One, half, and all but one of the CPUs, without duplicates: never all of them."""
     assert thread_candidates(1) == [1]
-    assert thread_candidates(2) == [1, 2]
-    assert thread_candidates(8) == [1, 4, 7, 8]
+    assert thread_candidates(2) == [1]
+    assert thread_candidates(4) == [1, 2, 3]
+    assert thread_candidates(8) == [1, 4, 7]

@@ -283,3 +283,43 @@ def test_bad_tool_schema_is_refused_by_position(model: LoadedModel) -> None:
     with pytest.raises(EngineError) as raised:
         model.run_chat(chat, threading.Event(), lambda _: None)
     assert raised.value.param == "tools[1].function.parameters"
+
+
+def generated(model: LoadedModel, content: str, **sampling: Any) -> tuple[str, str, int]:
+    """Text, finish reason and token count of one choice for a one-message chat, on this engine's loop."""
+    chat = ChatCompletionRequest.model_validate({**BASE, "messages": [{"role": "user", "content": content}]})
+    generation = generate(model.llama, model.chat_prompt(chat), Sampling(**sampling), threading.Event())
+    return generation.text, generation.finish_reason, generation.completion_tokens
+
+
+YES_NO = "Is the sky blue? Answer yes or no."
+
+
+def test_logit_bias_forces_a_token(model: LoadedModel) -> None:
+    """A +100 logit bias makes a token the answer."""
+    maybe = int(model.llama.tokenize(b"Maybe", add_bos=False, special=False)[0])
+    assert generated(model, YES_NO, temperature=0.0, max_tokens=1, logit_bias={maybe: 100.0})[0] == "Maybe"
+
+
+def test_ignore_eos_runs_to_max_tokens(model: LoadedModel) -> None:
+    """ignore_eos generates past the natural end, up to max_tokens."""
+    _, finish, count = generated(model, YES_NO, temperature=0.0, max_tokens=8)
+    assert finish == "stop"
+    assert count < 8
+    assert generated(model, YES_NO, temperature=0.0, max_tokens=8, ignore_eos=True)[1:] == ("length", 8)
+
+
+def test_seed_and_top_p(model: LoadedModel) -> None:
+    """A seed reproduces a sampled answer; a tiny top_p samples greedily."""
+    sampled = generated(model, YES_NO, temperature=1.0, seed=11, max_tokens=12)
+    assert generated(model, YES_NO, temperature=1.0, seed=11, max_tokens=12) == sampled
+    greedy_answer = generated(model, YES_NO, temperature=0.0, max_tokens=12)
+    assert generated(model, YES_NO, temperature=1.0, top_p=1e-9, seed=11, max_tokens=12) == greedy_answer
+
+
+def test_frequency_penalty_reduces_repetition(model: LoadedModel) -> None:
+    """A frequency penalty makes a repetition-prone answer repeat less."""
+    prompt = "Repeat after me: hello hello hello hello hello hello hello hello"
+    plain = generated(model, prompt, temperature=0.0, max_tokens=16)[0]
+    penalized = generated(model, prompt, temperature=0.0, max_tokens=16, frequency_penalty=2.0)[0]
+    assert penalized.lower().count("hello") < plain.lower().count("hello")

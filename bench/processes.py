@@ -1,0 +1,188 @@
+"""The servers a benchmark talks to, each in a process of its own: queen, workers, llama_cpp.server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+
+class ServiceError(Exception):
+    """A benchmark server did not start."""
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    """A server process, its address, and where its output goes."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+
+    def cpu_seconds(self) -> float:
+        """CPU time the process has used so far (user + system, threads included)."""
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process now."""
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def check_alive(self) -> None:
+        """Raise ServiceError, with the end of its log, if the process has exited."""
+        if self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise ServiceError(f"{self.name} exited with {self.process.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not exit within 30 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _start(name: str, command: Sequence[str], base_url: str, logs: Path, cpus: set[int] | None) -> Service:
+    log_path = logs / f"{name}.log"
+    preexec: Callable[[], None] | None = None
+    if cpus is not None:
+        pinned = set(cpus)
+
+        def preexec() -> None:
+            os.sched_setaffinity(0, pinned)
+
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            list(command), stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec, start_new_session=True
+        )
+    return Service(name, process, base_url, log_path)
+
+
+def wait_until(service: Service, ready: Callable[[], bool], timeout: float) -> None:
+    """Poll `ready` until it holds; ServiceError if the process dies or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        service.check_alive()
+        try:
+            if ready():
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{service.name} was not ready within {timeout:g} s")
+        time.sleep(0.2)
+
+
+def start_queen(logs: Path, *, cpus: set[int] | None = None) -> Service:
+    """A queen on a free port with a throwaway ledger, logging warnings only."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "queenbee",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--db",
+        str(logs / f"ledger-{port}.db"),
+        "--queue-timeout",
+        "600",
+        "--first-token-timeout",
+        "600",
+    ]
+    queen = _start("queen", command, f"http://127.0.0.1:{port}", logs, cpus)
+    wait_until(queen, lambda: httpx.get(f"{queen.base_url}/v1/models").status_code == 200, 60)
+    return queen
+
+
+def served_models(queen: Service) -> list[str]:
+    """Model ids the queen lists now."""
+    response = httpx.get(f"{queen.base_url}/v1/models")
+    return [model["id"] for model in response.json()["data"]]
+
+
+def start_worker(queen: Service, model: Path, *, parallel: int, threads: int, logs: Path) -> Service:
+    """A workerbee process serving `model` to `queen`; returns once the queen lists the model."""
+    queen_ws = queen.base_url.replace("http://", "ws://") + "/worker"
+    command = [
+        sys.executable,
+        "-m",
+        "workerbee",
+        "--queen-url",
+        queen_ws,
+        "--model",
+        str(model),
+        "--parallel",
+        str(parallel),
+        "--threads",
+        str(threads),
+        "--ctx-size",
+        "2048",
+        "--log-level",
+        "warning",
+    ]
+    worker = _start("workerbee", command, queen.base_url, logs, None)
+    wait_until(worker, lambda: model.stem in served_models(queen), 180)
+    return worker
+
+
+def start_llama_server(model: Path, *, threads: int, logs: Path) -> Service:
+    """llama-cpp-python's OpenAI server on `model`; requests queue behind each other, none interrupted."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--model_alias",
+        model.stem,
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--n_ctx",
+        "2048",
+        "--port",
+        str(port),
+        # The default lets every new request cut off the stream in progress; a server for several
+        # clients must not, so the comparison uses what such a user would set.
+        "--interrupt_requests",
+        "False",
+        "--verbose",
+        "False",
+    ]
+    server = _start("llama_cpp.server", command, f"http://127.0.0.1:{port}", logs, None)
+    wait_until(server, lambda: httpx.get(f"{server.base_url}/v1/models").status_code == 200, 120)
+    return server
+
+
+def start_instant_worker(queen: Service, *, parallel: int, logs: Path, cpus: set[int] | None) -> Service:
+    """A scripted worker (bench/instant_worker.py) that answers every job at once."""
+    queen_ws = queen.base_url.replace("http://", "ws://") + "/worker"
+    command = [sys.executable, "-m", "bench.instant_worker", queen_ws, str(parallel)]
+    worker = _start("instant-worker", command, queen.base_url, logs, cpus)
+    wait_until(worker, lambda: "instant" in served_models(queen), 30)
+    return worker
