@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +144,41 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+
+
+BUNDLED_MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+"""The id a worker serving the bundled model gives it."""
+
+
+def start_worker(queen_url: str, *extra: str, model: Path | None = None) -> subprocess.Popen[str]:
+    """A real `workerbee` process with one llama.cpp thread, serving the bundled model (or `model`)."""
+    command = [sys.executable, "-m", "workerbee", "--queen-url", queen_url, "--threads", "1", *extra]
+    if model is not None:
+        command += ["--model", str(model)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_process(process: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGTERM a process (if still running) and collect its exit code and stderr."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60 * TIME_UNIT)
+    return process.returncode, stderr
+
+
+@contextmanager
+def hive_with_worker(*worker_args: str, settings: QueenSettings | None = None) -> Iterator[QueenServer]:
+    """A queen and one real worker process serving the bundled model; the worker must exit 0 at the end."""
+    queen = QueenServer(settings or QueenSettings(queue_timeout=60, first_token_timeout=60)).start()
+    worker = start_worker(queen.worker_url, *worker_args)
+    try:
+        wait_until(lambda: BUNDLED_MODEL_ID in queen.hive.models() or worker.poll() is not None, timeout=120)
+        assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+        yield queen
+    finally:
+        code, stderr = stop_process(worker)
+        queen.stop()
+    assert code == 0, stderr
 
 
 def smollm2_path() -> Path:

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from servers import TIME_UNIT, QueenServer, smollm2_path, wait_until
-
-from queenbee.settings import QueenSettings
+from servers import TIME_UNIT, QueenServer, hive_with_worker, smollm2_path
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 QUESTIONS = [
@@ -30,19 +25,8 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def hive() -> Iterator[QueenServer]:
     """A queen with one real worker serving SmolLM2 four requests at a time."""
-    queen = QueenServer(QueenSettings(queue_timeout=60, first_token_timeout=60)).start()
-    command = [sys.executable, "-m", "workerbee", "--queen-url", queen.worker_url, "--threads", "1"]
-    worker = subprocess.Popen([*command, "--parallel", "4"], stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: MODEL_ID in queen.hive.models() or worker.poll() is not None, timeout=120)
-        assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+    with hive_with_worker("--parallel", "4") as queen:
         yield queen
-    finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=60 * TIME_UNIT)
-        queen.stop()
-    assert worker.returncode == 0, stderr
 
 
 @pytest.fixture(scope="module")

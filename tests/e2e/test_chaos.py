@@ -10,8 +10,8 @@ import os
 import signal
 
 import openai
-from servers import TIME_UNIT, QueenServer, eventually, wait_until
-from test_spine import MESSAGES, MODEL_ID, start_worker, stop_process
+from servers import TIME_UNIT, QueenServer, eventually, start_worker, stop_process, wait_until
+from test_spine import MESSAGES, MODEL_ID
 
 from queenbee.settings import QueenSettings
 

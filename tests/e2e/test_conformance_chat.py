@@ -13,10 +13,8 @@ import jsonschema
 import openai
 import pytest
 from schemas.openai_schemas import ValidatingTransport
-from servers import QueenServer, smollm2_path, wait_until
-from test_spine import MODEL_ID, start_worker, stop_process
-
-from queenbee.settings import QueenSettings
+from servers import QueenServer, hive_with_worker, smollm2_path
+from test_spine import MODEL_ID
 
 QUESTION: list[dict[str, Any]] = [
     {"role": "system", "content": "You are a terse assistant."},
@@ -58,16 +56,8 @@ TOOLS: list[dict[str, Any]] = [
 @pytest.fixture(scope="module")
 def hive() -> Iterator[QueenServer]:
     """A queen with one real worker serving SmolLM2."""
-    queen = QueenServer(QueenSettings(queue_timeout=60, first_token_timeout=60)).start()
-    worker = start_worker(queen.worker_url)
-    try:
-        wait_until(lambda: MODEL_ID in queen.hive.models() or worker.poll() is not None, timeout=120)
-        assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+    with hive_with_worker() as queen:
         yield queen
-    finally:
-        code, stderr = stop_process(worker)
-        queen.stop()
-    assert code == 0, stderr
 
 
 @pytest.fixture

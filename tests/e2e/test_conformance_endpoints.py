@@ -16,11 +16,10 @@ import openai
 import pytest
 from fake_worker import FakeWorker
 from schemas.openai_schemas import AsyncValidatingTransport, ValidatingTransport
-from servers import QueenServer, smollm2_path, wait_until
-from test_spine import MODEL_ID, start_worker, stop_process
+from servers import QueenServer, hive_with_worker, smollm2_path
+from test_spine import MODEL_ID
 
 from protocol import Job, ModelInfo, Register, Result, Usage
-from queenbee.settings import QueenSettings
 
 PROMPT = "The capital of France is"
 EMBEDDING_SIZE = 576
@@ -30,16 +29,8 @@ EMBEDDING_SIZE = 576
 @pytest.fixture(scope="module")
 def hive() -> Iterator[QueenServer]:
     """A queen with one real worker serving SmolLM2, embeddings included."""
-    queen = QueenServer(QueenSettings(queue_timeout=60, first_token_timeout=60)).start()
-    worker = start_worker(queen.worker_url, "--embeddings")
-    try:
-        wait_until(lambda: MODEL_ID in queen.hive.models() or worker.poll() is not None, timeout=120)
-        assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+    with hive_with_worker("--embeddings") as queen:
         yield queen
-    finally:
-        code, stderr = stop_process(worker)
-        queen.stop()
-    assert code == 0, stderr
 
 
 @pytest.fixture

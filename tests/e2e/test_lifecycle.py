@@ -11,8 +11,8 @@ import sys
 import httpx
 import openai
 from fake_worker import FakeWorker, content_chunk
-from servers import TIME_UNIT, QueenServer, eventually, wait_until
-from test_spine import MESSAGES, MODEL_ID, start_worker, stop_process
+from servers import TIME_UNIT, QueenServer, eventually, start_worker, stop_process, wait_until
+from test_spine import MESSAGES, MODEL_ID
 
 from protocol import Chunk, Job, Result, Usage
 from queenbee.settings import QueenSettings

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,11 +13,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from servers import TIME_UNIT, QueenServer, eventually, smollm2_path, wait_until
+from servers import (
+    BUNDLED_MODEL_ID,
+    TIME_UNIT,
+    QueenServer,
+    eventually,
+    hive_with_worker,
+    smollm2_path,
+    start_worker,
+    stop_process,
+)
 
-from queenbee.settings import QueenSettings
-
-MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+MODEL_ID = BUNDLED_MODEL_ID
 MESSAGES: list[dict[str, Any]] = [
     {"role": "system", "content": "You are a terse assistant."},
     {"role": "user", "content": "Name three primary colors."},
@@ -26,35 +32,11 @@ MESSAGES: list[dict[str, Any]] = [
 MAX_TOKENS = 24
 
 
-def start_worker(queen_url: str, *extra: str, model: Path | None = None) -> subprocess.Popen[str]:
-    """A real `workerbee` process serving the bundled model (or `model`)."""
-    command = [sys.executable, "-m", "workerbee", "--queen-url", queen_url, "--threads", "1", *extra]
-    if model is not None:
-        command += ["--model", str(model)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def stop_process(process: subprocess.Popen[str]) -> tuple[int, str]:
-    """SIGTERM a process and collect its exit code and stderr."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60 * TIME_UNIT)
-    return process.returncode, stderr
-
-
 @pytest.fixture(scope="module")
 def hive() -> Iterator[QueenServer]:
     """A queen with one real worker serving SmolLM2."""
-    queen = QueenServer(QueenSettings(queue_timeout=60, first_token_timeout=60)).start()
-    worker = start_worker(queen.worker_url)
-    try:
-        wait_until(lambda: MODEL_ID in queen.hive.models() or worker.poll() is not None, timeout=120)
-        assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+    with hive_with_worker() as queen:
         yield queen
-    finally:
-        code, stderr = stop_process(worker)
-        queen.stop()
-    assert code == 0, stderr
 
 
 @pytest.fixture(scope="module")
