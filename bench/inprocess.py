@@ -70,6 +70,12 @@ class AloneReference:
         text = b"".join(self.vocab.piece(token) for token in tokens).decode("utf-8", errors="replace")
         return RequestResult(started, first, ended, len(tokens), text)
 
+    def set_threads(self, threads: int) -> None:
+        """Decode with `threads` threads from now on."""
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self.llama.ctx, threads, threads)
+
     def close(self) -> None:
         """Free the model."""
         self.llama.close()
@@ -117,28 +123,29 @@ def _step(context: MultiSequenceContext, batch: TokenBatch, sequences: int, posi
 
 
 def decode_ceiling(
-    reference: AloneReference, *, threads: int, sequences: Sequence[int], rounds: int = 12
+    reference: AloneReference, *, threads: Sequence[int], sequences: Sequence[int], rounds: int = 8
 ) -> list[StepTiming]:
-    """Median step time of raw batched decoding for each number of sequences (64+ tokens of context).
+    """Median step time of raw batched decoding per (thread count, sequences per call).
 
-    The counts are interleaved within every round, so that outside load hits them alike.
+    64 tokens of context per sequence. Every setting is tried once per round, so that outside load
+    hits them alike.
     """
-    context = _context(reference, max(sequences), threads)
+    context = _context(reference, max(sequences), 1)
     batch = TokenBatch(512)
-    samples: dict[int, list[float]] = {count: [] for count in sequences}
+    samples: dict[tuple[int, int], list[float]] = {(t, n): [] for t in threads for n in sequences}
     try:
         _prefill(context, batch, max(sequences), 64)
-        position = 64
         for _ in range(rounds):
-            for count in sequences:
-                # Every sequence stays at the same position: each step rewrites the last cell.
-                samples[count].append(_step(context, batch, count, position))
-                for seq_id in range(count):
-                    context.remove(seq_id, position)
+            for count, sequences_ in samples:
+                context.set_threads(count)
+                # Every sequence stays at position 64: each step's cell is removed again.
+                samples[count, sequences_].append(_step(context, batch, sequences_, 64))
+                for seq_id in range(sequences_):
+                    context.remove(seq_id, 64)
     finally:
         batch.close()
         context.close()
-    return [StepTiming(threads, count, statistics.median(values)) for count, values in samples.items()]
+    return [StepTiming(t, n, statistics.median(values)) for (t, n), values in samples.items()]
 
 
 def thread_sweep(

@@ -123,8 +123,13 @@ def served_models(queen: Service) -> list[str]:
     return [model["id"] for model in response.json()["data"]]
 
 
-def start_worker(queen: Service, model: Path, *, parallel: int, threads: int, logs: Path) -> Service:
-    """A workerbee process serving `model` to `queen`; returns once the queen lists the model."""
+def start_worker(
+    queen: Service, model: Path, *, parallel: int, threads: int | None, logs: Path, alias: str | None = None
+) -> Service:
+    """A workerbee process serving `model` (as `alias`) to `queen`; returns once the queen lists it.
+
+    `threads` None leaves the count to the worker; it then logs at info level what it chose and why.
+    """
     queen_ws = queen.base_url.replace("http://", "ws://") + "/worker"
     command = [
         sys.executable,
@@ -136,20 +141,23 @@ def start_worker(queen: Service, model: Path, *, parallel: int, threads: int, lo
         str(model),
         "--parallel",
         str(parallel),
-        "--threads",
-        str(threads),
         "--ctx-size",
         "2048",
         "--log-level",
-        "warning",
+        "info" if threads is None else "warning",
     ]
-    worker = _start("workerbee", command, queen.base_url, logs, None)
-    wait_until(worker, lambda: model.stem in served_models(queen), 180)
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    if alias is not None:
+        command += ["--alias", alias]
+    name = alias or model.stem
+    worker = _start(f"workerbee-{name}", command, queen.base_url, logs, None)
+    wait_until(worker, lambda: name in served_models(queen), 180)
     return worker
 
 
 def start_llama_server(model: Path, *, threads: int, logs: Path) -> Service:
-    """llama-cpp-python's OpenAI server on `model`; requests queue behind each other, none interrupted."""
+    """llama-cpp-python's OpenAI server on `model`; requests queue behind each other, none is cut off."""
     port = free_port()
     command = [
         sys.executable,

@@ -252,15 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ModelError, GGUFInfoError, PlacementError) as exc:
         print(f"workerbee: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
-    # Without --threads, each model times the candidate counts once loaded and keeps the fastest:
-    # with OpenMP on shared cores, more threads can be several times slower (threads.py).
+    # Without --threads, each model times the candidate counts once loaded, starts with the fastest and
+    # keeps checking while serving: with OpenMP on shared cores more threads can be much slower (threads.py).
     threads = settings.threads
     if settings.dry_run:
         frame = registration(settings, [model.info(settings.embeddings) for model in planned], hardware)
         report = {
             "registration": frame.model_dump(mode="json", exclude={"type"})
             | {"auth_key": "***" if settings.auth_key else ""},
-            "threads": threads if threads is not None else f"measured at startup among {thread_candidates()}",
+            "threads": threads
+            if threads is not None
+            else f"measured among {thread_candidates()}, then tuned",
             "models": [model.summary() for model in planned],
         }
         print(json.dumps(report, indent=2))

@@ -46,7 +46,7 @@ class WorkerSettings(BaseSettings):
     threads: int | None = Field(
         default=None,
         ge=1,
-        description="CPU threads for llama.cpp (default: the fastest count, timed on the model at startup).",
+        description="CPU threads for llama.cpp (default: timed at startup, then tuned while serving).",
     )
     parallel: int = Field(default=1, ge=1, le=64, description="Requests this worker runs at once.")
     ctx_size: int = Field(

@@ -16,7 +16,7 @@ from workerbee.batching import BatchedModel
 from workerbee.decoding import Cancelled
 from workerbee.detokenize import TextAssembler
 from workerbee.engine import EngineError, LoadedModel, ModelConfig, load_model
-from workerbee.threads import choose_threads, thread_candidates
+from workerbee.threads import ThreadTuner, choose_threads, thread_candidates
 
 N_CTX = 1024
 MAX_TOKENS = 24
@@ -379,8 +379,59 @@ def test_thread_choice_prefers_fewer_threads_unless_clearly_faster() -> None:
 
 
 def test_thread_candidates() -> None:
-    """One, half, and all but one of the CPUs, without duplicates: never all of them."""
+    """One, half, and all but one of the CPUs, without duplicates: never every core."""
     assert thread_candidates(1) == [1]
     assert thread_candidates(2) == [1]
     assert thread_candidates(4) == [1, 2, 3]
     assert thread_candidates(8) == [1, 4, 7]
+
+
+def run_steps(tuner: ThreadTuner, speed: dict[int, float], steps: int, size: int = 4) -> list[int]:
+    """Feed the tuner `steps` steps of one size, each as fast as `speed` says for its count."""
+    used = []
+    for _ in range(steps):
+        threads = tuner.threads_for(size)
+        used.append(threads)
+        tuner.record(threads, size, speed[threads])
+    return used
+
+
+def test_tuner_moves_to_a_faster_count_after_a_trial() -> None:
+    """After `interval` steps a short trial runs the next count; if it is clearly faster, it stays."""
+    tuner = ThreadTuner([1, 2], 1, interval=8, trial_steps=3)
+    used = run_steps(tuner, {1: 0.10, 2: 0.05}, 20)
+    assert used[:8] == [1] * 8
+    assert used[8:11] == [2, 2, 2]
+    assert tuner.current == 2
+    assert tuner.switches == 1
+    assert used[11:19] == [2] * 8
+    assert used[19] == 1  # the next trial, interval steps later, goes the other way
+
+
+def test_tuner_stops_a_bad_trial_after_one_step_and_backs_off() -> None:
+    """A trial step twice as slow ends the trial; the next trial waits twice as long."""
+    tuner = ThreadTuner([1, 2], 1, interval=8, trial_steps=3)
+    used = run_steps(tuner, {1: 0.10, 2: 0.50}, 40)
+    trials = [index for index, threads in enumerate(used) if threads == 2]
+    assert trials == [8, 25]
+    assert tuner.current == 1
+
+
+def test_tuner_tries_at_once_when_the_current_count_slows_down() -> None:
+    """Steps half again as slow as when the count was chosen start a trial before the interval."""
+    tuner = ThreadTuner([1, 2], 2, interval=1000, trial_steps=3)
+    run_steps(tuner, {1: 0.10, 2: 0.05}, 10)
+    used = run_steps(tuner, {1: 0.10, 2: 0.40}, 10)
+    assert 1 in used
+    assert tuner.current == 1
+
+
+def test_tuner_compares_only_steps_of_one_size() -> None:
+    """A trial is dropped when the batch changes size, and a fixed single candidate never trials."""
+    tuner = ThreadTuner([1, 2], 1, interval=4, trial_steps=3)
+    run_steps(tuner, {1: 0.1, 2: 0.05}, 4, size=4)
+    assert tuner.threads_for(4) == 2
+    assert tuner.threads_for(9) == 1
+    assert tuner.threads_for(4) == 1
+    lonely = ThreadTuner([1], 1, interval=2)
+    assert set(run_steps(lonely, {1: 0.1}, 10)) == {1}

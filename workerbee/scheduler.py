@@ -1,0 +1,412 @@
+"""The batching thread of one model: admits requests into sequence slots and decodes them together.
+
+Each step builds one llama.cpp batch with the next token of every generating sequence and, within a
+budget, a chunk of newcomers' prompt tokens; one `llama_decode` advances them all; each sequence then
+samples its next token with its own sampler chain and its text goes back to the request's event loop.
+
+- Requests join at the next step and leave when they finish. While others are generating, a newcomer's
+  prompt is fed in chunks sized so that a step stays near STEP_TARGET_SECONDS; when nobody is waiting
+  for a token, a whole batch of it.
+- Slots keep the cells of their last sequence as a prompt cache: a newcomer takes the free slot whose
+  cache shares the longest prefix with its prompt, or copies the stream of another slot that shares at
+  least COPY_MIN_TOKENS more, and decodes only the rest. A cancelled sequence's cells are freed at once.
+
+Everything here but `submit`, `poke`, `slot_states` and `close` runs on the scheduler's own thread, the
+only one that touches the llama.cpp context; events reach the requests through their `post` callback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from protocol import ErrorCode
+from workerbee.decoding import Cancelled, FinishReason, Sampling
+from workerbee.detokenize import TextAssembler
+from workerbee.engine import EngineError
+from workerbee.llama_context import (
+    DecodeError,
+    MultiSequenceContext,
+    TokenBatch,
+    Vocabulary,
+    longest_common_prefix,
+)
+from workerbee.sampling import SamplerChain
+from workerbee.threads import ThreadTuner
+
+log = logging.getLogger("workerbee.scheduler")
+
+STEP_TARGET_SECONDS = 0.25
+"""How long a step with prompt tokens may take while other sequences wait for their next token."""
+MIN_PROMPT_CHUNK = 32
+"""Prompt tokens a step takes at least, so that a long prompt still makes progress on a slow machine."""
+COPY_MIN_TOKENS = 16
+"""Prefix tokens another slot must have beyond a slot's own before its whole KV stream is copied over."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request has a slot and its prompt is being decoded."""
+
+
+@dataclass(frozen=True)
+class TextReady:
+    """Text that is final (streamed requests only)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The request ended: the text not yet sent, the whole text, and how."""
+
+    tail: str
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ended with an error (Cancelled included)."""
+
+    error: Exception
+
+
+RequestEvent = Started | TextReady | Finished | Failed
+Post = Callable[[RequestEvent], None]
+
+
+@dataclass
+class Job:
+    """A request as the scheduler receives it."""
+
+    prompt: list[int]
+    sampling: Sampling
+    seed: int
+    limit: int
+    stream: bool
+    cancel: threading.Event
+    post: Post
+
+
+@dataclass
+class _Slot:
+    """A sequence id of the context, and the tokens its KV stream holds at positions 0..len-1."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)
+    busy: bool = False
+    last_used: int = 0
+
+
+@dataclass
+class _Sequence:
+    """A running request: where its prompt is, the token to decode next, what it has generated."""
+
+    job: Job
+    slot: _Slot
+    sampler: SamplerChain
+    assembler: TextAssembler
+    position: int
+    """Position of the next token to decode (prompt tokens before it are in the KV cache)."""
+    next_token: int | None = None
+    """The last sampled token, decoded at the next step; None while the prompt is being fed."""
+    generated: int = 0
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """What a slot holds, for tests and diagnostics."""
+
+    seq_id: int
+    busy: bool
+    cached_tokens: int
+    kv_last_position: int
+    """The highest position llama.cpp holds for the slot's sequence (-1: none)."""
+
+
+@dataclass
+class BatchStats:
+    """Counters for benchmarks and tests (written by the scheduler thread; read them as approximations)."""
+
+    steps: int = 0
+    decode_seconds: float = 0.0
+    prompt_tokens: int = 0
+    """Prompt tokens decoded."""
+    reused_tokens: int = 0
+    """Prompt tokens not decoded because a slot's cache already held them."""
+    copies: int = 0
+    """KV streams copied from one slot to another for their shared prefix."""
+    generated_tokens: int = 0
+    max_running: int = 0
+    """The most sequences running at once."""
+
+
+class Scheduler:
+    """The model's batching thread: admits requests into slots, and decodes them together step by step."""
+
+    def __init__(
+        self,
+        context: MultiSequenceContext,
+        vocab: Vocabulary,
+        *,
+        name: str,
+        token_seconds: float,
+        tuner: ThreadTuner | None = None,
+    ) -> None:
+        self.context = context
+        self.tuner = tuner
+        self.vocab = vocab
+        self.stats = BatchStats()
+        self._slots = [_Slot(seq_id) for seq_id in range(context.n_seq)]
+        self._running: list[_Sequence] = []
+        self._inbox: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._batch = TokenBatch(context.n_batch)
+        self._clock = itertools.count(1)
+        # Seconds per token of a decode: sizes prompt chunks; starts from the thread measurement.
+        self._token_seconds = token_seconds
+        self._thread = threading.Thread(target=self._run, name=f"batch-{name[:16]}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a request; it joins the batch at the next step with a free slot."""
+        with self._wake:
+            if self._closing:
+                job.post(Failed(EngineError(ErrorCode.OVERLOADED, "the model is shutting down")))
+                return
+            self._inbox.append(job)
+            self._wake.notify()
+
+    def slot_states(self) -> list[SlotState]:
+        """Each slot's state. Call it only while no request runs: llama.cpp's cache is not thread-safe."""
+        with self._wake:
+            if self._running or self._inbox:
+                raise RuntimeError("slot states are only read while the scheduler is idle")
+            return [
+                SlotState(slot.seq_id, slot.busy, len(slot.cached), self.context.last_position(slot.seq_id))
+                for slot in self._slots
+            ]
+
+    def poke(self) -> None:
+        """Wake the thread: a cancel flag was set."""
+        with self._wake:
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Stop the thread (running requests end as cancelled) and free the batch and the context."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        self._batch.close()
+        self.context.close()
+
+    # Everything below runs on the scheduler's thread.
+
+    def _run(self) -> None:
+        busy: tuple[float, BatchStats] | None = None  # since when, and the counters then
+        try:
+            while self._next_jobs():
+                if busy is None:
+                    busy = (time.perf_counter(), replace(self.stats))
+                self._drop_cancelled()
+                if self._running:
+                    self._step()
+                if not self._running:
+                    self._log_busy_period(*busy)
+                    busy = None
+        except Exception as exc:
+            log.exception("the batching thread failed")
+            self._fail_all(EngineError(ErrorCode.INTERNAL_ERROR, f"the batching thread failed: {exc}"))
+        else:
+            self._fail_all(Cancelled())
+
+    def _log_busy_period(self, since: float, before: BatchStats) -> None:
+        """One debug line per busy period: how much of it llama_decode took, and what it decoded."""
+        wall = time.perf_counter() - since
+        decode = self.stats.decode_seconds - before.decode_seconds
+        log.debug(
+            "busy %.2f s: %d steps, llama_decode %.0f%% of it, %d tokens generated, %d prompt tokens "
+            "decoded, %d reused",
+            wall,
+            self.stats.steps - before.steps,
+            100 * decode / wall if wall else 0,
+            self.stats.generated_tokens - before.generated_tokens,
+            self.stats.prompt_tokens - before.prompt_tokens,
+            self.stats.reused_tokens - before.reused_tokens,
+        )
+
+    def _next_jobs(self) -> bool:
+        """Admit what fits; wait while there is nothing to do. False once closing."""
+        with self._wake:
+            while not (self._closing or self._inbox or self._running):
+                self._wake.wait()
+            if self._closing:
+                return False
+            waiting = [job for job in self._inbox if not job.cancel.is_set()]
+            for job in self._inbox:
+                if job.cancel.is_set():
+                    job.post(Failed(Cancelled()))
+            self._inbox.clear()
+            free = sum(not slot.busy for slot in self._slots)
+            self._inbox.extend(waiting[free:])
+        for job in waiting[:free]:
+            self._admit(job)
+        return True
+
+    def _admit(self, job: Job) -> None:
+        prompt = job.prompt
+        free = [slot for slot in self._slots if not slot.busy]
+        # The free slot whose cache shares most with the prompt; among equals the least recently used,
+        # so that recent caches live longest.
+        slot = max(free, key=lambda s: (longest_common_prefix(s.cached, prompt), -s.last_used))
+        keep = longest_common_prefix(slot.cached, prompt)
+        donor, shared = max(
+            (
+                (other, longest_common_prefix(other.cached, prompt))
+                for other in self._slots
+                if other is not slot
+            ),
+            key=lambda pair: pair[1],
+            default=(None, 0),
+        )
+        if donor is not None and shared >= keep + COPY_MIN_TOKENS:
+            # Streams are separate buffers: llama.cpp copies a whole stream, then the tail is dropped.
+            self.context.copy(donor.seq_id, slot.seq_id)
+            slot.cached = donor.cached[:shared]
+            keep = shared
+            self.stats.copies += 1
+        # At least the last prompt token is decoded again: its logits give the first token.
+        keep = self.context.remove(slot.seq_id, min(keep, len(prompt) - 1))
+        del slot.cached[keep:]
+        slot.busy = True
+        slot.last_used = next(self._clock)
+        banned = self.vocab.eog_tokens if job.sampling.ignore_eos else ()
+        sampler = SamplerChain(job.sampling, n_vocab=self.vocab.n_tokens, seed=job.seed, banned=banned)
+        self._running.append(_Sequence(job, slot, sampler, TextAssembler(job.sampling.stop), position=keep))
+        self.stats.reused_tokens += keep
+        self.stats.max_running = max(self.stats.max_running, len(self._running))
+        job.post(Started())
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [seq for seq in self._running if seq.job.cancel.is_set()]:
+            self._release(sequence, keep_cache=False)
+            sequence.job.post(Failed(Cancelled()))
+
+    def _prompt_budget(self, generating: int) -> int:
+        room = self.context.n_batch - generating
+        if generating == 0:
+            # Nobody waits for a next token: take as much prompt as one call holds.
+            return room
+        return max(1, min(room, max(MIN_PROMPT_CHUNK, int(STEP_TARGET_SECONDS / self._token_seconds))))
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        outputs: list[tuple[_Sequence, int]] = []
+        generating = [seq for seq in self._running if seq.next_token is not None]
+        for seq in generating:
+            assert seq.next_token is not None
+            outputs.append((seq, batch.add(seq.next_token, seq.position, seq.slot.seq_id, True)))
+        budget = self._prompt_budget(len(generating))
+        fed: list[tuple[_Sequence, int]] = []
+        for seq in self._running:
+            if seq.next_token is not None or budget <= 0:
+                continue
+            start = seq.position
+            take = min(budget, len(seq.job.prompt) - start)
+            complete = start + take == len(seq.job.prompt)
+            for position in range(start, start + take):
+                index = batch.add(
+                    seq.job.prompt[position],
+                    position,
+                    seq.slot.seq_id,
+                    complete and position == start + take - 1,
+                )
+            if complete:
+                outputs.append((seq, index))
+            fed.append((seq, take))
+            budget -= take
+        threads = self.context.threads
+        if self.tuner is not None:
+            threads = self.tuner.threads_for(len(batch))
+            if threads != self.context.threads:
+                self.context.set_threads(threads)
+        started = time.perf_counter()
+        try:
+            self.context.decode(batch)
+        except DecodeError as exc:
+            log.error("decoding a batch of %d tokens failed: %s", len(batch), exc)
+            for seq in [*generating, *(seq for seq, _ in fed)]:
+                self._release(seq, keep_cache=False)
+                seq.job.post(Failed(EngineError(ErrorCode.INTERNAL_ERROR, f"llama.cpp: {exc}")))
+            return
+        elapsed = time.perf_counter() - started
+        if self.tuner is not None and self.tuner.record(threads, len(batch), elapsed):
+            log.info("decoding with %d threads from now on: faster at %d tokens a step", threads, len(batch))
+        self.stats.steps += 1
+        self.stats.decode_seconds += elapsed
+        if len(batch) >= 8:
+            self._token_seconds = 0.8 * self._token_seconds + 0.2 * elapsed / len(batch)
+        for seq in generating:
+            assert seq.next_token is not None
+            seq.slot.cached.append(seq.next_token)
+            seq.position += 1
+        for seq, take in fed:
+            seq.slot.cached.extend(seq.job.prompt[seq.position : seq.position + take])
+            seq.position += take
+            self.stats.prompt_tokens += take
+        for seq, index in outputs:
+            self._accept(seq, seq.sampler.sample(self.context.raw, index))
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        """Take a sampled token: end the sequence, or keep it for the next step and post its text."""
+        if self.vocab.is_eog(token):
+            self._finish(seq, "stop", "")
+            return
+        seq.generated += 1
+        self.stats.generated_tokens += 1
+        text = seq.assembler.feed(self.vocab.piece(token))
+        if seq.assembler.stopped:
+            self._finish(seq, "stop", text)
+        elif seq.generated >= seq.job.limit:
+            self._finish(seq, "length", text)
+        else:
+            seq.next_token = token
+            if text and seq.job.stream:
+                seq.job.post(TextReady(text))
+
+    def _finish(self, seq: _Sequence, finish_reason: FinishReason, text: str) -> None:
+        tail = text + seq.assembler.finish()
+        self._release(seq, keep_cache=True)
+        if not seq.job.stream:
+            tail = seq.assembler.text
+        seq.job.post(Finished(tail, seq.assembler.text, finish_reason, seq.generated))
+
+    def _release(self, seq: _Sequence, *, keep_cache: bool) -> None:
+        seq.sampler.close()
+        self._running.remove(seq)
+        slot = seq.slot
+        slot.busy = False
+        if not keep_cache:
+            self.context.remove(slot.seq_id)
+            slot.cached.clear()
+
+    def _fail_all(self, error: Exception) -> None:
+        for seq in list(self._running):
+            self._release(seq, keep_cache=False)
+            seq.job.post(Failed(error))
+        with self._wake:
+            self._closing = True
+            jobs = list(self._inbox)
+            self._inbox.clear()
+        for job in jobs:
+            job.post(Failed(error))
