@@ -55,12 +55,12 @@ def time_index(workers: list[WorkerSession]) -> float:
         index.update(worker)
     start = time.perf_counter()
     for step in range(DECISIONS):
-        worker = index.choose("m", now=0.0)
-        assert worker is not None
-        worker.reserve(f"r{step}", "m")
-        index.update(worker)
-        worker._pending.pop(f"r{step}")
-        index.update(worker)
+        chosen = index.choose("m", now=0.0)
+        assert chosen is not None
+        chosen.reserve(f"r{step}", "m")
+        index.update(chosen)
+        chosen._pending.pop(f"r{step}")
+        index.update(chosen)
     return (time.perf_counter() - start) / DECISIONS * 1e6
 
 
