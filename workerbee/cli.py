@@ -162,7 +162,13 @@ def plan_models(
             min(settings.ctx_size, entry.shape.n_ctx_train) if entry.shape.n_ctx_train else settings.ctx_size
         )
         placement = plan_placement(
-            entry.shape, gpus, n_ctx, overrides, system_memory_bytes=hardware.memory * 2**20
+            entry.shape,
+            gpus,
+            n_ctx,
+            overrides,
+            system_memory_bytes=hardware.memory * 2**20,
+            # llama-cpp-python's own context, the batching context's sequences, the embedding context.
+            kv_sequences=1 + settings.parallel + (1 if settings.embeddings else 0),
         )
         log.info("model %s: %s", entry.id, placement.reason)
         planned.append(PlannedModel(entry.id, entry.resolved, entry.shape, placement))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from workerbee.gguf_info import ModelShape
 
@@ -117,8 +117,12 @@ def plan_placement(
     safety_margin_bytes: int = 512 * MIB,
     safety_fraction: float = 0.9,
     system_memory_bytes: int | None = None,
+    kv_sequences: int = 1,
 ) -> Placement:
     """Choose n_gpu_layers, tensor_split and main_gpu for loading `shape` with context `n_ctx` on `gpus`.
+
+    `kv_sequences` is how many full-length KV caches the worker keeps per layer: its llama.cpp context,
+    plus one per sequence of the batching context (--parallel), plus the embedding context if any.
 
     Each GPU can use ``max(0, free_bytes * safety_fraction - safety_margin_bytes)``. Without overrides,
     the planner offloads as many layers as fit (all of them plus the output layer if possible), spreading
@@ -138,6 +142,12 @@ def plan_placement(
     `system_memory_bytes` is given and the part of the model left on the CPU does not fit in it.
     """
     _check_arguments(shape, gpus, n_ctx, safety_margin_bytes, safety_fraction, system_memory_bytes)
+    if kv_sequences < 1:
+        raise PlacementError(f"kv_sequences must be at least 1, not {kv_sequences}")
+    if kv_sequences > 1:
+        # KV bytes are linear in the KV head count, and nothing else here reads it: scaling it is how
+        # every KV estimate below comes to count all the caches.
+        shape = replace(shape, n_head_kv=shape.n_head_kv * kv_sequences)
     ordered = sorted(gpus, key=lambda g: g.index)
     split_override = _checked_split(overrides.tensor_split, len(ordered))
     main_gpu = _checked_main_gpu(overrides.main_gpu, ordered)

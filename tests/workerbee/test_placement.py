@@ -270,6 +270,20 @@ def test_longer_context_means_fewer_layers() -> None:
     assert layers[0] > layers[-1]
 
 
+def test_more_kv_caches_mean_fewer_layers() -> None:
+    """Each extra full-length KV cache (--parallel sequences, an embedding context) leaves less room."""
+    shape = shape_7b()
+    gpus = [gpu(0, 6), gpu(1, 4)]
+    layers = [plan_placement(shape, gpus, 4096, kv_sequences=k).n_gpu_layers for k in (1, 2, 5, 9)]
+    assert layers == sorted(layers, reverse=True)
+    assert layers[0] > layers[-1]
+    one = plan_placement(shape, [gpu(0, 80)], 4096)
+    nine = plan_placement(shape, [gpu(0, 80)], 4096, kv_sequences=9)
+    assert nine.estimated_gpu_bytes - one.estimated_gpu_bytes == 8 * shape.kv_cache_bytes(4096)
+    with pytest.raises(PlacementError):
+        plan_placement(shape, gpus, 4096, kv_sequences=0)
+
+
 def test_override_n_gpu_layers_wins() -> None:
     """An explicit layer count is used as is, even when the estimate says it will not fit."""
     shape, gpus = shape_7b(), [gpu(0, 4)]
