@@ -161,7 +161,8 @@ class WorkerConnection:
                 self._jobs.clear()
 
     async def _register(self, websocket: ClientConnection) -> None:
-        registration = self.registration()
+        # Probing hardware can block (NVML, disk): keep it off the event loop.
+        registration = await asyncio.to_thread(self.registration)
         await websocket.send(encode(registration))
         async with asyncio.timeout(self.handshake_timeout):
             reply = decode_queen_frame(await websocket.recv())
