@@ -226,13 +226,19 @@ class ForwardedCall:
             ln_url=worker.registration.ln_url if worker is not None else None,
             prompt_tokens=result.usage.prompt_tokens if result is not None else 0,
             completion_tokens=result.usage.completion_tokens if result is not None else 0,
-            ttft=attempt.first_at - self.started if attempt is not None else None,
+            ttft=self._ttft(attempt),
             duration=time.monotonic() - self.started,
             attempts=self.attempts,
             error_code=error_code,
             streamed=self.stream,
         )
         await self.observer.request_finished(record)
+
+    def _ttft(self, attempt: Attempt | None) -> float | None:
+        """Time to the worker's first output; unknown for whole answers, which arrive in one piece."""
+        if attempt is None or not self.stream:
+            return None
+        return attempt.first_at - self.started
 
     async def succeeded(self, attempt: Attempt, result: Result) -> None:
         """Credit the worker with a good request and record it."""
@@ -242,7 +248,7 @@ class ForwardedCall:
             self.hive.record_speed(
                 attempt.worker,
                 self.model,
-                ttft=attempt.first_at - self.started,
+                ttft=self._ttft(attempt),
                 tokens=result.usage.completion_tokens,
                 duration=time.monotonic() - self.started,
             )

@@ -177,7 +177,7 @@ class Hive:
             self._wake_next(model)
 
     def record_speed(
-        self, worker: WorkerSession, model: str, *, ttft: float, tokens: int, duration: float
+        self, worker: WorkerSession, model: str, *, ttft: float | None, tokens: int, duration: float
     ) -> None:
         """Fold a finished request into the worker's measured speed, and re-rank it."""
         worker.speed.setdefault(model, ModelSpeed()).record(ttft, tokens, duration)

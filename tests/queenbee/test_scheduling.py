@@ -188,3 +188,15 @@ def test_index_decisions_stay_cheap_with_many_workers() -> None:
     chosen = {index.choose("m", now=0.0).id for _ in range(10)}  # type: ignore[union-attr]
     assert len(chosen) == 1  # nothing reserved: the same best worker, found without a scan
     assert len(index._heaps["m"]) == 10_000
+
+
+def test_measured_speed_of_streams_and_whole_answers() -> None:
+    """Streams are timed from their first token; whole answers, with no first token seen, over their duration."""
+    streamed = ModelSpeed()
+    streamed.record(0.5, 41, 2.5)
+    assert streamed.ttft == 0.5
+    assert streamed.tokens_per_second == 20.0
+    whole = ModelSpeed()
+    whole.record(None, 41, 2.0)
+    assert whole.ttft is None
+    assert whole.tokens_per_second == 20.0
