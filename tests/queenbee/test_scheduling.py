@@ -191,7 +191,7 @@ def test_index_decisions_stay_cheap_with_many_workers() -> None:
 
 
 def test_measured_speed_of_streams_and_whole_answers() -> None:
-    """Streams are timed from their first token; whole answers, with no first token seen, over their duration."""
+    """Streams are timed from their first token; whole answers, which show none, over their duration."""
     streamed = ModelSpeed()
     streamed.record(0.5, 41, 2.5)
     assert streamed.ttft == 0.5
