@@ -195,15 +195,12 @@ def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None
     return value
 
 
-class ChatCompletionRequest(_Strict):
-    """The body of POST /v1/chat/completions."""
+class _GenerationRequest(_Strict):
+    """What chat and text completions share: the model, streaming, and sampling."""
 
     model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=16)
@@ -212,14 +209,7 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    # A choice makes at most one call, which both values allow: true permits parallel calls, not requires.
-    parallel_tool_calls: bool | None = None
     # Not OpenAI's, but sent by common benchmark tools: generate exactly max_tokens.
     ignore_eos: bool = False
     # llama.cpp sampling extensions that llama.cpp-based servers accept.
@@ -229,9 +219,28 @@ class ChatCompletionRequest(_Strict):
 
     _stops = field_validator("stop")(_check_stops)
     _bias = field_validator("logit_bias")(_check_logit_bias)
-
     # Field validators rather than a model validator, so that an error names the parameter at fault.
     _stream_options = field_validator("stream_options")(_check_stream_options)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """The body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # A choice makes at most one call, which both values allow: true permits parallel calls, not requires.
+    parallel_tool_calls: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -266,11 +275,6 @@ class ChatCompletionRequest(_Strict):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
-    def include_usage(self) -> bool:
-        """Whether a streamed answer ends with a usage chunk."""
-        return self.stream_options is not None and self.stream_options.include_usage
-
-    @property
     def tool_mode(self) -> Literal["none", "auto", "required"] | str:
         """How tools are used: none, auto, required, or the name of the one function that must be called."""
         if not self.tools or self.tool_choice == "none":
@@ -284,42 +288,21 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 """A prompt or input given as token ids."""
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(_GenerationRequest):
     """The body of POST /v1/completions (OpenAI's legacy text completions)."""
 
-    model: str = Field(min_length=1, max_length=256)
     prompt: (
         str
         | Annotated[list[str], Field(min_length=1)]
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     # OpenAI's default for this endpoint is 16 tokens; null means "up to the context length".
     max_tokens: int | None = Field(default=16, ge=0)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=16)
     best_of: int | None = Field(default=None, ge=1, le=20)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
-    user: str | None = None
-    ignore_eos: bool = False
-    top_k: int | None = Field(default=None, ge=0)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    repeat_penalty: float | None = Field(default=None, ge=0)
-
-    _stops = field_validator("stop")(_check_stops)
-    _bias = field_validator("logit_bias")(_check_logit_bias)
-
-    _stream_options = field_validator("stream_options")(_check_stream_options)
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -334,11 +317,6 @@ class CompletionRequest(_Strict):
     def token_limit(self) -> int | None:
         """The output token limit per choice; None means up to the context length."""
         return self.max_tokens
-
-    @property
-    def include_usage(self) -> bool:
-        """Whether a streamed answer ends with a usage chunk."""
-        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class EmbeddingRequest(_Strict):
