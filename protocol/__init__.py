@@ -3,13 +3,17 @@
 from protocol.codec import (
     MAX_FRAME_BYTES,
     FrameError,
+    assemble_response,
     check_registration,
     decode_queen_frame,
     decode_worker_frame,
     encode,
+    encoded_size,
+    result_frames,
 )
 from protocol.errors import ErrorCode, is_client_error
 from protocol.messages import (
+    MIN_FRAME_BYTES,
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
@@ -22,6 +26,7 @@ from protocol.messages import (
     QueenFrame,
     Register,
     Result,
+    ResultPart,
     Usage,
     Welcome,
     WorkerFrame,
@@ -29,12 +34,14 @@ from protocol.messages import (
 
 __all__ = [
     "MAX_FRAME_BYTES",
+    "MIN_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "Cancel",
     "Chunk",
     "Draining",
     "ErrorCode",
     "FrameError",
+    "assemble_response",
     "GpuInfo",
     "Job",
     "JobError",
@@ -43,6 +50,7 @@ __all__ = [
     "QueenFrame",
     "Register",
     "Result",
+    "ResultPart",
     "Usage",
     "Welcome",
     "WorkerFrame",
@@ -50,5 +58,7 @@ __all__ = [
     "decode_queen_frame",
     "decode_worker_frame",
     "encode",
+    "encoded_size",
     "is_client_error",
+    "result_frames",
 ]

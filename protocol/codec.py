@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Final
+import json
+from typing import Any, Final
 
+import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
 from protocol.errors import ErrorCode
-from protocol.messages import PROTOCOL_VERSION, Frame, QueenFrame, Register, WorkerFrame
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Frame,
+    QueenFrame,
+    Register,
+    Result,
+    ResultPart,
+    WorkerFrame,
+)
 
 MAX_FRAME_BYTES: Final = 8 * 2**20
 """Largest frame either side accepts (8 MiB): big enough for long prompts, small enough to bound memory."""
@@ -28,6 +38,44 @@ class FrameError(ValueError):
 def encode(frame: Frame) -> str:
     """Serialize a frame to JSON text."""
     return frame.model_dump_json(exclude_none=False)
+
+
+def encoded_size(text: str) -> int:
+    """Size of an encoded frame on the wire, bytes (websocket text frames are UTF-8)."""
+    return len(text.encode())
+
+
+_PART_OVERHEAD: Final = 1024
+"""Bytes of a ResultPart frame besides its data: the type, the request id and JSON punctuation."""
+
+
+def result_frames(result: Result, limit: int) -> list[ResultPart | Result]:
+    """The frames that carry `result` to a peer that accepts frames of at most `limit` bytes.
+
+    A result that fits is sent as it is; a bigger one as ResultPart slices of its response's JSON text,
+    each small enough after JSON escaping (at most 4 bytes per character), then a Result with `parts`.
+    """
+    if result.response is None or encoded_size(encode(result)) <= limit:
+        return [result]
+    text = pydantic_core.to_json(result.response).decode()
+    step = max(1, (limit - _PART_OVERHEAD) // 4)
+    parts: list[ResultPart | Result] = [
+        ResultPart(request_id=result.request_id, data=text[start : start + step])
+        for start in range(0, len(text), step)
+    ]
+    parts.append(result.model_copy(update={"response": None, "parts": len(parts)}))
+    return parts
+
+
+def assemble_response(parts: list[str]) -> dict[str, Any]:
+    """The response object that ResultPart slices carried; FrameError if they do not make one."""
+    try:
+        response = json.loads("".join(parts))
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise FrameError(ErrorCode.INVALID_FRAME, f"result parts do not form a JSON object: {exc}") from None
+    if not isinstance(response, dict):
+        raise FrameError(ErrorCode.INVALID_FRAME, "result parts do not form a JSON object")
+    return response
 
 
 def _check_size(data: str | bytes, limit: int) -> None:

@@ -5,23 +5,49 @@ closes the socket with a `ProtocolError` frame and a close reason. After that, e
 belongs to a request carries its `request_id`, so one connection carries many requests at once:
 
     queen -> worker:  Welcome, Job, Cancel, ProtocolError
-    worker -> queen:  Register, Chunk, Result, JobError, Draining, ProtocolError
+    worker -> queen:  Register, Chunk, ResultPart, Result, JobError, Draining, ProtocolError
+
+Frame limits are agreed, not assumed: the worker states the largest frame it accepts in `Register`, the
+queen states its own in `Welcome`, and neither side sends a frame larger than the other accepts. A whole
+answer too big for one frame travels as `ResultPart` frames (slices of the response's JSON text) before
+its `Result`.
+
+Text that ends up in logs or the usage ledger (ids, versions, payout addresses) may not contain control
+characters, so a worker cannot forge a log line or a ledger row.
 
 Units: memory and disk sizes are MiB (2**20 bytes) unless a field name ends in `_bytes`.
+
+Version history: 1, the first version; 2, agreed frame limits (`max_frame_bytes`), a stable worker
+`instance_id`, validated `ln_url`, token counts on chunks, usage on job errors, `ResultPart`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from protocol.errors import ErrorCode
+from protocol.lnurl import check_ln_url
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on every incompatible change to the frames below."""
 
-RequestId = Annotated[str, Field(min_length=1, max_length=128)]
+MIN_FRAME_BYTES = 64 * 2**10
+"""The smallest frame limit either side may state (64 KiB): room for any control frame."""
+
+
+def _printable(value: str) -> str:
+    if any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+PrintableStr = Annotated[str, AfterValidator(_printable)]
+"""Text without control characters: safe to put in a log line or a ledger row."""
+
+RequestId = Annotated[PrintableStr, Field(min_length=1, max_length=128)]
+InstanceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 
 
 class Frame(BaseModel):
@@ -45,7 +71,7 @@ class GpuInfo(Frame):
 class ModelInfo(Frame):
     """A model a worker serves."""
 
-    id: str = Field(min_length=1, max_length=256, description="The name clients send as `model`.")
+    id: PrintableStr = Field(min_length=1, max_length=256, description="The name clients send as `model`.")
     n_ctx: int = Field(ge=1, description="Context length the model is loaded with, tokens.")
     size_bytes: int | None = Field(default=None, ge=0, description="Size of the GGUF file(s), bytes.")
     n_gpu_layers: int = Field(default=0, ge=0, description="Layers offloaded to GPUs.")
@@ -60,8 +86,19 @@ class Register(Frame):
 
     type: Literal["register"] = "register"
     protocol_version: int = Field(description="The PROTOCOL_VERSION the worker speaks.")
-    worker_version: str = Field(max_length=64, description="The workerbee package version.")
-    ln_url: str = Field(default="", max_length=2048, description="Lightning address or LNURL for payouts.")
+    worker_version: PrintableStr = Field(max_length=64, description="The workerbee package version.")
+    instance_id: InstanceId = Field(
+        description="A random id the worker keeps across restarts and reconnections: who it is, to the "
+        "queen's retries and health records, whichever connection it comes back on."
+    )
+    max_frame_bytes: int = Field(
+        ge=MIN_FRAME_BYTES, description="Largest frame the worker accepts, bytes: no job may be bigger."
+    )
+    ln_url: Annotated[str, AfterValidator(check_ln_url)] = Field(
+        default="",
+        max_length=2048,
+        description="Where payouts go: a Lightning address (user@domain) or a bech32 LNURL; empty for none.",
+    )
     auth_key: str = Field(default="", max_length=1024, description="Worker token the queen may require.")
     cpu_count: int = Field(ge=0, description="Logical CPUs.")
     memory: int = Field(default=0, ge=0, description="Total system memory, MiB.")
@@ -83,6 +120,10 @@ class Welcome(Frame):
     type: Literal["welcome"] = "welcome"
     protocol_version: int = PROTOCOL_VERSION
     worker_id: str = Field(description="The id the queen knows this connection by.")
+    max_frame_bytes: int = Field(
+        ge=MIN_FRAME_BYTES,
+        description="Largest frame the queen accepts, bytes: the worker splits or refuses anything bigger.",
+    )
 
 
 class Job(Frame):
@@ -118,6 +159,17 @@ class Chunk(Frame):
     type: Literal["chunk"] = "chunk"
     request_id: RequestId
     chunk: dict[str, Any]
+    tokens: int = Field(
+        default=0, ge=0, description="Generated tokens whose text this chunk carries (0 if it carries none)."
+    )
+
+
+class ResultPart(Frame):
+    """A slice of the JSON text of a whole response too big for one frame; a `Result` with `parts` ends it."""
+
+    type: Literal["result_part"] = "result_part"
+    request_id: RequestId
+    data: str
 
 
 class Result(Frame):
@@ -131,6 +183,9 @@ class Result(Frame):
     request_id: RequestId
     usage: Usage
     response: dict[str, Any] | None = None
+    parts: int = Field(
+        default=0, ge=0, description="ResultPart frames sent before this one that hold the response instead."
+    )
 
 
 class JobError(Frame):
@@ -140,7 +195,10 @@ class JobError(Frame):
     request_id: RequestId
     code: ErrorCode
     message: str = Field(max_length=4096)
-    param: str | None = None
+    param: str | None = Field(default=None, max_length=256)
+    usage: Usage | None = Field(
+        default=None, description="What the request used before it ended (a cancelled stream's tokens)."
+    )
 
 
 class Draining(Frame):
@@ -158,7 +216,7 @@ class ProtocolError(Frame):
 
 
 WorkerFrame = Annotated[
-    Register | Chunk | Result | JobError | Draining | ProtocolError, Field(discriminator="type")
+    Register | Chunk | ResultPart | Result | JobError | Draining | ProtocolError, Field(discriminator="type")
 ]
 """Any frame a worker sends."""
 

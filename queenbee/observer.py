@@ -39,6 +39,23 @@ class RequestRecord:
     """Workers tried; more than one means the request was retried."""
     error_code: str | None = None
     streamed: bool = False
+    worker_prompt_tokens: int | None = None
+    """Prompt tokens the worker is credited with; None: the same as `prompt_tokens`."""
+    worker_completion_tokens: int | None = None
+    """Completion tokens the worker is credited with (what it generated, even if the client left before
+    it was relayed); None: the same as `completion_tokens`, what the client is billed."""
+    usage_violation: str | None = None
+    """Why the worker's reported usage was not believed (the figures were bounded), or None."""
+
+    @property
+    def credited_prompt_tokens(self) -> int:
+        """Prompt tokens credited to the worker."""
+        return self.prompt_tokens if self.worker_prompt_tokens is None else self.worker_prompt_tokens
+
+    @property
+    def credited_completion_tokens(self) -> int:
+        """Completion tokens credited to the worker."""
+        return self.completion_tokens if self.worker_completion_tokens is None else self.worker_completion_tokens
 
 
 class RequestObserver(Protocol):

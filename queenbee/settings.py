@@ -89,8 +89,55 @@ class QueenSettings(BaseSettings):
     worker_token: SecretStr | None = Field(
         default=None, description="Token workers must present (workerbee --auth-key) to register."
     )
+    worker_token_file: Path | None = Field(
+        default=None, description="File whose first line is the worker token (instead of --worker-token)."
+    )
     admin_key: SecretStr | None = Field(
         default=None, description="Bearer key for the /admin endpoints; without it they do not exist."
+    )
+    admin_key_file: Path | None = Field(
+        default=None, description="File whose first line is the admin key (instead of --admin-key)."
+    )
+    stats_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key for /stats, /metrics, /v1/workers and the dashboard (open if unset; "
+        "they show hardware, models and throughput).",
+    )
+    stats_key_file: Path | None = Field(
+        default=None, description="File whose first line is the stats key (instead of --stats-key)."
+    )
+    allowed_host: list[str] = Field(
+        default_factory=list,
+        description="Host header the queen answers to (repeatable; '*.example.com' matches subdomains). "
+        "Unset: any host. Set it on a public queen to defeat DNS rebinding.",
+    )
+    worker_origin: list[str] = Field(
+        default_factory=list,
+        description="Browser Origin allowed to open the /worker websocket (repeatable). Upgrades carrying "
+        "any other Origin header are refused; workerbee sends none.",
+    )
+    max_connections: int = Field(
+        default=2048, ge=1, description="Concurrent connections served; beyond it new ones get 503."
+    )
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a connection has to send a request's headers."
+    )
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a client has to send a request's whole body."
+    )
+    max_concurrent_per_key: int | None = Field(
+        default=None, ge=1, description="Requests one API key may have in flight at once (429 beyond it)."
+    )
+    max_request_buffer_bytes: int = Field(
+        default=4 * 2**20,
+        ge=64 * 2**10,
+        description="Bytes of a worker's output the queen holds for one request whose client is not "
+        "reading; beyond it the request is cancelled and the client's response ended.",
+    )
+    max_response_bytes: int = Field(
+        default=64 * 2**20,
+        ge=2**20,
+        description="Largest whole response a worker may send for one request, bytes (in parts if needed).",
     )
     rate_limit_rpm: int | None = Field(
         default=None, ge=1, description="Requests per minute allowed to each API key (unlimited if unset)."
