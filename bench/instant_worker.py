@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import uuid
 
 import websockets
 
 from protocol import (
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Chunk,
     Job,
@@ -57,6 +59,8 @@ async def serve(url: str, parallel: int) -> None:
     async with websockets.connect(url, max_size=None) as websocket:
         register = Register(
             protocol_version=PROTOCOL_VERSION,
+            instance_id="bench-" + uuid.uuid4().hex[:12],
+            max_frame_bytes=MAX_FRAME_BYTES,
             worker_version="bench",
             cpu_count=1,
             disk_space=1,

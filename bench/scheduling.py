@@ -8,9 +8,10 @@ implementations of the same policy, side by side in this process, and reports th
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
-from protocol import PROTOCOL_VERSION, ModelInfo, Register
+from protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, ModelInfo, Register
 from queenbee.scheduling import WorkerIndex, choose_worker
 from queenbee.worker_session import WorkerSession
 
@@ -21,6 +22,8 @@ def make_workers(count: int) -> list[WorkerSession]:
     """`count` socket-less sessions serving model m with 4 slots each."""
     registration = Register(
         protocol_version=PROTOCOL_VERSION,
+        instance_id="bench-" + uuid.uuid4().hex[:12],
+        max_frame_bytes=MAX_FRAME_BYTES,
         worker_version="bench",
         cpu_count=1,
         disk_space=1,

@@ -58,6 +58,4 @@ def check_ln_url(value: str) -> str:
         raise ValueError(f"a payout address is at most {MAX_LN_URL_LENGTH} characters")
     if is_lightning_address(value) or is_bech32_lnurl(value):
         return value
-    raise ValueError(
-        "must be a Lightning address (user@domain, lower case) or a bech32 LNURL (lnurl1...)"
-    )
+    raise ValueError("must be a Lightning address (user@domain, lower case) or a bech32 LNURL (lnurl1...)")

@@ -55,7 +55,9 @@ class RequestRecord:
     @property
     def credited_completion_tokens(self) -> int:
         """Completion tokens credited to the worker."""
-        return self.completion_tokens if self.worker_completion_tokens is None else self.worker_completion_tokens
+        return (
+            self.completion_tokens if self.worker_completion_tokens is None else self.worker_completion_tokens
+        )
 
 
 class RequestObserver(Protocol):

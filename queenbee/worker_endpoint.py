@@ -77,7 +77,7 @@ async def worker_endpoint(websocket: WebSocket) -> None:
     # Into rotation first, welcome second, with nothing awaited between: the welcome takes the session's
     # send lock before any job can, so the worker always reads it first, and is routable once welcomed.
     hive.add(worker)
-    await worker.send(Welcome(worker_id=worker.id))
+    await worker.send(Welcome(worker_id=worker.id, max_frame_bytes=settings.max_frame_bytes))
     log.info(
         "worker %s connected from %s: models=%s parallel=%d",
         worker.id,

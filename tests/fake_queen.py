@@ -8,7 +8,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.server import Server, ServerConnection
 
-from protocol import ProtocolError, Register, Welcome, decode_worker_frame, encode
+from protocol import MAX_FRAME_BYTES, ProtocolError, Register, Welcome, decode_worker_frame, encode
 from protocol.messages import Frame
 
 
@@ -59,7 +59,9 @@ class FakeQueen:
             await connection.close(1008, self.refuse_with.message)
             return
         self.connections.append(connection)
-        await connection.send(encode(Welcome(worker_id=f"w{len(self.registrations)}")))
+        await connection.send(
+            encode(Welcome(worker_id=f"w{len(self.registrations)}", max_frame_bytes=MAX_FRAME_BYTES))
+        )
         self.connected.set()
         try:
             async for message in connection:

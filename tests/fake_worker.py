@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from protocol import (
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
@@ -95,6 +97,8 @@ class FakeWorker:
         """The registration this fake sends."""
         return Register(
             protocol_version=PROTOCOL_VERSION,
+            instance_id="fake-" + uuid.uuid4().hex[:12],
+            max_frame_bytes=MAX_FRAME_BYTES,
             worker_version="fake",
             ln_url=self.ln_url,
             auth_key=self.auth_key,

@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from protocol import PROTOCOL_VERSION, ModelInfo, Register
+from protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, ModelInfo, Register
 from workerbee import __version__
 from workerbee.engine import Engine, ModelConfig, ModelLoadError
 from workerbee.gguf_info import GGUFInfoError, ModelShape, read_model_shape
@@ -180,6 +181,8 @@ def registration(settings: WorkerSettings, models: list[ModelInfo], hardware: Ha
     return Register(
         protocol_version=PROTOCOL_VERSION,
         worker_version=__version__,
+        instance_id="worker-" + uuid.uuid4().hex,
+        max_frame_bytes=MAX_FRAME_BYTES,
         ln_url=settings.ln_url,
         auth_key=settings.auth_key,
         models=models,

@@ -9,6 +9,7 @@ import pytest
 
 import protocol
 from protocol import (
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
@@ -35,6 +36,8 @@ def registration(**overrides: object) -> Register:
     fields: dict[str, object] = {
         "protocol_version": PROTOCOL_VERSION,
         "worker_version": "0.1.0",
+        "instance_id": "test-instance-1",
+        "max_frame_bytes": MAX_FRAME_BYTES,
         "ln_url": "bee@getalby.com",
         "cpu_count": 8,
         "memory": 32000,
@@ -60,7 +63,7 @@ WORKER_FRAMES = [
     ProtocolError(code=ErrorCode.INVALID_FRAME, message="bad"),
 ]
 QUEEN_FRAMES = [
-    Welcome(worker_id="w1"),
+    Welcome(worker_id="w1", max_frame_bytes=MAX_FRAME_BYTES),
     Job(request_id="r1", openai_url="/v1/chat/completions", openai_req={"model": "m", "messages": []}),
     Cancel(request_id="r1"),
     ProtocolError(code=ErrorCode.UNAUTHORIZED, message="no"),
@@ -163,6 +166,7 @@ def test_public_names_are_curated() -> None:
         - {
             "codec",
             "errors",
+            "lnurl",
             "messages",
             "openai",
         }

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from fake_worker import FakeWorker
 from servers import QueenServer
 
 from protocol import (
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     ErrorCode,
     ModelInfo,
@@ -66,6 +68,8 @@ def registration(auth_key: str) -> Register:
     """A minimal worker registration presenting `auth_key`."""
     return Register(
         protocol_version=PROTOCOL_VERSION,
+        instance_id="fake-" + uuid.uuid4().hex[:12],
+        max_frame_bytes=MAX_FRAME_BYTES,
         worker_version="test",
         auth_key=auth_key,
         cpu_count=1,

@@ -15,7 +15,7 @@ from servers import TIME_UNIT, QueenServer
 from protocol import GpuInfo, Register
 from queenbee.settings import QueenSettings
 
-LN_URL = "lnurl1dp68gurn8ghj7secretpayout"
+LN_URL = "secret-payout@wallet.example"
 WORKER_TOKEN = "dashboard-worker-token"
 PROMPT = "the dashboard must never show this prompt"
 CHROMIUM_ARGS = [

@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ import websockets
 from fake_worker import FakeWorker, answer
 from queen_process import QueenProcess
 
-from protocol import PROTOCOL_VERSION, ModelInfo, Register, encode
+from protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, ModelInfo, Register, encode
 from queenbee.logs import JsonFormatter, NoPayloads
 
 API_KEY = "sk-log-test-a1b2c3d4e5"
@@ -34,6 +35,8 @@ async def exercise(queen: QueenProcess) -> list[str]:
     async with websockets.connect(queen.worker_url) as refused:
         intruder = Register(
             protocol_version=PROTOCOL_VERSION,
+            instance_id="fake-" + uuid.uuid4().hex[:12],
+            max_frame_bytes=MAX_FRAME_BYTES,
             worker_version="intruder",
             auth_key=WRONG_TOKEN,
             cpu_count=1,
@@ -47,7 +50,7 @@ async def exercise(queen: QueenProcess) -> list[str]:
             await asyncio.wait_for(refused.recv(), 10)
     behaviour = functools.partial(answer, words=(COMPLETION,))
     worker = await FakeWorker(
-        queen.worker_url, auth_key=WORKER_TOKEN, ln_url="payout@wallet", behaviour=behaviour
+        queen.worker_url, auth_key=WORKER_TOKEN, ln_url="payout@wallet.example", behaviour=behaviour
     ).connect()
     chat = {"model": "fake-model", "messages": [{"role": "user", "content": PROMPT}]}
     key = {"Authorization": f"Bearer {API_KEY}"}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from typing import Any
 
 import pytest
 from servers import eventually
 
-from protocol import PROTOCOL_VERSION, ModelInfo, Register, Result, Usage, encode
+from protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, ModelInfo, Register, Result, Usage, encode
 from queenbee.errors import ModelNotFound, NoCapacity
 from queenbee.hive import Hive
 from queenbee.scheduling import WorkerIndex, choose_worker, speed_score
@@ -22,6 +23,8 @@ def make_worker(worker_id: str, *, parallel: int = 1, models: tuple[str, ...] = 
     """A session with no socket behind it: enough for routing decisions."""
     registration = Register(
         protocol_version=PROTOCOL_VERSION,
+        instance_id="fake-" + uuid.uuid4().hex[:12],
+        max_frame_bytes=MAX_FRAME_BYTES,
         worker_version="t",
         cpu_count=1,
         disk_space=1,
