@@ -26,6 +26,8 @@ COMPLETIONS_PATH = "/v1/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
 
 MAX_STOP_SEQUENCES = 4
+INT32_MAX = 2**31 - 1
+"""Bound of token counts, token ids and top_k: llama.cpp keeps them in 32-bit integers."""
 MAX_EMBEDDING_INPUTS = 2048
 
 
@@ -188,8 +190,8 @@ def _check_stream_options(value: StreamOptions | None, info: ValidationInfo) -> 
 
 def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
     for token, bias in (value or {}).items():
-        if not token.isdigit():
-            raise ValueError(f"keys must be token ids, got {token!r}")
+        if not (token.isascii() and token.isdigit() and len(token) <= 10 and int(token) <= INT32_MAX):
+            raise ValueError(f"keys must be token ids, got {token[:20]!r}")
         if not -100 <= bias <= 100:
             raise ValueError(f"biases must be between -100 and 100, got {bias}")
     return value
@@ -205,7 +207,8 @@ class _GenerationRequest(_Strict):
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # 64 bits, signed or not: what any client's seed fits in; anything wider is not a seed.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -213,9 +216,9 @@ class _GenerationRequest(_Strict):
     # Not OpenAI's, but sent by common benchmark tools: generate exactly max_tokens.
     ignore_eos: bool = False
     # llama.cpp sampling extensions that llama.cpp-based servers accept.
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    repeat_penalty: float | None = Field(default=None, ge=0)
+    repeat_penalty: float | None = Field(default=None, ge=0, le=100)
 
     _stops = field_validator("stop")(_check_stops)
     _bias = field_validator("logit_bias")(_check_logit_bias)
@@ -232,8 +235,8 @@ class ChatCompletionRequest(_GenerationRequest):
     """The body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -284,7 +287,7 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.tool_choice or "auto"
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1)]
 """A prompt or input given as token ids."""
 
 
@@ -298,7 +301,7 @@ class CompletionRequest(_GenerationRequest):
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
     # OpenAI's default for this endpoint is 16 tokens; null means "up to the context length".
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: int | None = Field(default=16, ge=0, le=INT32_MAX)
     best_of: int | None = Field(default=None, ge=1, le=20)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
@@ -332,7 +335,7 @@ class EmbeddingRequest(_Strict):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
     )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: int | None = Field(default=None, ge=1, le=65536)
     user: str | None = None
 
     @property

@@ -3,10 +3,14 @@
 QueenError                    any error a client sees
 ├── InvalidRequest            400 invalid_request_error (malformed JSON, bad or unsupported field)
 ├── ContextLengthExceeded     400 invalid_request_error, code context_length_exceeded
+├── RequestTimeout            408 invalid_request_error, code request_timeout (the body was too slow)
+├── RequestTooLarge           413 invalid_request_error, code request_too_large
+├── UnsupportedMediaType      415 invalid_request_error, code unsupported_media_type
 ├── AuthenticationError       401 invalid_request_error, code invalid_api_key, with WWW-Authenticate
 ├── ModelNotFound             404 invalid_request_error, code model_not_found
 ├── RateLimited               429 requests or tokens, code rate_limit_exceeded, with Retry-After
 ├── NoCapacity                503 service_unavailable, with Retry-After
+├── LedgerUnavailable         503 service_unavailable: the request could not be recorded
 ├── UpstreamError             502 upstream_error: the worker failed or went away
 └── UpstreamTimeout           504 timeout: the worker did not answer in time
 """
@@ -53,6 +57,27 @@ class ContextLengthExceeded(InvalidRequest):
     """The prompt does not fit in the model's context."""
 
     code = "context_length_exceeded"
+
+
+class RequestTimeout(InvalidRequest):
+    """The client did not send its whole body in time."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class RequestTooLarge(InvalidRequest):
+    """The body, or the job it would make, is bigger than the queen or the chosen worker accepts."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The body is not declared as JSON."""
+
+    status = 415
+    code = "unsupported_media_type"
 
 
 class AuthenticationError(QueenError):
@@ -106,6 +131,12 @@ class NoCapacity(QueenError):
     def headers(self) -> dict[str, str]:
         """Tell the client when to try again."""
         return {"Retry-After": str(self.retry_after)}
+
+
+class LedgerUnavailable(NoCapacity):
+    """The usage ledger could not record the request, durably or at all: it is not served unrecorded."""
+
+    code = "ledger_unavailable"
 
 
 class UpstreamError(QueenError):

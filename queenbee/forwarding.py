@@ -1,7 +1,13 @@
 """The data path of one client request: pick a worker, forward the job, relay the answer, record it.
 
-Failures before the first output are retried on another worker; after it, a stream ends with an error
-event (never silently). Every request ends with exactly one RequestRecord for the observers.
+Failures before the first output are retried on another worker, never the same one twice (by identity,
+so a worker that reconnects is still the one that failed); after it, a stream ends with an error event
+(never silently). The job is encoded once and only sent to workers whose frame limit it fits.
+
+Every request ends with exactly one RequestRecord for the observers, however it ends: a client that
+leaves mid-stream is billed for what was relayed while the worker is credited for what it generated
+(its cancel confirmation says how much), and the usage a worker reports is checked against bounds
+from the request and the answer (`usage_check`) before anyone is credited or billed.
 """
 
 from __future__ import annotations
@@ -16,14 +22,43 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from protocol import Chunk, ErrorCode, Job, JobError, Result, is_client_error
-from queenbee.errors import QueenError, UpstreamError, UpstreamTimeout, from_job_error
+from protocol import (
+    Chunk,
+    ErrorCode,
+    FrameError,
+    Job,
+    JobError,
+    Result,
+    Usage,
+    assemble_response,
+    encode,
+    encoded_size,
+    is_client_error,
+)
+from queenbee.errors import (
+    LedgerUnavailable,
+    QueenError,
+    RequestTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+    from_job_error,
+)
 from queenbee.hive import Hive
+from queenbee.ledger import LedgerError
 from queenbee.observer import Outcome, RequestObserver, RequestRecord
+from queenbee.ratelimit import Lease
 from queenbee.settings import QueenSettings
 from queenbee.streaming import SSE_DONE, SSE_HEADERS, sse_event
-from queenbee.worker_session import RequestEvent, RequestStream, WorkerGone, WorkerSession
+from queenbee.usage_check import UsageBounds, check_usage, chunk_tokens, text_bytes
+from queenbee.worker_session import (
+    BufferOverflow,
+    RequestEvent,
+    RequestStream,
+    WorkerGone,
+    WorkerSession,
+)
 
 log = logging.getLogger("queenbee.forwarding")
 
@@ -55,6 +90,35 @@ class Attempt:
     first_at: float
 
 
+class RelayResponse(StreamingResponse):
+    """An SSE response that the queen can end from outside, when its client stops reading.
+
+    A client that does not read leaves the response blocked in `send`; `abort` cancels the task that
+    runs it, and the cancellation ends the response quietly instead of as an application error.
+    """
+
+    _task: asyncio.Task[Any] | None = None
+    _aborted = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the stream, or stop at once when aborted."""
+        self._task = asyncio.current_task()
+        try:
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self._aborted:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+
+    def abort(self) -> None:
+        """End the response now (the client stopped reading)."""
+        if self._task is not None and not self._aborted:
+            self._aborted = True
+            self._task.cancel()
+
+
 @dataclass
 class ForwardedCall:
     """One client call, from the validated body to its last byte."""
@@ -66,9 +130,13 @@ class ForwardedCall:
     model: str
     body: dict[str, Any]
     """The validated OpenAI request body, as sent to the worker."""
+    bounds: UsageBounds
+    """What the request may use, for checking the worker's usage."""
     stream: bool = False
     include_usage: bool = False
     api_key_id: str | None = None
+    lease: Lease | None = None
+    """The key's hold on its limits, settled when the request is recorded."""
     request_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
@@ -76,11 +144,17 @@ class ForwardedCall:
     attempts: int = 0
     fingerprint: str | None = None
     """The worker's system_fingerprint, as its last chunk gave it (for the usage chunk)."""
+    relayed_tokens: int = 0
+    """Completion tokens whose text reached the client (as the chunks carried them, bounded)."""
+    relayed_text_bytes: int = 0
     _recorded: bool = False
+    _running: tuple[WorkerSession, RequestStream] | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:
             self.request_id = f"{self.endpoint.id_prefix}{uuid.uuid4().hex}"
+        if self.lease is not None:
+            self.lease.handed_over = True
 
     @property
     def deadline(self) -> float:
@@ -96,30 +170,58 @@ class ForwardedCall:
         try:
             attempt = await self.start()
         except QueenError as exc:
-            await self.record("error", exc.status, error_code=exc.code)
+            try:
+                await self.record("error", exc.status, error_code=exc.code)
+            except LedgerUnavailable:
+                log.error("request %s: its failure could not be recorded in the ledger", self.request_id)
+            raise
+        except BaseException:
+            # The client left (or the queen is stopping) while the request waited or was starting.
+            self._abandon()
             raise
         if self.stream:
-            return StreamingResponse(self.relay(attempt), media_type="text/event-stream", headers=SSE_HEADERS)
+            response = RelayResponse(self.relay(attempt), media_type="text/event-stream", headers=SSE_HEADERS)
+            attempt.stream.on_overflow = response.abort
+            return response
         return await self.whole(attempt, request)
+
+    def _exclusions(self, tried: set[str], job_bytes: int) -> frozenset[str]:
+        """Workers this attempt may not use: ones tried before (by identity), ones the job is too big for."""
+        serving = self.hive.serving(self.model)
+        too_small = [worker for worker in serving if worker.max_job_bytes < job_bytes]
+        if serving and len(too_small) == len(serving):
+            largest = max(worker.max_job_bytes for worker in serving)
+            raise RequestTooLarge(
+                f"The request makes a job of {job_bytes} bytes; the workers for '{self.model}' accept "
+                f"at most {largest} bytes. Send a shorter request.",
+            )
+        return frozenset(
+            worker.id for worker in serving if worker.identity in tried or worker.max_job_bytes < job_bytes
+        )
 
     async def start(self) -> Attempt:
         """Run the job on a worker until it produces its first event, retrying on worker failures."""
-        job = Job(request_id=self.request_id, openai_url=self.endpoint.path, openai_req=self.body)
+        job = encode(Job(request_id=self.request_id, openai_url=self.endpoint.path, openai_req=self.body))
+        job_bytes = encoded_size(job)
         tried: set[str] = set()
         last_error: QueenError = UpstreamError("No worker could run the request.")
         for _ in range(self.settings.max_attempts):
             try:
                 worker, stream = await self.hive.acquire(
-                    self.model, self.request_id, exclude=frozenset(tried), embeddings=self.endpoint.embeddings
+                    self.model,
+                    self.request_id,
+                    exclude=self._exclusions(tried, job_bytes),
+                    embeddings=self.endpoint.embeddings,
                 )
             except QueenError:
                 if not tried:
                     raise
                 # Nowhere left to retry: the client should learn what went wrong, not that nobody is free.
                 raise last_error from None
-            tried.add(worker.id)
+            tried.add(worker.identity)
             self.attempts += 1
-            await worker.send_job(job)
+            self._running = (worker, stream)
+            await worker.send_job(job, self.request_id)
             # A streamed answer must start within the first-token deadline; a whole answer only comes at
             # the end, so it has the rest of the request's time (heartbeats still catch a dead worker).
             timeout = (
@@ -129,6 +231,7 @@ class ForwardedCall:
                 event = await stream.next(timeout)
             except TimeoutError:
                 worker.cancel(self.request_id)
+                self._running = None
                 worker.health.record_failure(time.monotonic())
                 last_error = UpstreamTimeout(f"The worker sent nothing for {timeout:g} s.")
                 log.warning(
@@ -139,6 +242,7 @@ class ForwardedCall:
                 continue
             if isinstance(event, Chunk | Result):
                 return Attempt(worker, stream, event, time.monotonic())
+            self._running = None
             if isinstance(event, JobError) and is_client_error(event.code):
                 raise from_job_error(event.code, event.message, event.param)
             if not (isinstance(event, JobError) and event.code is ErrorCode.OVERLOADED):
@@ -154,8 +258,11 @@ class ForwardedCall:
             )
         raise last_error
 
-    def chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """A worker's chunk with the queen's identity fields."""
+    def chunk(self, event: Chunk) -> dict[str, Any]:
+        """A worker's chunk with the queen's identity fields; counts what it relays."""
+        payload = event.chunk
+        self.relayed_tokens += chunk_tokens(event.tokens, payload)
+        self.relayed_text_bytes += text_bytes(payload)
         self.fingerprint = payload.get("system_fingerprint", self.fingerprint)
         chunk = {
             **payload,
@@ -168,7 +275,7 @@ class ForwardedCall:
             chunk.setdefault("usage", None)
         return chunk
 
-    def usage_chunk(self, result: Result) -> dict[str, Any]:
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The last chunk of a stream when stream_options.include_usage is set."""
         return {
             "id": self.request_id,
@@ -177,14 +284,12 @@ class ForwardedCall:
             "model": self.model,
             "system_fingerprint": self.fingerprint,
             "choices": [],
-            "usage": result.usage.model_dump(),
+            "usage": usage.model_dump(),
         }
 
-    def completion(self, result: Result) -> dict[str, Any]:
-        """The worker's whole response with the queen's identity fields."""
-        response = result.response or {}
+    def completion(self, response: dict[str, Any], usage: Usage) -> dict[str, Any]:
+        """The worker's whole response with the queen's identity fields and the checked usage."""
         if self.endpoint.embeddings:
-            usage = result.usage
             return {
                 **response,
                 "object": self.endpoint.object_name,
@@ -197,7 +302,7 @@ class ForwardedCall:
             "object": self.endpoint.object_name,
             "created": self.created,
             "model": self.model,
-            "usage": result.usage.model_dump(),
+            "usage": usage.model_dump(),
         }
 
     async def record(
@@ -205,15 +310,24 @@ class ForwardedCall:
         outcome: Outcome,
         status: int,
         *,
-        attempt: Attempt | None = None,
-        result: Result | None = None,
+        worker: WorkerSession | None = None,
+        ttft: float | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        worker_prompt_tokens: int | None = None,
+        worker_completion_tokens: int | None = None,
+        usage_violation: str | None = None,
         error_code: str | None = None,
     ) -> None:
-        """Tell the observers how the request ended (once)."""
+        """Tell the observers how the request ended (once), and settle the key's lease.
+
+        The observers run in a task of their own that this one only waits for: a client whose task is
+        cancelled at the worst moment cannot stop its request from being recorded. Raises
+        LedgerUnavailable if the ledger could keep the record nowhere.
+        """
         if self._recorded:
             return
         self._recorded = True
-        worker = attempt.worker if attempt is not None else None
         record = RequestRecord(
             request_id=self.request_id,
             path=self.endpoint.path,
@@ -224,41 +338,82 @@ class ForwardedCall:
             api_key_id=self.api_key_id,
             worker_id=worker.id if worker is not None else None,
             ln_url=worker.registration.ln_url if worker is not None else None,
-            prompt_tokens=result.usage.prompt_tokens if result is not None else 0,
-            completion_tokens=result.usage.completion_tokens if result is not None else 0,
-            ttft=self._ttft(attempt),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttft=ttft,
             duration=time.monotonic() - self.started,
             attempts=self.attempts,
             error_code=error_code,
             streamed=self.stream,
+            worker_prompt_tokens=worker_prompt_tokens,
+            worker_completion_tokens=worker_completion_tokens,
+            usage_violation=usage_violation,
         )
-        await self.observer.request_finished(record)
+        if self.lease is not None:
+            self.lease.settle(prompt_tokens + completion_tokens)
+        task = self.hive.spawn(self.observer.request_finished(record))
+        try:
+            await asyncio.shield(task)
+        except LedgerError as exc:
+            raise LedgerUnavailable(
+                "The request could not be recorded in the usage ledger; it is not served unrecorded.",
+                retry_after=5,
+            ) from exc
 
-    def _ttft(self, attempt: Attempt | None) -> float | None:
+    def _ttft(self, attempt: Attempt) -> float | None:
         """Time to the worker's first output; unknown for whole answers, which arrive in one piece."""
-        if attempt is None or not self.stream:
-            return None
-        return attempt.first_at - self.started
+        return attempt.first_at - self.started if self.stream else None
 
-    async def succeeded(self, attempt: Attempt, result: Result) -> None:
+    def checked(
+        self, attempt: Attempt, usage: Usage, generated_text_bytes: int | None
+    ) -> tuple[Usage, str | None]:
+        """The worker's usage within the request's bounds; a worker caught inflating it is benched."""
+        checked = check_usage(usage, self.bounds, generated_text_bytes=generated_text_bytes)
+        if checked.violation is not None:
+            log.warning(
+                "request %s: worker %s reported impossible usage (%s); benched, figures bounded",
+                self.request_id,
+                attempt.worker.id,
+                checked.violation,
+            )
+            attempt.worker.health.bench(time.monotonic())
+        fixed = Usage(
+            prompt_tokens=checked.prompt_tokens,
+            completion_tokens=checked.completion_tokens,
+            total_tokens=checked.prompt_tokens + checked.completion_tokens,
+        )
+        return fixed, checked.violation
+
+    async def succeeded(self, attempt: Attempt, usage: Usage, violation: str | None) -> None:
         """Credit the worker with a good request and record it."""
-        attempt.worker.health.record_success()
+        if violation is None:
+            attempt.worker.health.record_success()
         # An embedding has no first token nor generation speed: timing it would skew the worker's.
         if not self.endpoint.embeddings:
             self.hive.record_speed(
                 attempt.worker,
                 self.model,
                 ttft=self._ttft(attempt),
-                tokens=result.usage.completion_tokens,
+                tokens=usage.completion_tokens,
                 duration=time.monotonic() - self.started,
             )
-        await self.record("success", 200, attempt=attempt, result=result)
+        await self.record(
+            "success",
+            200,
+            worker=attempt.worker,
+            ttft=self._ttft(attempt),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            usage_violation=violation,
+        )
 
     async def failed(self, attempt: Attempt, event: RequestEvent, error: QueenError) -> None:
         """Hold a failure against the worker unless the client caused it, and record it."""
         if not (isinstance(event, JobError) and is_client_error(event.code)):
             attempt.worker.health.record_failure(time.monotonic())
-        await self.record("error", error.status, attempt=attempt, error_code=error.code)
+        await self.record(
+            "error", error.status, worker=attempt.worker, ttft=self._ttft(attempt), error_code=error.code
+        )
 
     async def relay(self, attempt: Attempt) -> AsyncIterator[bytes]:
         """The SSE stream: the worker's chunks as they arrive, then usage and [DONE]; errors end it."""
@@ -266,17 +421,28 @@ class ForwardedCall:
         try:
             while True:
                 if isinstance(event, Chunk):
-                    yield sse_event(self.chunk(event.chunk))
+                    yield sse_event(self.chunk(event))
                 elif isinstance(event, Result):
-                    await self.succeeded(attempt, event)
+                    usage, violation = self.checked(attempt, event.usage, self.relayed_text_bytes)
+                    try:
+                        await self.succeeded(attempt, usage, violation)
+                    except LedgerUnavailable as exc:
+                        yield sse_event(exc.body())
+                        yield SSE_DONE
+                        return
                     if self.include_usage:
-                        yield sse_event(self.usage_chunk(event))
+                        yield sse_event(self.usage_chunk(usage))
+                    yield SSE_DONE
+                    return
+                elif isinstance(event, BufferOverflow):
+                    # The client stopped reading: what it was sent is what it pays for.
+                    self._settle_cancelled(attempt.worker, attempt.stream, attempt, "client_too_slow")
                     yield SSE_DONE
                     return
                 else:
                     error = worker_failure(event)
                     log.warning("request %s: stream ended with an error: %s", self.request_id, error.message)
-                    await self.failed(attempt, event, error)
+                    await self._fail_quietly(attempt, event, error)
                     yield sse_event(error.body())
                     yield SSE_DONE
                     return
@@ -288,7 +454,7 @@ class ForwardedCall:
                     error = UpstreamTimeout(f"The worker stopped sending output for {timeout:g} s.")
                     event = WorkerGone(error.message)
                     log.warning("request %s: %s", self.request_id, error.message)
-                    await self.failed(attempt, event, error)
+                    await self._fail_quietly(attempt, event, error)
                     yield sse_event(error.body())
                     yield SSE_DONE
                     return
@@ -301,36 +467,136 @@ class ForwardedCall:
                     self.request_id,
                     attempt.worker.id,
                 )
-                attempt.worker.cancel(self.request_id)
-                self._record_soon("cancelled", 499, attempt)
+                self._settle_cancelled(attempt.worker, attempt.stream, attempt, None)
+
+    async def _fail_quietly(self, attempt: Attempt, event: RequestEvent, error: QueenError) -> None:
+        # The stream is already failing: a ledger that cannot record it changes nothing for the client.
+        try:
+            await self.failed(attempt, event, error)
+        except LedgerUnavailable:
+            log.error("request %s: its failure could not be recorded in the ledger", self.request_id)
 
     async def whole(self, attempt: Attempt, request: Request) -> Response:
         """Wait for the worker's whole answer, cancelling it if the client disconnects first."""
         event: RequestEvent = attempt.first
         try:
-            while isinstance(
-                event, Chunk
-            ):  # a worker may stream even a non-streamed request: skip to the end
+            while isinstance(event, Chunk):  # a worker may stream even a non-streamed request: skip on
                 event = await self._next_or_disconnect(attempt, request)
         except asyncio.CancelledError:
-            self._record_soon("cancelled", 499, attempt)
+            self._settle_cancelled(attempt.worker, attempt.stream, attempt, None)
             raise
         except QueenError as exc:
             await self.failed(attempt, WorkerGone(exc.message), exc)
             raise
-        if isinstance(event, Result) and event.response is not None:
-            await self.succeeded(attempt, event)
-            return JSONResponse(self.completion(event))
-        error = (
-            UpstreamError("The worker ended the request without a response.")
-            if isinstance(event, Result)
-            else worker_failure(event)
-        )
+        if isinstance(event, Result):
+            response = event.response
+            if event.parts:
+                try:
+                    response = await self._assemble(attempt, event)
+                except FrameError as exc:
+                    broken = UpstreamError(f"The worker sent a broken response: {exc.message}")
+                    await self.failed(attempt, WorkerGone(exc.message), broken)
+                    raise broken from None
+            if response is not None:
+                generated = None if self.endpoint.embeddings else text_bytes(response)
+                usage, violation = self.checked(attempt, event.usage, generated)
+                await self.succeeded(attempt, usage, violation)
+                return JSONResponse(self.completion(response, usage))
+        if isinstance(event, BufferOverflow):
+            error: QueenError = UpstreamError(f"The worker's response was too large: {event.reason}.")
+        elif isinstance(event, Result):
+            error = UpstreamError("The worker ended the request without a response.")
+        else:
+            error = worker_failure(event)
         await self.failed(attempt, event, error)
         raise error
 
-    def _record_soon(self, outcome: Outcome, status: int, attempt: Attempt) -> None:
-        self.hive.spawn(self.record(outcome, status, attempt=attempt))
+    async def _assemble(self, attempt: Attempt, result: Result) -> dict[str, Any]:
+        parts = attempt.stream.parts
+        if len(parts) != result.parts:
+            raise FrameError(
+                ErrorCode.INVALID_FRAME, f"the result announced {result.parts} parts but {len(parts)} came"
+            )
+        attempt.stream.parts = []
+        # Parsing a response of many MiB would hold up every other client: it runs in a thread.
+        return await asyncio.to_thread(assemble_response, parts)
+
+    def _abandon(self) -> None:
+        """The request's task was cancelled before the answer began: cancel the job and record that."""
+        if self._recorded:
+            return
+        if self._running is None:
+            self._record_soon(self._record_quietly("cancelled", 499, error_code="client_disconnected"))
+            return
+        worker, stream = self._running
+        self._settle_cancelled(worker, stream, None, None)
+
+    def _settle_cancelled(
+        self, worker: WorkerSession, stream: RequestStream, attempt: Attempt | None, reason: str | None
+    ) -> None:
+        """Cancel the job on the worker and record the request once the worker says what it used.
+
+        The client is billed for the prompt and the completion tokens it was sent; the worker is
+        credited for what it generated, as its cancel confirmation reports it (within the bounds).
+        Runs in a task of its own: the caller is usually being cancelled.
+        """
+        if self._recorded:
+            return
+        self._recorded = True  # claimed now, recorded by the task
+        worker.cancel(self.request_id)
+
+        async def settle() -> None:
+            generated: Usage | None = None
+            try:
+                async with asyncio.timeout(self.settings.cancel_grace + 1):
+                    while True:
+                        event = await stream.next(self.settings.cancel_grace + 1)
+                        if isinstance(event, Result | JobError):
+                            generated = event.usage
+                            break
+                        if isinstance(event, WorkerGone):
+                            break
+            except TimeoutError:
+                pass
+            prompt = completion = 0
+            violation = None
+            if generated is not None:
+                checked = check_usage(generated, self.bounds, generated_text_bytes=None)
+                prompt, completion, violation = (
+                    checked.prompt_tokens,
+                    checked.completion_tokens,
+                    checked.violation,
+                )
+            elif self.relayed_tokens or attempt is not None:
+                prompt = self.bounds.prompt_estimate
+            billed_completion = min(self.relayed_tokens, self.bounds.max_completion_tokens)
+            self._recorded = False
+            try:
+                await self.record(
+                    "cancelled",
+                    499,
+                    worker=worker,
+                    ttft=self._ttft(attempt) if attempt is not None else None,
+                    prompt_tokens=prompt,
+                    completion_tokens=billed_completion,
+                    worker_prompt_tokens=prompt,
+                    worker_completion_tokens=max(completion, billed_completion),
+                    usage_violation=violation,
+                    error_code=reason or "client_disconnected",
+                )
+            except LedgerUnavailable:
+                log.error("request %s: its cancellation could not be recorded in the ledger", self.request_id)
+
+        self._record_soon(settle())
+
+    async def _record_quietly(self, outcome: Outcome, status: int, *, error_code: str) -> None:
+        try:
+            await self.record(outcome, status, error_code=error_code)
+        except LedgerUnavailable:
+            log.error("request %s: its end could not be recorded in the ledger", self.request_id)
+
+    def _record_soon(self, coroutine: Any) -> None:
+        self.hive.spawn(coroutine)
 
     async def _next_or_disconnect(self, attempt: Attempt, request: Request) -> RequestEvent:
         timeout = min(self.settings.token_timeout, self.remaining())
@@ -342,7 +608,6 @@ class ForwardedCall:
             disconnect.cancel()
             if not next_event.done():
                 next_event.cancel()
-                attempt.worker.cancel(self.request_id)
         if not next_event.done() or next_event.cancelled():
             raise asyncio.CancelledError("client disconnected")
         try:
@@ -363,6 +628,8 @@ def worker_failure(event: RequestEvent) -> QueenError:
     """The client-facing error for a worker's failure event."""
     if isinstance(event, WorkerGone):
         return UpstreamError(f"The worker went away: {event.reason}.")
+    if isinstance(event, BufferOverflow):
+        return UpstreamError(f"The worker sent too much: {event.reason}.")
     if isinstance(event, JobError):
         return from_job_error(event.code, event.message, event.param)
     return UpstreamError("The worker sent an unexpected frame.")

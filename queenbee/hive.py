@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from queenbee.errors import InvalidRequest, ModelNotFound, NoCapacity
 from queenbee.scheduling import WorkerIndex
 from queenbee.settings import QueenSettings
-from queenbee.worker_session import ModelSpeed, RequestStream, WorkerSession
+from queenbee.worker_session import ModelSpeed, RequestStream, WorkerHealth, WorkerSession
 
 log = logging.getLogger("queenbee.hive")
+
+MAX_REMEMBERED_WORKERS = 100_000
+"""Worker identities whose health the hive remembers after they leave (least recently seen forgotten)."""
+
+MAX_KNOWN_MODELS = 1024
+"""Model ids remembered as served (metric labels): beyond it, new ones are labelled `unknown`."""
 
 
 class Hive:
@@ -26,12 +32,14 @@ class Hive:
         self._by_model: dict[str, dict[str, WorkerSession]] = {}
         self._waiters: dict[str, deque[asyncio.Event]] = {}
         self._index = WorkerIndex()
+        self._health: OrderedDict[str, WorkerHealth] = OrderedDict()
+        self._known_models: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self._activity = asyncio.Event()
         """Set on shutdown: requests already accepted finish, new ones are refused."""
 
-    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a coroutine in a task of its own, holding a reference until it is done.
 
         For work that must outlive the task that starts it, such as recording a request whose handler
@@ -40,9 +48,39 @@ class Hive:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def health_of(self, identity: str) -> WorkerHealth:
+        """The health record of a worker identity, kept across its reconnections.
+
+        A worker that fails, is benched, and reconnects is still benched: leaving and coming back is
+        not a way out. Records of identities not seen for longest are forgotten past a bound.
+        """
+        health = self._health.get(identity)
+        if health is None:
+            health = self._health[identity] = WorkerHealth()
+            if len(self._health) > MAX_REMEMBERED_WORKERS:
+                self._health.popitem(last=False)
+        else:
+            self._health.move_to_end(identity)
+        return health
+
+    def known_model(self, model: str) -> bool:
+        """Whether some worker has served `model` since the queen started (bounded; for metric labels)."""
+        return model in self._known_models
+
+    def context_length(self, model: str) -> int | None:
+        """The longest context any connected worker serves `model` with, tokens; None if none serves it."""
+        serving = self._by_model.get(model)
+        if not serving:
+            return None
+        return max(worker.n_ctx.get(model, 0) for worker in serving.values())
 
     def add(self, worker: WorkerSession) -> None:
         """Put a newly registered worker into rotation."""
+        for model in worker.models:
+            if len(self._known_models) < MAX_KNOWN_MODELS:
+                self._known_models.add(model)
         self.workers[worker.id] = worker
         for model in worker.models:
             self._by_model.setdefault(model, {})[worker.id] = worker

@@ -104,15 +104,24 @@ class RequestLog:
 
 
 class Observers:
-    """Fans a record out to several observers; one failing observer does not stop the others."""
+    """Fans a record out to several observers; one failing observer does not stop the others.
+
+    The first observer is the one of record (the usage ledger): if it fails, the others still hear of
+    the request, and then its error is raised, so that the request is not served as if recorded.
+    """
 
     def __init__(self, observers: list[RequestObserver]) -> None:
         self.observers = observers
 
     async def request_finished(self, record: RequestRecord) -> None:
-        """Tell every observer."""
-        for observer in self.observers:
+        """Tell every observer; re-raise the first observer's failure once all were told."""
+        failure: Exception | None = None
+        for position, observer in enumerate(self.observers):
             try:
                 await observer.request_finished(record)
-            except Exception:
+            except Exception as exc:
+                if position == 0:
+                    failure = exc
                 log.exception("observer %s failed on request %s", type(observer).__name__, record.request_id)
+        if failure is not None:
+            raise failure

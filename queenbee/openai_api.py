@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -11,29 +11,58 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, unsupported_parameter
-from queenbee.errors import InvalidRequest, ModelNotFound
+from queenbee.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    QueenError,
+    RequestTimeout,
+    RequestTooLarge,
+    UnsupportedMediaType,
+)
 from queenbee.forwarding import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, Endpoint, ForwardedCall
 from queenbee.hive import Hive
+from queenbee.json_body import THREAD_PARSE_BYTES, parse_body_async
+from queenbee.ratelimit import Lease
 from queenbee.settings import QueenSettings
+from queenbee.usage_check import NO_BOUNDS, usage_bounds
 
 
-async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The request body as a JSON object, or InvalidRequest saying what is wrong with it."""
+def _is_json(content_type: str | None) -> bool:
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
+    """The request body, at most `max_bytes`, received within `timeout` seconds.
+
+    The content type must be JSON: a browser page cannot send one to another origin without a CORS
+    preflight, which the queen never grants, so no web page can spend a visitor's way into the queen.
+    """
+    if not _is_json(request.headers.get("content-type")):
+        raise UnsupportedMediaType("The request body must be JSON: send 'Content-Type: application/json'.")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise InvalidRequest(f"The request body exceeds {max_bytes} bytes.")
+        raise RequestTooLarge(f"The request body exceeds {max_bytes} bytes.")
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > max_bytes:
-            raise InvalidRequest(f"The request body exceeds {max_bytes} bytes.")
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return data
+        async with asyncio.timeout(timeout):
+            async for piece in request.stream():
+                body += piece
+                if len(body) > max_bytes:
+                    raise RequestTooLarge(f"The request body exceeds {max_bytes} bytes.")
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout:g} s.") from None
+    return bytes(body)
+
+
+async def read_json(request: Request, settings: QueenSettings) -> dict[str, Any]:
+    """The request body as a JSON object, or an error saying what is wrong with it."""
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    request.state.body_bytes = len(body)
+    return await parse_body_async(body)
 
 
 RequestModel = TypeVar("RequestModel", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
@@ -113,6 +142,26 @@ def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
     return parse_request(ChatCompletionRequest, body)
 
 
+async def parse_request_async(model: type[RequestModel], body: dict[str, Any], size: int) -> RequestModel:
+    """`parse_request`, in a worker thread for big bodies so other requests are served meanwhile."""
+    if size < THREAD_PARSE_BYTES:
+        return parse_request(model, body)
+    return await asyncio.to_thread(parse_request, model, body)
+
+
+def _check_token_limit(
+    parsed: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, n_ctx: int
+) -> None:
+    if isinstance(parsed, EmbeddingRequest):
+        return
+    limit = parsed.token_limit
+    if limit is not None and limit > n_ctx:
+        name = "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens"
+        raise ContextLengthExceeded(
+            f"'{name}' is {limit}, more than the model's context length of {n_ctx} tokens.", param=name
+        )
+
+
 async def _forward(
     request: Request,
     endpoint: Endpoint,
@@ -121,31 +170,49 @@ async def _forward(
     stream: bool,
     usage: bool,
 ) -> Response:
+    hive: Hive = request.state.hive
+    lease: Lease | None = getattr(request.state, "lease", None)
     call = ForwardedCall(
-        request.state.hive,
+        hive,
         request.state.settings,
         request.state.observer,
         endpoint,
         parsed.model,
         parsed.model_dump(mode="json", exclude_unset=True, by_alias=True),
+        NO_BOUNDS,
         stream=stream,
         include_usage=usage,
         api_key_id=getattr(request.state, "api_key_id", None),
+        lease=lease,
     )
+    try:
+        n_ctx = hive.context_length(parsed.model)
+        if n_ctx is None:
+            message = f"The model '{parsed.model}' does not exist or no worker serves it."
+            raise ModelNotFound(message, param="model")
+        _check_token_limit(parsed, n_ctx)
+        call.bounds = usage_bounds(parsed, request.state.body_bytes, n_ctx)
+        if lease is not None:
+            lease.reserve(call.bounds.reservation)
+    except QueenError as exc:
+        await call.record("error", exc.status, error_code=exc.code)
+        raise
     return await call.respond(request)
 
 
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions."""
     settings: QueenSettings = request.state.settings
-    chat = parse_chat_request(await read_json(request, settings.max_body_bytes))
+    body = await read_json(request, settings)
+    chat = await parse_request_async(ChatCompletionRequest, body, request.state.body_bytes)
     return await _forward(request, CHAT_COMPLETIONS, chat, stream=chat.stream, usage=chat.include_usage)
 
 
 async def completions(request: Request) -> Response:
     """POST /v1/completions: OpenAI's legacy text completions."""
     settings: QueenSettings = request.state.settings
-    completion = parse_request(CompletionRequest, await read_json(request, settings.max_body_bytes))
+    body = await read_json(request, settings)
+    completion = await parse_request_async(CompletionRequest, body, request.state.body_bytes)
     return await _forward(
         request, COMPLETIONS, completion, stream=completion.stream, usage=completion.include_usage
     )
@@ -154,7 +221,8 @@ async def completions(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     """POST /v1/embeddings: served by workers that run the model with --embeddings."""
     settings: QueenSettings = request.state.settings
-    embedding = parse_request(EmbeddingRequest, await read_json(request, settings.max_body_bytes))
+    body = await read_json(request, settings)
+    embedding = await parse_request_async(EmbeddingRequest, body, request.state.body_bytes)
     return await _forward(request, EMBEDDINGS, embedding, stream=False, usage=False)
 
 

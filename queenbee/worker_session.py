@@ -2,6 +2,10 @@
 
 A single reader task owns the websocket's receiving side and hands each frame to the request it belongs
 to, through one queue per request. Senders share the socket under a lock.
+
+What a worker can make the queen hold is bounded per request: chunks waiting for a client that does not
+read (`max_buffer_bytes`) and the parts of a whole response (`max_response_bytes`). Past either bound
+the request is cancelled on the worker and ends with `BufferOverflow`; its later frames are dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from protocol import (
     ProtocolError,
     Register,
     Result,
+    ResultPart,
     decode_worker_frame,
     encode,
 )
@@ -40,26 +45,43 @@ class WorkerGone:
     reason: str
 
 
-RequestEvent = Chunk | Result | JobError | WorkerGone
+@dataclass(frozen=True)
+class BufferOverflow:
+    """Put on a request's queue when the worker sent more than the queen holds for it."""
+
+    reason: str
+
+
+RequestEvent = Chunk | Result | JobError | WorkerGone | BufferOverflow
 
 
 class RequestStream:
-    """The frames of one request, in order, as the worker sends them."""
+    """The frames of one request, in order, as the worker sends them, and how many bytes wait unread."""
 
     def __init__(self, request_id: str, model: str) -> None:
         self.request_id = request_id
         self.model = model
         self.started = time.monotonic()
-        self._queue: asyncio.Queue[RequestEvent] = asyncio.Queue()
+        self.buffered_bytes = 0
+        """Bytes of chunks delivered and not yet taken by `next`."""
+        self.parts: list[str] = []
+        """ResultPart data received so far (a whole response too big for one frame)."""
+        self.part_bytes = 0
+        self.on_overflow: Callable[[], None] | None = None
+        """Called once when the request overflows its buffer (the client stopped reading)."""
+        self._queue: asyncio.Queue[tuple[RequestEvent, int]] = asyncio.Queue()
 
-    def put(self, event: RequestEvent) -> None:
-        """Deliver an event (called by the session's reader)."""
-        self._queue.put_nowait(event)
+    def put(self, event: RequestEvent, size: int = 0) -> None:
+        """Deliver an event of `size` bytes on the wire (called by the session's reader)."""
+        self.buffered_bytes += size
+        self._queue.put_nowait((event, size))
 
     async def next(self, timeout: float) -> RequestEvent:
         """The next event; raises TimeoutError if none comes within `timeout` seconds."""
         async with asyncio.timeout(timeout):
-            return await self._queue.get()
+            event, size = await self._queue.get()
+        self.buffered_bytes -= size
+        return event
 
 
 @dataclass
@@ -99,6 +121,12 @@ class WorkerHealth:
         """A request went well: the failure streak is over."""
         self.consecutive_failures = 0
 
+    def bench(self, now: float, *, base: float = 5.0, cap: float = 300.0) -> None:
+        """Take the worker out of rotation now, for longer each time (a proven misdeed, not a streak)."""
+        self.benched_until = now + min(cap, base * 2**self.bench_count)
+        self.bench_count += 1
+        self.consecutive_failures = 0
+
     def record_failure(
         self, now: float, *, threshold: int = 3, base: float = 5.0, cap: float = 300.0
     ) -> bool:
@@ -128,14 +156,20 @@ class WorkerSession:
         on_slot_free: Callable[[WorkerSession], None],
         cancel_grace: float,
         max_frame_bytes: int,
+        max_buffer_bytes: int = 4 * 2**20,
+        max_response_bytes: int = 64 * 2**20,
+        health: WorkerHealth | None = None,
     ) -> None:
         self.id = worker_id
         self.registration = registration
+        self.identity = registration.instance_id
+        """Who the worker is across reconnections: retries and health records go by this, not `id`."""
         self.models = frozenset(model.id for model in registration.models)
+        self.n_ctx = {model.id: model.n_ctx for model in registration.models}
         self.parallel = registration.parallel
         self.connected_at = time.time()
         self.speed: dict[str, ModelSpeed] = {}
-        self.health = WorkerHealth()
+        self.health = health if health is not None else WorkerHealth()
         self.closed = False
         self.draining = False
         self._websocket = websocket
@@ -146,6 +180,13 @@ class WorkerSession:
         self._on_slot_free = on_slot_free
         self._cancel_grace = cancel_grace
         self._max_frame_bytes = max_frame_bytes
+        self._max_buffer_bytes = max_buffer_bytes
+        self._max_response_bytes = max_response_bytes
+
+    @property
+    def max_job_bytes(self) -> int:
+        """Largest job frame this worker accepts, as it registered."""
+        return self.registration.max_frame_bytes
 
     @property
     def in_flight(self) -> int:
@@ -167,12 +208,21 @@ class WorkerSession:
         self._pending[request_id] = stream
         return stream
 
-    async def send_job(self, job: Job) -> None:
-        """Send a job for a reserved slot; a send failure reads as the worker being gone."""
+    def release(self, request_id: str) -> None:
+        """Give back a reserved slot whose job was never sent."""
+        self._finish(request_id, None)
+
+    async def send_job(self, job: Job | str, request_id: str | None = None) -> None:
+        """Send a job (a frame, or its encoded text) for a reserved slot; a send failure reads as gone."""
+        request_id = request_id or (job.request_id if isinstance(job, Job) else "")
         try:
-            await self.send(job)
+            if isinstance(job, str):
+                async with self._send_lock:
+                    await self._websocket.send_text(job)
+            else:
+                await self.send(job)
         except Exception as exc:  # the socket is broken: the reader will clean up the rest
-            self._finish(job.request_id, WorkerGone(f"could not send to worker: {exc!r}"))
+            self._finish(request_id, WorkerGone(f"could not send to worker: {exc!r}"))
 
     def cancel(self, request_id: str) -> None:
         """Ask the worker to stop a request; its slot is freed when the worker confirms, or after a grace.
@@ -236,7 +286,19 @@ class WorkerSession:
         if isinstance(frame, Chunk):
             stream = self._pending.get(frame.request_id)
             if stream is not None and frame.request_id not in self._cancelling:
-                stream.put(frame)
+                size = len(data)
+                if stream.buffered_bytes + size > self._max_buffer_bytes:
+                    self._overflow(stream, f"more than {self._max_buffer_bytes} bytes waited for the client")
+                else:
+                    stream.put(frame, size)
+        elif isinstance(frame, ResultPart):
+            stream = self._pending.get(frame.request_id)
+            if stream is not None and frame.request_id not in self._cancelling:
+                stream.part_bytes += len(frame.data)
+                if stream.part_bytes > self._max_response_bytes:
+                    self._overflow(stream, f"the response exceeds {self._max_response_bytes} bytes")
+                else:
+                    stream.parts.append(frame.data)
         elif isinstance(frame, Result | JobError):
             self._finish(frame.request_id, frame)
         elif isinstance(frame, Draining):
@@ -249,6 +311,15 @@ class WorkerSession:
             log.warning("worker %s sent an %s", self.id, message)
             await self._send_quietly(ProtocolError(code=ErrorCode.INVALID_FRAME, message=message))
 
+    def _overflow(self, stream: RequestStream, reason: str) -> None:
+        """Stop holding a request's output: cancel it on the worker and tell its consumer why."""
+        log.warning("request %s on worker %s: %s; cancelling it", stream.request_id, self.id, reason)
+        stream.parts.clear()
+        stream.put(BufferOverflow(reason))
+        self.cancel(stream.request_id)
+        if stream.on_overflow is not None:
+            stream.on_overflow()
+
     def _finish(self, request_id: str, event: RequestEvent | None) -> None:
         stream = self._pending.pop(request_id, None)
         timer = self._cancelling.pop(request_id, None)
@@ -256,7 +327,8 @@ class WorkerSession:
             timer.cancel()
         if stream is None:
             return
-        if event is not None and timer is None:
+        if event is not None:
+            # Also after a cancel: whoever settles the request's usage reads the worker's last word.
             stream.put(event)
         self._on_slot_free(self)
 
