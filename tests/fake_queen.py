@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 import websockets
@@ -13,14 +14,28 @@ from protocol.messages import Frame
 
 
 class FakeQueen:
-    """Accepts worker connections on 127.0.0.1, welcomes them (or not), and records every frame."""
+    """Accepts worker connections on 127.0.0.1, welcomes them (or not), and records every frame.
 
-    def __init__(self, *, refuse_with: ProtocolError | None = None) -> None:
+    `max_frame_bytes` is the limit it states in Welcome and enforces on what it receives: a bigger frame
+    closes the connection (1009), as a real queen's websocket server would. With `tls`, it speaks wss://.
+    """
+
+    def __init__(
+        self,
+        *,
+        refuse_with: ProtocolError | None = None,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.refuse_with = refuse_with
+        self.max_frame_bytes = max_frame_bytes
+        self.tls = tls
         self.registrations: list[Register] = []
         self.frames: asyncio.Queue[Any] = asyncio.Queue()
         self.connections: list[ServerConnection] = []
         self.connected = asyncio.Event()
+        self.largest_frame = 0
+        """Size of the largest frame received after a registration, bytes."""
         self._server: Server | None = None
 
     @property
@@ -28,11 +43,15 @@ class FakeQueen:
         """The worker URL to connect to."""
         assert self._server is not None
         port = next(iter(self._server.sockets)).getsockname()[1]
+        if self.tls is not None:
+            return f"wss://localhost:{port}/worker"
         return f"ws://127.0.0.1:{port}/worker"
 
     async def start(self) -> FakeQueen:
         """Listen on an ephemeral port."""
-        self._server = await websockets.serve(self._handle, "127.0.0.1", 0)
+        self._server = await websockets.serve(
+            self._handle, "127.0.0.1", 0, max_size=self.max_frame_bytes, ssl=self.tls
+        )
         return self
 
     async def stop(self) -> None:
@@ -41,9 +60,9 @@ class FakeQueen:
         self._server.close()
         await self._server.wait_closed()
 
-    async def send(self, frame: Frame | str) -> None:
-        """Send a frame (or raw text) to the most recent worker."""
-        text = frame if isinstance(frame, str) else encode(frame)
+    async def send(self, frame: Frame | str | bytes) -> None:
+        """Send a frame (or raw text or bytes) to the most recent worker."""
+        text = frame if isinstance(frame, str | bytes) else encode(frame)
         await self.connections[-1].send(text)
 
     async def next_frame(self, timeout: float = 10.0) -> Any:
@@ -60,11 +79,13 @@ class FakeQueen:
             return
         self.connections.append(connection)
         await connection.send(
-            encode(Welcome(worker_id=f"w{len(self.registrations)}", max_frame_bytes=MAX_FRAME_BYTES))
+            encode(Welcome(worker_id=f"w{len(self.registrations)}", max_frame_bytes=self.max_frame_bytes))
         )
         self.connected.set()
         try:
             async for message in connection:
-                await self.frames.put(decode_worker_frame(message))
+                size = len(message.encode()) if isinstance(message, str) else len(message)
+                self.largest_frame = max(self.largest_frame, size)
+                await self.frames.put(decode_worker_frame(message, limit=self.max_frame_bytes))
         except websockets.ConnectionClosed:
             pass

@@ -26,7 +26,7 @@ from typing import Any
 from protocol import ErrorCode, Usage
 from protocol.openai import ChatCompletionRequest
 from workerbee.choices import ChatChoice
-from workerbee.decoding import Generation, Piece, choice_seeds
+from workerbee.decoding import Cancelled, Generation, Piece, choice_seeds
 from workerbee.engine import ChunkSink, EngineError, LoadedModel, chat_sampling
 from workerbee.llama_context import MultiSequenceContext, TokenBatch, Vocabulary
 from workerbee.scheduler import (
@@ -142,8 +142,8 @@ class BatchedModel:
     ) -> tuple[Usage, dict[str, Any] | None]:
         """Run a chat completion in the batch; streamed chunks go to `on_chunk`.
 
-        Raises Cancelled if `cancel` is set before it ends; if this coroutine is cancelled, the sequence
-        leaves the batch at the next step.
+        Raises Cancelled, with the usage so far, if `cancel` is set before it ends; if this coroutine is
+        cancelled, the sequence leaves the batch at the next step.
         """
         # The template and the tokenizer are CPU work: off the event loop, beside the decoding thread.
         prompt = await asyncio.to_thread(self.model.chat_prompt, chat)
@@ -170,7 +170,11 @@ class BatchedModel:
             job.post(Finished("", "", "length", 0))
         else:
             self.scheduler.submit(job)
-        chunks: list[dict[str, Any]] = []
+        chunks: list[tuple[dict[str, Any], int]] = []
+
+        def collect(chunk: dict[str, Any], tokens: int) -> None:
+            chunks.append((chunk, tokens))
+
         choice: ChatChoice | None = None
         result: Finished | None = None
         whole: dict[str, Any] = {}
@@ -188,25 +192,35 @@ class BatchedModel:
                             tool_mode="none",
                             logprobs=False,
                             fingerprint=self.model.fingerprint,
-                            emit=chunks.append if chat.stream else None,
+                            emit=collect if chat.stream else None,
                         )
                     elif isinstance(event, Failed):
                         ended = True
+                        if isinstance(event.error, Cancelled):
+                            generated = event.error.generated
+                            raise Cancelled(
+                                generated,
+                                Usage(
+                                    prompt_tokens=len(prompt),
+                                    completion_tokens=generated,
+                                    total_tokens=len(prompt) + generated,
+                                ),
+                            )
                         raise event.error
                     elif choice is None:
                         raise AssertionError(f"{event} before the request started")
                     elif isinstance(event, TextReady):
-                        choice.on_piece(Piece(event.text, []))
+                        choice.on_piece(Piece(event.text, [], event.tokens))
                     else:
                         result = event
                         ended = True
                         if event.tail:
-                            choice.on_piece(Piece(event.tail, []))
+                            choice.on_piece(Piece(event.tail, [], event.tail_tokens))
                         whole = choice.finish(
                             Generation(event.text, event.finish_reason, event.completion_tokens, None)
                         )
-                for chunk in chunks:
-                    await on_chunk(chunk)
+                for chunk, tokens in chunks:
+                    await on_chunk(chunk, tokens)
                 chunks.clear()
         finally:
             if not ended:
@@ -235,7 +249,7 @@ def _merge_text(events: list[RequestEvent]) -> list[RequestEvent]:
     merged: list[RequestEvent] = []
     for event in events:
         if isinstance(event, TextReady) and merged and isinstance(merged[-1], TextReady):
-            merged[-1] = TextReady(merged[-1].text + event.text)
+            merged[-1] = TextReady(merged[-1].text + event.text, merged[-1].tokens + event.tokens)
         else:
             merged.append(event)
     return merged

@@ -14,7 +14,8 @@ from typing import Any
 from workerbee.decoding import Generation, Piece, TokenLogprob
 from workerbee.tool_calls import ToolCallParser
 
-ChunkEmitter = Callable[[dict[str, Any]], None]
+ChunkEmitter = Callable[[dict[str, Any], int], None]
+"""Takes a chunk and the number of generated tokens whose text it carries (see Piece.tokens)."""
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
@@ -53,6 +54,10 @@ class ChatChoice:
 
     `tool_mode` is none, auto, required or a function's name. In auto mode the grammar lets the answer be
     text or a call, and the first character tells which: a call starts with "{", text never does.
+
+    Each content or tool-call chunk counts the tokens of the pieces it carries, those of pieces that made
+    no chunk of their own (whitespace while deciding, call text the parser holds) included; the role and
+    finish chunks count none.
     """
 
     index: int
@@ -64,6 +69,8 @@ class ChatChoice:
     _deciding: bool = field(default=False, init=False)
     _pending: Piece = field(default_factory=lambda: Piece("", []), init=False)
     _content: list[dict[str, Any]] = field(default_factory=list, init=False)
+    _tokens: int = field(default=0, init=False)
+    """Tokens of pieces taken but not yet counted in a chunk."""
 
     def __post_init__(self) -> None:
         self._deciding = self.tool_mode == "auto"
@@ -75,8 +82,9 @@ class ChatChoice:
 
     def on_piece(self, piece: Piece) -> None:
         """Take the next piece of generated text."""
+        self._tokens += piece.tokens
         if self._deciding:
-            piece = Piece(self._pending.text + piece.text, self._pending.logprobs + piece.logprobs)
+            piece = Piece(self._pending.text + piece.text, self._pending.logprobs + piece.logprobs, 0)
             if not piece.text.strip():
                 self._pending = piece
                 return
@@ -89,10 +97,10 @@ class ChatChoice:
         if self.parser is not None:
             deltas = self.parser.feed(text)
             if deltas and self.emit is not None:
-                self._chunk({"tool_calls": deltas})
+                self._chunk({"tool_calls": deltas}, tokens=self._take_tokens())
         elif self.emit is not None and (text or piece.logprobs):
             logprobs = {"content": chat_logprobs(piece.logprobs), "refusal": None} if self.logprobs else None
-            self._chunk({"content": text}, logprobs=logprobs)
+            self._chunk({"content": text}, logprobs=logprobs, tokens=self._take_tokens())
 
     def finish(self, generation: Generation) -> dict[str, Any]:
         """End the choice: the last chunk if streaming, and the whole choice in chat.completion's shape."""
@@ -100,7 +108,7 @@ class ChatChoice:
         if self.parser is not None and self.emit is not None:
             deltas = self.parser.finish()
             if deltas:
-                self._chunk({"tool_calls": deltas})
+                self._chunk({"tool_calls": deltas}, tokens=self._take_tokens())
         finish_reason: str = generation.finish_reason
         message: dict[str, Any] = {"role": "assistant", "content": generation.text, "refusal": None}
         if call is not None:
@@ -121,10 +129,15 @@ class ChatChoice:
         *,
         logprobs: dict[str, Any] | None = None,
         finish_reason: str | None = None,
+        tokens: int = 0,
     ) -> None:
         assert self.emit is not None
         choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        self.emit({"choices": [choice], "system_fingerprint": self.fingerprint})
+        self.emit({"choices": [choice], "system_fingerprint": self.fingerprint}, tokens)
+
+    def _take_tokens(self) -> int:
+        tokens, self._tokens = self._tokens, 0
+        return tokens
 
 
 @dataclass
@@ -153,7 +166,7 @@ class CompletionChoice:
             completion_logprobs(piece.logprobs, len(self.prompt) + self._sent) if self.logprobs else None
         )
         self._sent += len(piece.text)
-        self._chunk(piece.text, logprobs)
+        self._chunk(piece.text, logprobs, tokens=piece.tokens)
 
     def finish(self, generation: Generation) -> dict[str, Any]:
         """End the choice: the last chunk if streaming, and the whole choice in text_completion's shape."""
@@ -169,7 +182,14 @@ class CompletionChoice:
             "finish_reason": generation.finish_reason,
         }
 
-    def _chunk(self, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None = None) -> None:
+    def _chunk(
+        self,
+        text: str,
+        logprobs: dict[str, Any] | None,
+        finish_reason: str | None = None,
+        *,
+        tokens: int = 0,
+    ) -> None:
         assert self.emit is not None
         choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        self.emit({"choices": [choice], "system_fingerprint": self.fingerprint})
+        self.emit({"choices": [choice], "system_fingerprint": self.fingerprint}, tokens)

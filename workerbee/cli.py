@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,15 +15,17 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, ModelInfo, Register
+from protocol import PROTOCOL_VERSION, ModelInfo, Register
 from workerbee import __version__
 from workerbee.engine import Engine, ModelConfig, ModelLoadError
 from workerbee.gguf_info import GGUFInfoError, ModelShape, read_model_shape
 from workerbee.hardware import HardwareReport, detect_hardware
+from workerbee.identity import IdentityError, default_instance_id_file, load_instance_id, read_secret_file
 from workerbee.models import ModelError, ResolvedModel, parse_model_spec, resolve_model
 from workerbee.placement import GpuMemory, Placement, PlacementError, PlacementOverrides, plan_placement
 from workerbee.settings import WorkerSettings
 from workerbee.threads import thread_candidates
+from workerbee.transport import plaintext_token_warning
 
 log = logging.getLogger("workerbee")
 
@@ -176,15 +177,32 @@ def plan_models(
     return planned
 
 
-def registration(settings: WorkerSettings, models: list[ModelInfo], hardware: HardwareReport) -> Register:
+@dataclass(frozen=True)
+class Credentials:
+    """Who the worker says it is: its stable instance id and the token the queen may require."""
+
+    instance_id: str
+    auth_key: str
+
+
+def auth_key(settings: WorkerSettings) -> str:
+    """The token from --auth-key or the first line of --auth-key-file (IdentityError if unreadable)."""
+    if settings.auth_key_file is not None:
+        return read_secret_file(settings.auth_key_file)
+    return settings.auth_key
+
+
+def registration(
+    settings: WorkerSettings, credentials: Credentials, models: list[ModelInfo], hardware: HardwareReport
+) -> Register:
     """The registration frame for these models and this hardware."""
     return Register(
         protocol_version=PROTOCOL_VERSION,
         worker_version=__version__,
-        instance_id="worker-" + uuid.uuid4().hex,
-        max_frame_bytes=MAX_FRAME_BYTES,
+        instance_id=credentials.instance_id,
+        max_frame_bytes=settings.max_frame_bytes,
         ln_url=settings.ln_url,
-        auth_key=settings.auth_key,
+        auth_key=credentials.auth_key,
         models=models,
         parallel=settings.parallel,
         **hardware.registration_fields(),
@@ -200,7 +218,9 @@ def hf_cache_dir(settings: WorkerSettings) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-async def serve(settings: WorkerSettings, planned: list[PlannedModel], threads: int | None) -> int:
+async def serve(
+    settings: WorkerSettings, credentials: Credentials, planned: list[PlannedModel], threads: int | None
+) -> int:
     """Load the models and serve the queen until SIGTERM or Ctrl-C; returns the exit code."""
     from workerbee.connection import QueenRefused, WorkerConnection
 
@@ -216,9 +236,10 @@ async def serve(settings: WorkerSettings, planned: list[PlannedModel], threads: 
         settings.queen_url,
         engine,
         # Hardware is probed afresh on every (re)connection: free memory and disk change.
-        lambda: registration(settings, engine.model_infos(), detect_hardware(cache_dir)),
+        lambda: registration(settings, credentials, engine.model_infos(), detect_hardware(cache_dir)),
         reconnect_max_delay=settings.reconnect_max_delay,
         shutdown_grace=settings.shutdown_grace,
+        max_frame_bytes=settings.max_frame_bytes,
     )
     try:
         await connection.run(stop)
@@ -237,8 +258,11 @@ def load_settings(argv: list[str]) -> WorkerSettings:
         return CliApp.run(WorkerSettings, cli_args=argv)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            option = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
-            print(f"workerbee: error: {option}: {error['msg']}", file=sys.stderr)
+            if error["loc"]:
+                option = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
+                print(f"workerbee: error: {option}: {error['msg']}", file=sys.stderr)
+            else:  # a rule across options
+                print(f"workerbee: error: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -255,20 +279,35 @@ def main(argv: list[str] | None = None) -> int:
         for chatty in ("httpx", "httpx2"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
+        key = auth_key(settings)
         entries = resolve_models(settings)
         hardware = detect_hardware(hf_cache_dir(settings))
         planned = plan_models(settings, entries, hardware)
-    except (UsageError, ModelError, GGUFInfoError, PlacementError) as exc:
+    except (UsageError, IdentityError, ModelError, GGUFInfoError, PlacementError) as exc:
         print(f"workerbee: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+        return 2 if isinstance(exc, UsageError | IdentityError) else 1
+    # Kept (and locked) for the whole run: the id is this process's while it serves.
+    instance_id = load_instance_id(settings.instance_id_file or default_instance_id_file())
+    try:
+        return run(settings, Credentials(instance_id.value, key), planned, hardware)
+    finally:
+        instance_id.release()
+
+
+def run(
+    settings: WorkerSettings, credentials: Credentials, planned: list[PlannedModel], hardware: HardwareReport
+) -> int:
+    """Print the --dry-run report, or serve; returns the exit code."""
     # Without --threads, each model times the candidate counts once loaded, starts with the fastest and
     # keeps checking while serving: with OpenMP on shared cores more threads can be much slower (threads.py).
     threads = settings.threads
     if settings.dry_run:
-        frame = registration(settings, [model.info(settings.embeddings) for model in planned], hardware)
+        frame = registration(
+            settings, credentials, [model.info(settings.embeddings) for model in planned], hardware
+        )
         report = {
             "registration": frame.model_dump(mode="json", exclude={"type"})
-            | {"auth_key": "***" if settings.auth_key else ""},
+            | {"auth_key": "***" if credentials.auth_key else ""},
             "threads": threads
             if threads is not None
             else f"measured among {thread_candidates()}, then tuned",
@@ -276,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(report, indent=2))
         return 0
+    warning = plaintext_token_warning(settings.queen_url, credentials.auth_key)
+    if warning is not None:
+        log.warning("%s", warning)
     try:
-        return asyncio.run(serve(settings, planned, threads))
+        return asyncio.run(serve(settings, credentials, planned, threads))
     except ModelLoadError as exc:
         print(f"workerbee: error: {exc}", file=sys.stderr)
         return 1

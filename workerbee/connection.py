@@ -2,11 +2,17 @@
 
 One reader per connection dispatches the queen's frames; every job runs in a task of its own, so the
 connection keeps answering (pings, cancels) while models generate.
+
+Frame limits are agreed at registration: the worker accepts frames up to its own `max_frame_bytes` and
+never sends one bigger than the queen's (from Welcome). A whole response that is too big travels as
+ResultPart slices; any other frame that would be too big (a giant chunk) ends its request with a JobError
+instead, so the queen never sees a frame it would refuse and the connection stays up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import threading
@@ -20,6 +26,7 @@ from websockets.asyncio.client import ClientConnection
 
 from protocol import (
     MAX_FRAME_BYTES,
+    MIN_FRAME_BYTES,
     Cancel,
     Chunk,
     Draining,
@@ -30,9 +37,12 @@ from protocol import (
     ProtocolError,
     Register,
     Result,
+    ResultPart,
     Welcome,
     decode_queen_frame,
     encode,
+    encoded_size,
+    result_frames,
 )
 from protocol.messages import Frame
 from protocol.openai import (
@@ -44,6 +54,7 @@ from protocol.openai import (
     EmbeddingRequest,
 )
 from workerbee.engine import Cancelled, Engine, EngineError
+from workerbee.transport import ssl_context
 
 log = logging.getLogger("workerbee.connection")
 
@@ -53,6 +64,15 @@ FATAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_PROTOCOL_
 
 class QueenRefused(Exception):
     """The queen refused this worker for a reason that retrying will not fix."""
+
+
+class OutputTooLarge(Exception):
+    """A frame of a request's output is bigger than the queen accepts; the request ends with a JobError."""
+
+    def __init__(self, kind: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"the output frame ({kind}, {size} bytes) exceeded the queen's limit of {limit} bytes"
+        )
 
 
 @dataclass
@@ -92,6 +112,7 @@ class WorkerConnection:
         reconnect_max_delay: float = 30.0,
         shutdown_grace: float = 30.0,
         handshake_timeout: float = 10.0,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
         self.queen_url = queen_url
         self.engine = engine
@@ -100,6 +121,10 @@ class WorkerConnection:
         self.shutdown_grace = shutdown_grace
         self.handshake_timeout = handshake_timeout
         self.worker_id: str | None = None
+        self.max_frame_bytes = max_frame_bytes
+        """Largest frame this worker accepts (it must be what the registration says)."""
+        self.send_limit = MIN_FRAME_BYTES
+        """Largest frame the queen accepts, from its Welcome."""
         self.connected = asyncio.Event()
         self._draining = False
         self._jobs: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
@@ -133,7 +158,8 @@ class WorkerConnection:
     async def _serve_once(self, stop: asyncio.Event) -> None:
         async with websockets.connect(
             self.queen_url,
-            max_size=MAX_FRAME_BYTES,
+            ssl=ssl_context(self.queen_url),
+            max_size=self.max_frame_bytes,
             open_timeout=self.handshake_timeout,
             ping_interval=15,
             ping_timeout=20,
@@ -163,6 +189,11 @@ class WorkerConnection:
     async def _register(self, websocket: ClientConnection) -> None:
         # Probing hardware can block (NVML, disk): keep it off the event loop.
         registration = await asyncio.to_thread(self.registration)
+        if registration.max_frame_bytes != self.max_frame_bytes:
+            raise ValueError(
+                f"the registration states {registration.max_frame_bytes} bytes as the frame limit, but the "
+                f"connection accepts {self.max_frame_bytes}"
+            )
         await websocket.send(encode(registration))
         async with asyncio.timeout(self.handshake_timeout):
             reply = decode_queen_frame(await websocket.recv())
@@ -173,6 +204,7 @@ class WorkerConnection:
         if not isinstance(reply, Welcome):
             raise FrameError(ErrorCode.INVALID_FRAME, f"expected 'welcome', got {reply.type!r}")
         self.worker_id = reply.worker_id
+        self.send_limit = reply.max_frame_bytes
         log.info(
             "registered with the queen at %s as %s, serving %s",
             self.queen_url,
@@ -183,10 +215,19 @@ class WorkerConnection:
     async def _read(self, websocket: ClientConnection) -> None:
         async for message in websocket:
             try:
-                frame = decode_queen_frame(message)
+                frame = decode_queen_frame(message, limit=self.max_frame_bytes)
             except FrameError as exc:
-                log.warning("the queen sent a bad frame: %s", exc.message)
-                await self._send(websocket, ProtocolError(code=exc.code, message=exc.message))
+                request_id = _job_request_id(message)
+                if request_id is None:
+                    log.warning("the queen sent a bad frame: %s", exc.message)
+                    await self._send(websocket, ProtocolError(code=exc.code, message=exc.message))
+                else:
+                    # The job, not the connection, is at fault: the queen can end that one request.
+                    log.warning("the queen sent a job that cannot be read (%s): %s", request_id, exc.message)
+                    error = JobError(
+                        request_id=request_id, code=ErrorCode.INVALID_REQUEST, message=exc.message[:4000]
+                    )
+                    await self._send(websocket, error)
                 continue
             if isinstance(frame, Job):
                 self._start_job(websocket, frame)
@@ -209,8 +250,8 @@ class WorkerConnection:
             if self._draining:
                 raise EngineError(ErrorCode.OVERLOADED, "the worker is shutting down")
 
-            async def on_chunk(chunk: dict[str, Any]) -> None:
-                await self._send(websocket, Chunk(request_id=request_id, chunk=chunk))
+            async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
+                await self._send_output(websocket, Chunk(request_id=request_id, chunk=chunk, tokens=tokens))
 
             response: dict[str, Any] | None
             if job.openai_url == CHAT_COMPLETIONS_PATH:
@@ -224,13 +265,23 @@ class WorkerConnection:
                 usage, response = await self.engine.embed(embedding, cancel)
             else:
                 raise EngineError(ErrorCode.INVALID_REQUEST, f"this worker does not serve {job.openai_url}")
-            await self._send(websocket, Result(request_id=request_id, usage=usage, response=response))
-        except Cancelled:
+            result = Result(request_id=request_id, usage=usage, response=response)
+            for frame in result_frames(result, self.send_limit):
+                await self._send_output(websocket, frame)
+        except Cancelled as exc:
+            cancelled = JobError(
+                request_id=request_id, code=ErrorCode.CANCELLED, message="cancelled", usage=exc.usage
+            )
+            await self._send(websocket, cancelled)
+        except OutputTooLarge as exc:
+            log.error("request %s: %s", request_id, exc)
             await self._send(
-                websocket, JobError(request_id=request_id, code=ErrorCode.CANCELLED, message="cancelled")
+                websocket, JobError(request_id=request_id, code=ErrorCode.INTERNAL_ERROR, message=str(exc))
             )
         except ValidationError as exc:
-            message = f"invalid request: {exc.errors(include_url=False)[0]['msg']}"
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in first["loc"])
+            message = f"invalid request: {where + ': ' if where else ''}{first['msg']}"[:4000]
             await self._send(
                 websocket, JobError(request_id=request_id, code=ErrorCode.INVALID_REQUEST, message=message)
             )
@@ -265,9 +316,41 @@ class WorkerConnection:
                 cancel.set()
             await asyncio.wait(pending, timeout=5)
 
+    async def _send_output(self, websocket: ClientConnection, frame: Chunk | ResultPart | Result) -> None:
+        """Send a frame of a request's output; OutputTooLarge if the queen would refuse it."""
+        text = encode(frame)
+        size = encoded_size(text)
+        if size > self.send_limit:
+            raise OutputTooLarge(frame.type, size, self.send_limit)
+        await self._send_text(websocket, text, frame.type)
+
+    @classmethod
+    async def _send(cls, websocket: ClientConnection, frame: Frame) -> None:
+        """Send a control frame (bounded in size: smaller than any limit a queen may state)."""
+        await cls._send_text(websocket, encode(frame), frame.__class__.__name__)
+
     @staticmethod
-    async def _send(websocket: ClientConnection, frame: Frame) -> None:
+    async def _send_text(websocket: ClientConnection, text: str, kind: str) -> None:
         try:
-            await websocket.send(encode(frame))
+            await websocket.send(text)
         except websockets.ConnectionClosed:
-            log.debug("could not send %s: the connection is closed", frame.__class__.__name__)
+            log.debug("could not send %s: the connection is closed", kind)
+
+
+def _job_request_id(message: str | bytes) -> str | None:
+    """The request id of a job frame that failed to decode, if it can be read and is a valid id."""
+    try:
+        data = json.loads(message)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("type") != "job":
+        return None
+    request_id = data.get("request_id")
+    if not isinstance(request_id, str):
+        return None
+    try:
+        # The protocol's own rule for ids: short, printable.
+        JobError(request_id=request_id, code=ErrorCode.INVALID_REQUEST, message="")
+    except ValidationError:
+        return None
+    return request_id

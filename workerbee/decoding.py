@@ -25,6 +25,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from protocol import Usage
+
 FinishReason = Literal["stop", "length"]
 
 _LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -32,7 +34,16 @@ _LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
 
 class Cancelled(Exception):
-    """Raised inside generation when the request was cancelled."""
+    """Raised inside generation when the request was cancelled.
+
+    `generated` counts the tokens the interrupted generation had made; `usage`, once the engine adds it,
+    what the whole request used until then (None where that is not known).
+    """
+
+    def __init__(self, generated: int = 0, usage: Usage | None = None) -> None:
+        super().__init__("cancelled")
+        self.generated = generated
+        self.usage = usage
 
 
 @dataclass(frozen=True)
@@ -91,10 +102,16 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Piece:
-    """Text ready to be sent, and the log probabilities of the tokens it completes."""
+    """Text ready to be sent, the log probabilities of the tokens it completes, and how many tokens it took.
+
+    `tokens` counts the generated tokens since the previous piece, up to the last one whose text (some
+    of it) this piece carries: summed over a choice's pieces, every generated token is counted once,
+    except those after the last piece (text held back and then dropped: a stop sequence, say).
+    """
 
     text: str
     logprobs: list[TokenLogprob]
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,6 +224,7 @@ def generate(
     finish: FinishReason = "length"
     cut: int | None = None
     count = 0
+    counted = 0  # tokens attributed to pieces already given to on_piece
 
     def take_logprobs(upto: int, *, by_start: bool = False) -> list[TokenLogprob]:
         # Each token is reported once: when its text is wholly sent, or at a stop, if it begins before
@@ -235,7 +253,7 @@ def generate(
     try:
         for token in tokens:
             if cancel.is_set():
-                raise Cancelled
+                raise Cancelled(count)
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 finish = "stop"
                 break
@@ -254,8 +272,8 @@ def generate(
                 break
             ready = len(text) - _held_back(text, emitted, sampling.stop)
             if on_piece is not None and ready > emitted:
-                on_piece(Piece(text[emitted:ready], take_logprobs(ready)))
-                emitted = ready
+                on_piece(Piece(text[emitted:ready], take_logprobs(ready), count - counted))
+                emitted, counted = ready, count
     finally:
         tokens.close()
     if cut is not None:
@@ -265,7 +283,7 @@ def generate(
         text += decoder.decode(b"", final=True)
         rest = take_logprobs(len(text))
     if on_piece is not None and (len(text) > emitted or rest):
-        on_piece(Piece(text[emitted:], rest))
+        on_piece(Piece(text[emitted:], rest, count - counted))
     return Generation(text, finish, count, entries[:reported] if sampling.top_logprobs is not None else None)
 
 

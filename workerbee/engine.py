@@ -54,8 +54,9 @@ __all__ = [
 
 log = logging.getLogger("workerbee.engine")
 
-ChunkSink = Callable[[dict[str, Any]], Awaitable[None]]
-Emit = Callable[[dict[str, Any]], None]
+ChunkSink = Callable[[dict[str, Any], int], Awaitable[None]]
+"""Takes a streamed chunk and the number of generated tokens whose text it carries (0: role, finish)."""
+Emit = Callable[[dict[str, Any], int], None]
 T = TypeVar("T")
 
 CHATML_TEMPLATE = (
@@ -288,7 +289,10 @@ class LoadedModel:
                 fingerprint=self.fingerprint,
                 emit=emit if chat.stream else None,
             )
-            generation = self._generate(prompt, sampling, seed, cancel, choice.on_piece)
+            try:
+                generation = self._generate(prompt, sampling, seed, cancel, choice.on_piece)
+            except Cancelled as exc:
+                raise _cancelled(len(prompt), completion_tokens + exc.generated) from None
             choices.append(choice.finish(generation))
             completion_tokens += generation.completion_tokens
         usage = Usage(
@@ -326,9 +330,9 @@ class LoadedModel:
         sampling = _sampling(request, top_logprobs=request.logprobs, grammar=None)
         n = request.n or 1
         choices: list[dict[str, Any]] = []
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = sum(len(tokens) for tokens, _ in prompts)
+        completion_tokens = 0
         for prompt_index, (tokens, text) in enumerate(prompts):
-            prompt_tokens += len(tokens)
             for offset, seed in enumerate(choice_seeds(request.seed, n)):
                 choice = CompletionChoice(
                     index=prompt_index * n + offset,
@@ -338,7 +342,10 @@ class LoadedModel:
                     echo=request.echo,
                     emit=emit if request.stream else None,
                 )
-                generation = self._generate(tokens, sampling, seed, cancel, choice.on_piece)
+                try:
+                    generation = self._generate(tokens, sampling, seed, cancel, choice.on_piece)
+                except Cancelled as exc:
+                    raise _cancelled(prompt_tokens, completion_tokens + exc.generated) from None
                 choices.append(choice.finish(generation))
                 completion_tokens += generation.completion_tokens
         usage = Usage(
@@ -421,6 +428,21 @@ class LoadedModel:
         self.llama.close()
         if self.embedder is not None:
             self.embedder.close()
+
+
+def _observe(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _cancelled(prompt_tokens: int, completion_tokens: int) -> Cancelled:
+    """Cancelled, with what the request used until then."""
+    usage = Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+    return Cancelled(completion_tokens, usage)
 
 
 def _embed(llama: Any, tokens: list[int]) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -562,7 +584,7 @@ class Engine:
         """Compute embeddings for every input of the request."""
         model = self.model(request.model)
 
-        async def no_chunks(chunk: dict[str, Any]) -> None:
+        async def no_chunks(chunk: dict[str, Any], tokens: int) -> None:
             raise AssertionError("embeddings are never streamed")
 
         return await self._on_model_thread(
@@ -578,10 +600,10 @@ class Engine:
         If this coroutine is cancelled, the cancel flag stops generation at the next token.
         """
         loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        chunks: asyncio.Queue[tuple[dict[str, Any], int] | None] = asyncio.Queue()
 
-        def emit(chunk: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+        def emit(chunk: dict[str, Any], tokens: int) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, (chunk, tokens))
 
         def run() -> T:
             try:
@@ -591,12 +613,14 @@ class Engine:
 
         future = loop.run_in_executor(model.executor, run)
         try:
-            while (chunk := await chunks.get()) is not None:
-                await on_chunk(chunk)
+            while (item := await chunks.get()) is not None:
+                await on_chunk(*item)
             return await future
         finally:
             if not future.done():
                 cancel.set()
+                # Nobody awaits it any more: observe how it ends (Cancelled, as a rule) so it is not logged.
+                future.add_done_callback(_observe)
 
     def close(self) -> None:
         """Free every model (batching contexts first: they use the models' weights)."""

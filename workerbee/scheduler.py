@@ -56,19 +56,25 @@ class Started:
 
 @dataclass(frozen=True)
 class TextReady:
-    """Text that is final (streamed requests only)."""
+    """Text that is final (streamed requests only), and the tokens generated since the last TextReady."""
 
     text: str
+    tokens: int
 
 
 @dataclass(frozen=True)
 class Finished:
-    """The request ended: the text not yet sent, the whole text, and how."""
+    """The request ended: the text not yet sent, the whole text, and how.
+
+    `tail_tokens` counts the tokens generated since the last TextReady (those of the tail, and of any
+    text dropped at the end, such as a stop sequence).
+    """
 
     tail: str
     text: str
     finish_reason: FinishReason
     completion_tokens: int
+    tail_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,8 @@ class _Sequence:
     next_token: int | None = None
     """The last sampled token, decoded at the next step; None while the prompt is being fed."""
     generated: int = 0
+    reported: int = 0
+    """Generated tokens already counted in a TextReady."""
 
 
 @dataclass(frozen=True)
@@ -254,7 +262,7 @@ class Scheduler:
             waiting = [job for job in self._inbox if not job.cancel.is_set()]
             for job in self._inbox:
                 if job.cancel.is_set():
-                    job.post(Failed(Cancelled()))
+                    job.post(Failed(Cancelled(0)))
             self._inbox.clear()
             free = sum(not slot.busy for slot in self._slots)
             self._inbox.extend(waiting[free:])
@@ -299,7 +307,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for sequence in [seq for seq in self._running if seq.job.cancel.is_set()]:
             self._release(sequence, keep_cache=False)
-            sequence.job.post(Failed(Cancelled()))
+            sequence.job.post(Failed(Cancelled(sequence.generated)))
 
     def _prompt_budget(self, generating: int) -> int:
         room = self.context.n_batch - generating
@@ -382,14 +390,17 @@ class Scheduler:
         else:
             seq.next_token = token
             if text and seq.job.stream:
-                seq.job.post(TextReady(text))
+                seq.job.post(TextReady(text, seq.generated - seq.reported))
+                seq.reported = seq.generated
 
     def _finish(self, seq: _Sequence, finish_reason: FinishReason, text: str) -> None:
         tail = text + seq.assembler.finish()
         self._release(seq, keep_cache=True)
         if not seq.job.stream:
             tail = seq.assembler.text
-        seq.job.post(Finished(tail, seq.assembler.text, finish_reason, seq.generated))
+        seq.job.post(
+            Finished(tail, seq.assembler.text, finish_reason, seq.generated, seq.generated - seq.reported)
+        )
 
     def _release(self, seq: _Sequence, *, keep_cache: bool) -> None:
         seq.sampler.close()
@@ -403,7 +414,7 @@ class Scheduler:
     def _fail_all(self, error: Exception) -> None:
         for seq in list(self._running):
             self._release(seq, keep_cache=False)
-            seq.job.post(Failed(error))
+            seq.job.post(Failed(Cancelled(seq.generated) if isinstance(error, Cancelled) else error))
         with self._wake:
             self._closing = True
             jobs = list(self._inbox)

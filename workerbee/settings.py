@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol import MAX_FRAME_BYTES, MIN_FRAME_BYTES
+
 
 class WorkerSettings(BaseSettings):
     """workerbee: serve GGUF models to a queenbee over a websocket.
@@ -42,7 +44,24 @@ class WorkerSettings(BaseSettings):
         "for hub models, the file name without .gguf for files). Repeatable.",
     )
     ln_url: str = Field(default="", description="Lightning address or LNURL where payouts go.")
-    auth_key: str = Field(default="", description="Token the queen requires from workers, if any.")
+    auth_key: str = Field(
+        default="",
+        description="Token the queen requires from workers, if any. Visible to other local users when "
+        "given on the command line: prefer --auth-key-file or WORKERBEE_AUTH_KEY.",
+    )
+    auth_key_file: Path | None = Field(
+        default=None, description="A file whose first line is the token (instead of --auth-key)."
+    )
+    instance_id_file: Path | None = Field(
+        default=None,
+        description="Where the worker keeps the id it is known by across restarts "
+        "(default: $XDG_CONFIG_HOME/workerbee/instance_id).",
+    )
+    max_frame_bytes: int = Field(
+        default=MAX_FRAME_BYTES,
+        ge=MIN_FRAME_BYTES,
+        description="Largest websocket frame the worker accepts from the queen, bytes.",
+    )
     threads: int | None = Field(
         default=None,
         ge=1,
@@ -86,4 +105,10 @@ class WorkerSettings(BaseSettings):
     def _aliases_match_models(self) -> WorkerSettings:
         if len(self.alias) > max(1, len(self.model)):
             raise ValueError("more --alias values than --model values")
+        return self
+
+    @model_validator(mode="after")
+    def _one_auth_key_source(self) -> WorkerSettings:
+        if self.auth_key and self.auth_key_file is not None:
+            raise ValueError("give the auth key with --auth-key or --auth-key-file, not both")
         return self

@@ -80,7 +80,7 @@ async def answer(backend: BatchedModel, chat: ChatCompletionRequest) -> tuple[st
     """Run a request: (text, usage, streamed chunks)."""
     chunks: list[dict[str, Any]] = []
 
-    async def on_chunk(chunk: dict[str, Any]) -> None:
+    async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
         chunks.append(chunk)
 
     usage, response = await backend.chat(chat, threading.Event(), on_chunk)
@@ -131,7 +131,7 @@ async def test_whole_response_shape(batched: BatchedModel) -> None:
     """A non-streamed answer is a chat.completion body without the queen's fields."""
     chunks: list[dict[str, Any]] = []
 
-    async def on_chunk(chunk: dict[str, Any]) -> None:
+    async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
         chunks.append(chunk)
 
     _, response = await batched.chat(request(user(PROMPTS[3])), threading.Event(), on_chunk)
@@ -256,7 +256,7 @@ async def test_cancel_frees_the_sequence_within_a_step(model: LoadedModel) -> No
         seen = asyncio.Event()
         generated_at_cancel = 0
 
-        async def on_chunk(chunk: dict[str, Any]) -> None:
+        async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
             nonlocal generated_at_cancel
             if chunk["choices"][0]["delta"].get("content") and not cancel.is_set():
                 generated_at_cancel = backend.scheduler.stats.generated_tokens
@@ -264,10 +264,17 @@ async def test_cancel_frees_the_sequence_within_a_step(model: LoadedModel) -> No
                 seen.set()
 
         endless = request(user(PROMPTS[1]), max_tokens=900, ignore_eos=True, stream=True)
-        with pytest.raises(Cancelled):
+        with pytest.raises(Cancelled) as raised:
             await backend.chat(endless, cancel, on_chunk)
         assert seen.is_set()
         assert backend.scheduler.stats.generated_tokens <= generated_at_cancel + 2
+        # What the request used goes back with the cancel: its prompt, and every token it generated.
+        assert raised.value.usage is not None
+        assert raised.value.usage.prompt_tokens == len(model.chat_prompt(endless))
+        assert raised.value.usage.completion_tokens == backend.scheduler.stats.generated_tokens > 0
+        assert raised.value.usage.total_tokens == sum(
+            (raised.value.usage.prompt_tokens, raised.value.usage.completion_tokens)
+        )
         [slot] = backend.scheduler.slot_states()
         assert not slot.busy
         assert slot.cached_tokens == 0
@@ -283,7 +290,7 @@ async def test_cancelling_the_coroutine_stops_the_sequence(batched: BatchedModel
     cancel = threading.Event()
     started = asyncio.Event()
 
-    async def on_chunk(chunk: dict[str, Any]) -> None:
+    async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
         started.set()
 
     task = asyncio.ensure_future(
@@ -298,6 +305,43 @@ async def test_cancelling_the_coroutine_stops_the_sequence(batched: BatchedModel
     assert cancel.is_set()
     text, _, _ = await answer(batched, request(user(PROMPTS[3])))
     assert text
+
+
+async def streamed_tokens(
+    backend: BatchedModel, chat: ChatCompletionRequest
+) -> tuple[Any, list[tuple[dict[str, Any], int]]]:
+    """Stream a request: its usage, and every chunk with the token count it came with."""
+    chunks: list[tuple[dict[str, Any], int]] = []
+
+    async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
+        chunks.append((chunk, tokens))
+
+    usage, _ = await backend.chat(chat, threading.Event(), on_chunk)
+    return usage, chunks
+
+
+@pytest.mark.parametrize("fields", [{}, {"max_tokens": 9, "ignore_eos": True}], ids=["stop", "length"])
+async def test_chunk_tokens_add_up_to_the_completion_tokens(
+    batched: BatchedModel, fields: dict[str, Any]
+) -> None:
+    """Each generated token is counted by the content chunk that carries its text; role and finish: none."""
+    usage, chunks = await streamed_tokens(batched, request(user(PROMPTS[0]), stream=True, **fields))
+    (_, role_tokens), *middle, (_, finish_tokens) = chunks
+    assert role_tokens == finish_tokens == 0
+    assert all(tokens >= 1 for _, tokens in middle)
+    assert sum(tokens for _, tokens in chunks) == usage.completion_tokens > 0
+
+
+async def test_chunk_tokens_with_a_stop_sequence_count_at_most_the_completion(
+    batched: BatchedModel, expected: dict[str, str]
+) -> None:
+    """Tokens of a stop sequence that no chunk carries text of are counted in usage only."""
+    text = expected[PROMPTS[1]]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    usage, chunks = await streamed_tokens(batched, request(user(PROMPTS[1]), stream=True, stop=stop))
+    content = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk, _ in chunks)
+    assert content == text[: text.index(stop)]
+    assert 0 < sum(tokens for _, tokens in chunks) <= usage.completion_tokens
 
 
 def test_supports_only_plain_chat() -> None:

@@ -1,15 +1,26 @@
-"""The worker's connection: registration, job dispatch, cancels, bad frames, refusals, draining."""
+"""The worker's connection: registration, job dispatch, cancels, bad frames, refusals, draining, frame
+limits both ways, and TLS.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import ssl
+import subprocess
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fake_queen import FakeQueen
+from servers import eventually, smollm2_path
 
 from protocol import (
+    MAX_FRAME_BYTES,
+    MIN_FRAME_BYTES,
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
@@ -21,22 +32,30 @@ from protocol import (
     ProtocolError,
     Register,
     Result,
+    ResultPart,
     Usage,
+    assemble_response,
 )
-from protocol.openai import ChatCompletionRequest
+from protocol.openai import ChatCompletionRequest, EmbeddingRequest
 from workerbee.connection import QueenRefused, WorkerConnection
-from workerbee.engine import Cancelled, EngineError
+from workerbee.engine import Cancelled, Engine, EngineError, ModelConfig, load_model
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
 class StubEngine:
-    """Streams a few chunks per request, slowly enough to be cancelled, without llama.cpp."""
+    """Streams a few chunks per request (or answers whole), slowly enough to be cancelled, without llama.cpp.
 
-    def __init__(self, *, chunks: int = 3, delay: float = 0.0) -> None:
+    A chunk's text is its index, or `text` if given; a request that is not streamed gets a response
+    whose content is `text`. On cancel it reports the chunks sent so far as completion tokens.
+    """
+
+    def __init__(self, *, chunks: int = 3, delay: float = 0.0, text: str | None = None) -> None:
         self.chunks = chunks
         self.delay = delay
+        self.text = text
         self.started = asyncio.Event()
+        self.stopped_early = asyncio.Event()
 
     def model_infos(self) -> list[ModelInfo]:
         """One model, m."""
@@ -47,21 +66,31 @@ class StubEngine:
         if chat.model != "m":
             raise EngineError(ErrorCode.MODEL_NOT_FOUND, "no such model", "model")
         self.started.set()
+        if not chat.stream:
+            message = {"role": "assistant", "content": self.text or ""}
+            response = {"object": "chat.completion", "choices": [{"index": 0, "message": message}]}
+            return Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2), response
         for index in range(self.chunks):
             if cancel.is_set():
-                raise Cancelled
-            await on_chunk(
-                {"choices": [{"index": 0, "delta": {"content": str(index)}, "finish_reason": None}]}
-            )
+                usage = Usage(prompt_tokens=1, completion_tokens=index, total_tokens=1 + index)
+                raise Cancelled(index, usage)
+            delta = {"content": self.text if self.text is not None else str(index)}
+            try:
+                await on_chunk({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}, 1)
+            except BaseException:
+                self.stopped_early.set()
+                raise
             await asyncio.sleep(self.delay)
         return Usage(prompt_tokens=1, completion_tokens=self.chunks, total_tokens=1 + self.chunks), None
 
 
-def registration(engine: StubEngine) -> Register:
-    """A minimal registration for the stub engine's models."""
+def registration(engine: Any, max_frame_bytes: int = MAX_FRAME_BYTES) -> Register:
+    """A minimal registration for the engine's models."""
     return Register(
         protocol_version=PROTOCOL_VERSION,
         worker_version="t",
+        instance_id="test-instance",
+        max_frame_bytes=max_frame_bytes,
         cpu_count=1,
         disk_space=1,
         vram=0,
@@ -70,15 +99,16 @@ def registration(engine: StubEngine) -> Register:
 
 
 async def start(
-    queen: FakeQueen, engine: StubEngine
+    queen: FakeQueen, engine: Any, *, max_frame_bytes: int = MAX_FRAME_BYTES
 ) -> tuple[WorkerConnection, asyncio.Event, asyncio.Task[None]]:
     """Run a worker connection against the fake queen until the test stops it."""
     connection = WorkerConnection(
         queen.url,
         engine,
-        lambda: registration(engine),
+        lambda: registration(engine, max_frame_bytes),
         reconnect_max_delay=0.1,
-        shutdown_grace=5,  # type: ignore[arg-type]
+        shutdown_grace=5,
+        max_frame_bytes=max_frame_bytes,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(connection.run(stop))
@@ -97,26 +127,70 @@ async def test_job_streams_chunks_then_a_result() -> None:
     await queen.stop()
     assert [type(frame) for frame in frames] == [Chunk, Chunk, Chunk, Result]
     assert {frame.request_id for frame in frames} == {"r1"}
+    assert [frame.tokens for frame in frames[:3]] == [1, 1, 1]
     assert frames[-1].usage.completion_tokens == 3
 
 
-async def test_garbage_from_the_queen_gets_a_protocol_error_and_is_survived() -> None:
-    """Invalid frames are answered with protocol_error; the next valid job still runs."""
+UNREADABLE_IDS = [
+    "{not json",
+    "[1, 2]",
+    '{"type": "job", "openai_url": "/v1/chat/completions"}',
+    '{"type": "job", "request_id": 7}',
+    '{"type": "job", "request_id": ""}',
+    json.dumps({"type": "job", "request_id": "x" * 129}),
+    json.dumps({"type": "job", "request_id": "forged\nlog line"}),
+    '{"type": "cancel", "request_id": "r0", "extra": 1}',
+    b"\xff\xfe binary",
+]
+
+
+async def test_frames_without_a_readable_job_id_get_a_protocol_error_and_are_survived() -> None:
+    """A bad frame whose job id cannot be read (or is no valid id) gets protocol_error; jobs still run."""
     queen = await FakeQueen().start()
     _, stop, task = await start(queen, StubEngine(chunks=1))
-    await queen.send("{not json")
-    await queen.send('{"type": "job", "request_id": "r0"}')
-    first, second = await queen.next_frame(), await queen.next_frame()
+    replies = []
+    for garbage in UNREADABLE_IDS:
+        await queen.send(garbage)
+        replies.append(await queen.next_frame())
     await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
     chunk, result = await queen.next_frame(), await queen.next_frame()
     stop.set()
     await task
     await queen.stop()
-    assert isinstance(first, ProtocolError)
-    assert first.code is ErrorCode.INVALID_FRAME
-    assert isinstance(second, ProtocolError)
+    assert all(isinstance(reply, ProtocolError) for reply in replies), replies
+    assert replies[0].code is ErrorCode.INVALID_FRAME
     assert isinstance(chunk, Chunk)
     assert isinstance(result, Result)
+    assert len(queen.registrations) == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"type": "job", "request_id": "r0"},
+        {"type": "job", "request_id": "r0", "openai_url": "/v1/chat/completions", "openai_req": "hi"},
+        {"type": "job", "request_id": "r0", "openai_url": "/v1/chat/completions", "openai_req": {}, "x": 1},
+        {"type": "job", "request_id": "r0", "openai_url": 5, "openai_req": CHAT},
+    ],
+)
+async def test_undecodable_job_gets_a_job_error_naming_it(raw: dict[str, Any]) -> None:
+    """A job frame that fails to decode but whose id can be read ends that request as invalid_request."""
+    queen = await FakeQueen().start()
+    _, stop, task = await start(queen, StubEngine(chunks=1))
+    await queen.send(json.dumps(raw))
+    error = await queen.next_frame()
+    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    chunk, result = await queen.next_frame(), await queen.next_frame()
+    stop.set()
+    await task
+    await queen.stop()
+    assert isinstance(error, JobError)
+    assert error.request_id == "r0"
+    assert error.code is ErrorCode.INVALID_REQUEST
+    assert error.message.startswith("invalid frame")
+    assert isinstance(chunk, Chunk)
+    assert isinstance(result, Result)
+    assert len(queen.registrations) == 1
 
 
 @pytest.mark.parametrize(
@@ -143,6 +217,7 @@ async def test_bad_jobs_get_a_job_error(job: Job, code: ErrorCode) -> None:
     await task
     await queen.stop()
     assert isinstance(frame, JobError)
+    assert frame.request_id == "r"
     assert frame.code is code
 
 
@@ -154,15 +229,15 @@ async def test_cancel_stops_the_job() -> None:
     await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
     await asyncio.wait_for(engine.started.wait(), 10)
     await queen.send(Cancel(request_id="r1"))
-    while True:
-        frame = await queen.next_frame()
-        if not isinstance(frame, Chunk):
-            break
+    chunks = 0
+    while isinstance(frame := await queen.next_frame(), Chunk):
+        chunks += 1
     stop.set()
     await task
     await queen.stop()
     assert isinstance(frame, JobError)
     assert frame.code is ErrorCode.CANCELLED
+    assert frame.usage == Usage(prompt_tokens=1, completion_tokens=chunks, total_tokens=1 + chunks)
 
 
 async def test_unauthorized_is_fatal_and_not_retried() -> None:
@@ -171,7 +246,7 @@ async def test_unauthorized_is_fatal_and_not_retried() -> None:
         refuse_with=ProtocolError(code=ErrorCode.UNAUTHORIZED, message="bad token")
     ).start()
     engine = StubEngine()
-    connection = WorkerConnection(queen.url, engine, lambda: registration(engine), reconnect_max_delay=0.05)  # type: ignore[arg-type]
+    connection = WorkerConnection(queen.url, engine, lambda: registration(engine), reconnect_max_delay=0.05)
     with pytest.raises(QueenRefused, match="bad token"):
         await asyncio.wait_for(connection.run(asyncio.Event()), 10)
     await queen.stop()
@@ -203,3 +278,175 @@ async def test_stop_drains_in_flight_jobs_first() -> None:
     assert sum(isinstance(frame, Chunk) and frame.request_id == "r1" for frame in frames) == 20
     assert isinstance(late, JobError)
     assert late.code is ErrorCode.OVERLOADED
+
+
+async def test_a_chunk_too_big_for_the_queen_ends_its_request_with_an_error() -> None:
+    """A chunk over the queen's limit is never sent: its request gets internal_error, the connection stays."""
+    queen = await FakeQueen(max_frame_bytes=MIN_FRAME_BYTES).start()
+    engine = StubEngine(chunks=3, text="x" * MIN_FRAME_BYTES)
+    _, stop, task = await start(queen, engine)
+    await queen.send(Job(request_id="big", openai_url="/v1/chat/completions", openai_req=CHAT))
+    error = await queen.next_frame()
+    engine.text = None
+    await queen.send(Job(request_id="small", openai_url="/v1/chat/completions", openai_req=CHAT))
+    after = [await queen.next_frame() for _ in range(4)]
+    stop.set()
+    await task
+    await queen.stop()
+    assert isinstance(error, JobError)
+    assert error.request_id == "big"
+    assert error.code is ErrorCode.INTERNAL_ERROR
+    assert "exceeded the queen's limit" in error.message
+    assert engine.stopped_early.is_set()
+    assert [type(frame) for frame in after] == [Chunk, Chunk, Chunk, Result]
+    assert queen.largest_frame <= MIN_FRAME_BYTES
+    assert len(queen.registrations) == 1
+
+
+async def test_a_whole_response_too_big_for_one_frame_goes_in_parts() -> None:
+    """A response over the queen's limit arrives as result_part slices that reassemble into it."""
+    queen = await FakeQueen(max_frame_bytes=MIN_FRAME_BYTES).start()
+    text = 'é"\n' * MIN_FRAME_BYTES  # characters JSON escapes or encodes in several bytes
+    _, stop, task = await start(queen, StubEngine(text=text))
+    await queen.send(
+        Job(request_id="r1", openai_url="/v1/chat/completions", openai_req={**CHAT, "stream": False})
+    )
+    frames = []
+    while not isinstance(frame := await queen.next_frame(), Result):
+        frames.append(frame)
+    stop.set()
+    await task
+    await queen.stop()
+    assert len(frames) > 3
+    assert all(isinstance(part, ResultPart) and part.request_id == "r1" for part in frames)
+    assert frame.parts == len(frames)
+    assert frame.response is None
+    response = assemble_response([part.data for part in frames])
+    assert response["choices"][0]["message"]["content"] == text
+    assert queen.largest_frame <= MIN_FRAME_BYTES
+
+
+async def test_the_worker_states_and_enforces_its_own_frame_limit() -> None:
+    """The registration states the worker's limit; a bigger frame from the queen closes that connection."""
+    queen = await FakeQueen().start()
+    _, stop, task = await start(queen, StubEngine(chunks=1), max_frame_bytes=MIN_FRAME_BYTES)
+    [first] = queen.registrations
+    assert first.max_frame_bytes == MIN_FRAME_BYTES
+    queen.connected.clear()
+    huge = {**CHAT, "messages": [{"role": "user", "content": "x" * MIN_FRAME_BYTES}]}
+    await queen.send(Job(request_id="huge", openai_url="/v1/chat/completions", openai_req=huge))
+    await asyncio.wait_for(queen.connected.wait(), 10)  # the worker came back on a new connection
+    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    chunk = await queen.next_frame()
+    stop.set()
+    await task
+    await queen.stop()
+    assert queen.connections[0].close_code == 1009  # message too big
+    assert len(queen.registrations) == 2
+    assert isinstance(chunk, Chunk)
+    assert chunk.request_id == "r1"
+
+
+@pytest.fixture(scope="module")
+def embedding_engine() -> Iterator[Engine]:
+    """SmolLM2 with an embeddings context, served without a batching backend."""
+    model = load_model(ModelConfig(id="smol", path=smollm2_path(), n_ctx=256, embeddings=True), threads=1)
+    engine = Engine({"smol": model})
+    yield engine
+    engine.close()
+
+
+async def test_a_big_embeddings_answer_reassembles_to_the_unsplit_one(embedding_engine: Engine) -> None:
+    """Forty real embeddings under a 64 KiB queen limit arrive in parts that make the direct answer."""
+    # Forty, not hundreds: each embedding costs tens of milliseconds on a shared CI core, and forty
+    # already make some thirty parts.
+    body = {"model": "smol", "input": [f"sentence number {index}" for index in range(40)]}
+    usage, direct = await embedding_engine.embed(EmbeddingRequest.model_validate(body), threading.Event())
+    queen = await FakeQueen(max_frame_bytes=MIN_FRAME_BYTES).start()
+    _, stop, task = await start(queen, embedding_engine)
+    await queen.send(Job(request_id="e1", openai_url="/v1/embeddings", openai_req=body))
+    parts = []
+    while not isinstance(frame := await queen.next_frame(timeout=60), Result):
+        parts.append(frame)
+    stop.set()
+    await task
+    await queen.stop()
+    assert all(isinstance(part, ResultPart) for part in parts)
+    assert frame.parts == len(parts) > 20
+    assert frame.usage == usage
+    assert assemble_response([part.data for part in parts]) == direct
+    assert len(direct["data"]) == 40
+    assert queen.largest_frame <= MIN_FRAME_BYTES
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate it signed for localhost: (ca, cert, key)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    ca, ca_key = folder / "ca.pem", folder / "ca.key"
+    cert, key, csr = folder / "server.pem", folder / "server.key", folder / "server.csr"
+    extensions = folder / "server.ext"
+    extensions.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    commands = [
+        [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=bee CA",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+         "-days", "2", "-extfile", extensions],
+    ]  # fmt: skip
+    for command in commands:
+        subprocess.run([str(part) for part in command], check=True, capture_output=True, timeout=30)
+    return ca, cert, key
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Test certificates, made once for the module."""
+    return make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+def tls_queen(certificates: tuple[Path, Path, Path]) -> FakeQueen:
+    """A fake queen serving wss:// with the test CA's certificate for localhost."""
+    _, cert, key = certificates
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return FakeQueen(tls=context)
+
+
+async def test_wss_verifies_the_queen_with_the_system_cas(
+    certificates: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over wss:// the worker trusts what the system trusts (SSL_CERT_FILE here) and registers."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates[0]))
+    queen = await tls_queen(certificates).start()
+    assert queen.url.startswith("wss://")
+    _, stop, task = await start(queen, StubEngine(chunks=1))
+    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    chunk = await queen.next_frame()
+    stop.set()
+    await task
+    await queen.stop()
+    assert isinstance(chunk, Chunk)
+
+
+async def test_wss_refuses_a_queen_it_cannot_verify(
+    certificates: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate from a CA the system does not trust never gets the registration (or its token)."""
+    queen = await tls_queen(certificates).start()
+    engine = StubEngine()
+    connection = WorkerConnection(queen.url, engine, lambda: registration(engine), reconnect_max_delay=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(connection.run(stop))
+    try:
+        await eventually(lambda: "CERTIFICATE_VERIFY_FAILED" in caplog.text)
+    finally:
+        stop.set()
+        await task
+        await queen.stop()
+    assert queen.registrations == []

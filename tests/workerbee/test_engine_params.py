@@ -14,7 +14,7 @@ import pytest
 from servers import smollm2_path
 
 from protocol import ErrorCode
-from protocol.openai import ChatCompletionRequest, ChatMessage, Tool
+from protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, Tool
 from workerbee import grammars
 from workerbee.decoding import Cancelled, Piece, Sampling, choice_seeds, generate, llama_seed
 from workerbee.engine import EngineError, LoadedModel, ModelConfig, chat_sampling, load_model
@@ -268,7 +268,7 @@ def test_context_length_is_checked_before_generation(
     chat = ChatCompletionRequest.model_validate({**BASE, "stream": True, **change})
     emitted: list[dict[str, Any]] = []
     with pytest.raises(EngineError) as raised:
-        model.run_chat(chat, threading.Event(), emitted.append)
+        model.run_chat(chat, threading.Event(), lambda chunk, tokens: emitted.append(chunk))
     assert raised.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
     assert raised.value.param == param
     assert emitted == []
@@ -281,7 +281,7 @@ def test_bad_tool_schema_is_refused_by_position(model: LoadedModel) -> None:
         {**BASE, "tools": [WEATHER.model_dump(), bad], "tool_choice": "required"}
     )
     with pytest.raises(EngineError) as raised:
-        model.run_chat(chat, threading.Event(), lambda _: None)
+        model.run_chat(chat, threading.Event(), lambda chunk, tokens: None)
     assert raised.value.param == "tools[1].function.parameters"
 
 
@@ -323,3 +323,66 @@ def test_frequency_penalty_reduces_repetition(model: LoadedModel) -> None:
     plain = generated(model, prompt, temperature=0.0, max_tokens=16)[0]
     penalized = generated(model, prompt, temperature=0.0, max_tokens=16, frequency_penalty=2.0)[0]
     assert penalized.lower().count("hello") < plain.lower().count("hello")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"logprobs": True}, {"logprobs": True, "n": 2, "max_tokens": 6, "ignore_eos": True}],
+    ids=["logprobs", "n=2"],
+)
+def test_chat_chunk_tokens_add_up_to_the_completion_tokens(
+    model: LoadedModel, fields: dict[str, Any]
+) -> None:
+    """On the token loop's path each content chunk counts its tokens, and they sum to the usage."""
+    chat = ChatCompletionRequest.model_validate(
+        {**BASE, "stream": True, "temperature": 0, "max_tokens": 16, **fields}
+    )
+    chunks: list[tuple[dict[str, Any], int]] = []
+    usage, _ = model.run_chat(chat, threading.Event(), lambda chunk, tokens: chunks.append((chunk, tokens)))
+    for chunk, tokens in chunks:
+        [choice] = chunk["choices"]
+        carries_text = choice["delta"].get("content")
+        assert (tokens >= 1) if carries_text else (tokens == 0), chunk
+    assert sum(tokens for _, tokens in chunks) == usage.completion_tokens > 0
+    assert len({chunk["choices"][0]["index"] for chunk, _ in chunks}) == (fields.get("n") or 1)
+
+
+def test_text_completion_chunk_tokens_add_up_to_the_completion_tokens(model: LoadedModel) -> None:
+    """Text-completion chunks count their tokens too; the echoed prompt counts none."""
+    request = CompletionRequest.model_validate(
+        {
+            "model": "m",
+            "prompt": "The sky is",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "echo": True,
+        }
+    )
+    chunks: list[tuple[dict[str, Any], int]] = []
+    usage, _ = model.run_completion(request, threading.Event(), lambda c, t: chunks.append((c, t)))
+    assert chunks[0][0]["choices"][0]["text"] == "The sky is"
+    assert chunks[0][1] == chunks[-1][1] == 0
+    assert sum(tokens for _, tokens in chunks) == usage.completion_tokens == 8
+
+
+def test_cancelled_chat_reports_what_it_used(model: LoadedModel) -> None:
+    """A chat cancelled mid-stream raises Cancelled with its prompt and the tokens streamed until then."""
+    cancel = threading.Event()
+    chat = ChatCompletionRequest.model_validate(
+        {**BASE, "stream": True, "logprobs": True, "max_tokens": 50, "ignore_eos": True}
+    )
+    streamed: list[int] = []
+
+    def emit(chunk: dict[str, Any], tokens: int) -> None:
+        streamed.append(tokens)
+        if sum(streamed) >= 3:
+            cancel.set()
+
+    with pytest.raises(Cancelled) as raised:
+        model.run_chat(chat, cancel, emit)
+    prompt = len(model.chat_prompt(chat))
+    assert raised.value.usage is not None
+    assert raised.value.usage.prompt_tokens == prompt
+    assert raised.value.usage.completion_tokens == sum(streamed) >= 3
+    assert raised.value.usage.total_tokens == prompt + sum(streamed)

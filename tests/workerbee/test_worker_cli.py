@@ -13,7 +13,7 @@ import pytest
 from fake_hub import FakeHub
 from test_gguf_info import write_tiny_gguf
 
-from protocol import GpuInfo
+from protocol import MAX_FRAME_BYTES, GpuInfo
 from workerbee import cli as worker_cli
 from workerbee.cli import ResolvedEntry, load_settings, plan_models, resolve_models
 from workerbee.hardware import HardwareReport
@@ -22,9 +22,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_REPO = "acme/Tiny-GGUF"
 
 
-def run_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m workerbee` with a queen URL nobody listens on (dry runs must not connect)."""
+def run_worker(
+    *args: str, env: dict[str, str] | None = None, config_home: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m workerbee` with a queen URL nobody listens on (dry runs must not connect).
+
+    The worker keeps its instance id under `config_home`; by default under a path that cannot exist, so
+    that a test never writes to the user's own configuration.
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "WORKERBEE_"))}
+    base["XDG_CONFIG_HOME"] = str(config_home or Path(os.devnull) / "config")
     return subprocess.run(
         [sys.executable, "-m", "workerbee", "--queen-url", "ws://127.0.0.1:9/worker", *args],
         cwd=REPO_ROOT,
@@ -58,6 +65,7 @@ def test_dry_run_resolves_downloads_and_prints_the_plan(tiny_hub: FakeHub, tmp_p
         "--auth-key",
         "s3cret",
         env=env,
+        config_home=tmp_path / "config",
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -66,6 +74,9 @@ def test_dry_run_resolves_downloads_and_prints_the_plan(tiny_hub: FakeHub, tmp_p
     assert registration["auth_key"] == "***"
     assert "s3cret" not in done.stdout + done.stderr
     assert registration["parallel"] == 3
+    kept = tmp_path / "config" / "workerbee" / "instance_id"
+    assert registration["instance_id"] == kept.read_text().strip()
+    assert registration["max_frame_bytes"] == MAX_FRAME_BYTES
     assert registration["cpu_count"] >= 1
     assert registration["disk_space"] > 0
     for field in ("vram", "nv_gpu_count", "nv_driver_version", "nv_gpus", "cl_driver_version", "cl_gpus"):
@@ -122,6 +133,9 @@ def test_help_documents_every_option() -> None:
         "--alias",
         "--ln-url",
         "--auth-key",
+        "--auth-key-file",
+        "--instance-id-file",
+        "--max-frame-bytes",
         "--threads",
         "--parallel",
         "--ctx-size",
@@ -213,3 +227,102 @@ def test_the_bundled_model_is_the_default() -> None:
     [(text, alias)] = worker_cli.model_ids(load_settings([]))
     assert text.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert alias is None
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[worker_cli.Credentials]:
+    """The credentials `main` would serve with, each run's in turn; serving itself is stubbed out."""
+    runs: list[worker_cli.Credentials] = []
+
+    async def serve(settings: Any, credentials: worker_cli.Credentials, planned: Any, threads: Any) -> int:
+        runs.append(credentials)
+        return 0
+
+    monkeypatch.setattr(worker_cli, "serve", serve)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in [name for name in os.environ if name.startswith("WORKERBEE_")]:
+        monkeypatch.delenv(name)
+    return runs
+
+
+def main(model: Path, *args: str) -> int:
+    """Run the worker's main in this process with a tiny model."""
+    return worker_cli.main(["--model", str(model), "--threads", "1", *args])
+
+
+def test_the_instance_id_survives_restarts(served: list[worker_cli.Credentials], tmp_path: Path) -> None:
+    """Each start registers with the id kept in the config directory, made on the first start."""
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert main(model) == 0
+    assert main(model) == 0
+    first, second = served
+    assert first.instance_id == second.instance_id
+    kept = tmp_path / "config" / "workerbee" / "instance_id"
+    assert kept.read_text().strip() == first.instance_id
+    assert main(model, "--instance-id-file", str(tmp_path / "other")) == 0
+    assert served[2].instance_id != first.instance_id
+
+
+def test_the_auth_key_can_come_from_a_file_or_the_environment(
+    served: list[worker_cli.Credentials], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--auth-key-file gives its first line as the token; WORKERBEE_AUTH_KEY works like --auth-key."""
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    key_file = tmp_path / "key"
+    key_file.write_text("from-the-file\nsecond line\n")
+    assert main(model, "--auth-key-file", str(key_file)) == 0
+    monkeypatch.setenv("WORKERBEE_AUTH_KEY", "from-the-environment")
+    assert main(model) == 0
+    assert [credentials.auth_key for credentials in served] == ["from-the-file", "from-the-environment"]
+
+
+def test_auth_key_and_auth_key_file_together_are_refused(
+    served: list[worker_cli.Credentials], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two sources for the token is a usage error, in one line, before anything starts."""
+    key_file = tmp_path / "key"
+    key_file.write_text("k\n")
+    with pytest.raises(SystemExit) as exited:
+        worker_cli.main(["--auth-key", "k", "--auth-key-file", str(key_file)])
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "not both" in line
+    assert served == []
+
+
+def test_an_empty_auth_key_file_is_refused(
+    served: list[worker_cli.Credentials], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An auth key file without a token stops the worker with exit 2, naming the file."""
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    key_file = tmp_path / "key"
+    key_file.write_text("\n")
+    assert main(model, "--auth-key-file", str(key_file)) == 2
+    assert str(key_file) in capsys.readouterr().err
+    assert served == []
+
+
+@pytest.mark.parametrize(
+    ("url", "key", "warnings"),
+    [
+        ("ws://192.0.2.7:8000/worker", "s3cret", 1),
+        ("ws://127.0.0.1:8000/worker", "s3cret", 0),
+        ("wss://queen.example/worker", "s3cret", 0),
+        ("ws://192.0.2.7:8000/worker", "", 0),
+    ],
+)
+def test_a_token_sent_in_plain_text_over_the_network_is_warned_about_once(
+    served: list[worker_cli.Credentials],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    url: str,
+    key: str,
+    warnings: int,
+) -> None:
+    """One warning line when the token would cross the network unencrypted; none otherwise."""
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    args = ["--queen-url", url, *(["--auth-key", key] if key else [])]
+    assert main(model, *args) == 0
+    lines = [record.getMessage() for record in caplog.records if "plain text" in record.getMessage()]
+    assert len(lines) == warnings
+    assert not any(key and key in record.getMessage() for record in caplog.records)
