@@ -44,13 +44,14 @@ def answer(job: Job) -> list[str]:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
         }
         return [encode(Result(request_id=request_id, usage=USAGE, response=response))]
+    # With the generated tokens each chunk's text took (Chunk.tokens): one a word, none for role or finish.
     chunks = [
-        _chunk({"role": "assistant", "content": ""}),
-        _chunk({"content": "Hello"}),
-        _chunk({"content": " there"}),
-        _chunk({}, "stop"),
+        (_chunk({"role": "assistant", "content": ""}), 0),
+        (_chunk({"content": "Hello"}), 1),
+        (_chunk({"content": " there"}), 1),
+        (_chunk({}, "stop"), 0),
     ]
-    frames = [encode(Chunk(request_id=request_id, chunk=chunk)) for chunk in chunks]
+    frames = [encode(Chunk(request_id=request_id, chunk=chunk, tokens=tokens)) for chunk, tokens in chunks]
     return [*frames, encode(Result(request_id=request_id, usage=USAGE))]
 
 

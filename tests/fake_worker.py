@@ -12,6 +12,7 @@ from websockets.asyncio.client import ClientConnection
 
 from protocol import (
     MAX_FRAME_BYTES,
+    MIN_FRAME_BYTES,
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
@@ -25,6 +26,7 @@ from protocol import (
     Welcome,
     decode_queen_frame,
     encode,
+    result_frames,
 )
 from protocol.messages import Frame
 
@@ -54,16 +56,21 @@ def completion(text: str) -> dict[str, Any]:
 
 
 async def answer(worker: FakeWorker, job: Job, words: tuple[str, ...] = ("Hello", " there")) -> None:
-    """The default behaviour: a short, well-formed answer, streamed or whole as the job asks."""
+    """The default behaviour: a short, well-formed answer, streamed or whole as the job asks.
+
+    Each word is one token (Chunk.tokens); a whole answer too big for the queen's frames goes in parts.
+    """
     usage = Usage(prompt_tokens=3, completion_tokens=len(words), total_tokens=3 + len(words))
     if job.openai_req.get("stream"):
         await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", role=True)))
         for word in words:
-            await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk(word)))
+            await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk(word), tokens=1))
         await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", finish_reason="stop")))
         await worker.send(Result(request_id=job.request_id, usage=usage))
     else:
-        await worker.send(Result(request_id=job.request_id, usage=usage, response=completion("".join(words))))
+        result = Result(request_id=job.request_id, usage=usage, response=completion("".join(words)))
+        for frame in result_frames(result, worker.queen_max_frame_bytes):
+            await worker.send(frame)
 
 
 class FakeWorker:
@@ -89,6 +96,8 @@ class FakeWorker:
         self.cancels: list[str] = []
         self.cancelled = asyncio.Event()
         self.worker_id: str | None = None
+        self.queen_max_frame_bytes = MIN_FRAME_BYTES
+        """The largest frame the queen accepts, from its Welcome."""
         self._websocket: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -116,6 +125,7 @@ class FakeWorker:
         welcome = decode_queen_frame(await asyncio.wait_for(self._websocket.recv(), 10))
         assert isinstance(welcome, Welcome), welcome
         self.worker_id = welcome.worker_id
+        self.queen_max_frame_bytes = welcome.max_frame_bytes
         self._reader = asyncio.create_task(self._read())
         return self
 
