@@ -1,11 +1,23 @@
-"""The usage ledger: one row per finished request in SQLite, committed before the client sees the end.
+"""The usage ledger: one row per finished request in SQLite, durable before the client sees the end.
 
 The ledger is what operators pay workers from, so a row is durable before the response's last byte
-leaves: WAL journal, `synchronous=FULL`, one transaction per row. All SQLite work runs in one thread of
-its own, so a slow disk delays the request being recorded and never the event loop.
+leaves: committed to the database (WAL journal, `synchronous=FULL`), or, when the database cannot take
+it (disk full, file too large, locked by another process, I/O error), appended and fsynced to the spool
+beside it (`ledger_spool`), from which a replay task of the ledger's own copies it into the database
+once writes work again. Only when the spool cannot be written either does `request_finished` raise.
+
+Writes are group commits: records that arrive while a transaction is in flight go into the next one
+together, so a slow disk costs each request its own commit and never a queue of other requests'
+commits. The database waits only a short `write_timeout` for a lock on the request path; after one
+failure the ledger is degraded and sends rows straight to the spool until the replay has emptied it.
 
 The schema is versioned with `PRAGMA user_version`; `MIGRATIONS[n]` takes a ledger from version n to
 n + 1, in one transaction.
+
+Errors:
+
+    LedgerError              the ledger file cannot be used (opening, migrating, a closed ledger)
+    └── LedgerUnavailable    a record could be stored neither in the database nor in the spool
 """
 
 from __future__ import annotations
@@ -13,17 +25,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
+from queenbee import ledger_spool
+from queenbee.ledger_spool import spool_path
 from queenbee.observer import RequestRecord
 
 log = logging.getLogger("queenbee.ledger")
 
 T = TypeVar("T")
+
+MAX_TOKENS: Final = 2**31 - 1
+"""Token figures are clamped to 0..MAX_TOKENS when stored, so that sums cannot overflow (see usage_report)."""
 
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # 1: the usage table, indexed for the reports' time ranges.
@@ -51,28 +70,150 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX usage_started_at ON usage (started_at)",
     ),
+    # 2: what the worker is credited with beside what the client is billed, and why the worker's own
+    # report was not believed. Older rows credit the worker what the client was billed, and every token
+    # figure is brought into 0..2**31-1 so that the reports' sums cannot overflow.
+    (
+        "ALTER TABLE usage ADD COLUMN worker_prompt_tokens INTEGER",
+        "ALTER TABLE usage ADD COLUMN worker_completion_tokens INTEGER",
+        "ALTER TABLE usage ADD COLUMN usage_violation TEXT",
+        f"""
+        UPDATE usage SET
+            prompt_tokens = MAX(0, MIN(prompt_tokens, {MAX_TOKENS})),
+            completion_tokens = MAX(0, MIN(completion_tokens, {MAX_TOKENS})),
+            worker_prompt_tokens = MAX(0, MIN(prompt_tokens, {MAX_TOKENS})),
+            worker_completion_tokens = MAX(0, MIN(completion_tokens, {MAX_TOKENS}))
+        """,
+    ),
 )
 """Every schema change, in order; never edit one that has shipped, append a new one."""
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
-
-_INSERT = """
-    INSERT INTO usage (
-        request_id, started_at, path, model, api_key_id, worker_id, ln_url, prompt_tokens,
-        completion_tokens, ttft, duration, outcome, status, error_code, attempts, streamed
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
 
 
 class LedgerError(Exception):
     """The ledger file cannot be used."""
 
 
+class LedgerUnavailable(LedgerError):
+    """A record could be written neither to the database nor to the spool: it is not recorded."""
+
+
+def _tokens(value: int) -> int:
+    return max(0, min(int(value), MAX_TOKENS))
+
+
+class Row(NamedTuple):
+    """One usage row as stored: the table's columns, in the order `_INSERT` names them."""
+
+    request_id: str
+    started_at: float
+    path: str
+    model: str
+    api_key_id: str | None
+    worker_id: str | None
+    ln_url: str | None
+    prompt_tokens: int
+    """What the client is billed."""
+    completion_tokens: int
+    ttft: float | None
+    duration: float
+    outcome: str
+    status: int
+    error_code: str | None
+    attempts: int
+    streamed: int
+    worker_prompt_tokens: int
+    """What the worker is credited with."""
+    worker_completion_tokens: int
+    usage_violation: str | None
+
+    @classmethod
+    def from_record(cls, record: RequestRecord) -> Row:
+        """The row for a finished request, token figures clamped to 0..MAX_TOKENS."""
+        return cls(
+            request_id=record.request_id,
+            started_at=record.started_at,
+            path=record.path,
+            model=record.model,
+            api_key_id=record.api_key_id,
+            worker_id=record.worker_id,
+            ln_url=record.ln_url,
+            prompt_tokens=_tokens(record.prompt_tokens),
+            completion_tokens=_tokens(record.completion_tokens),
+            ttft=record.ttft,
+            duration=record.duration,
+            outcome=record.outcome,
+            status=record.status,
+            error_code=record.error_code,
+            attempts=record.attempts,
+            streamed=int(record.streamed),
+            worker_prompt_tokens=_tokens(record.credited_prompt_tokens),
+            worker_completion_tokens=_tokens(record.credited_completion_tokens),
+            usage_violation=record.usage_violation,
+        )
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Row:
+        """A row read back from the spool (fields it does not know are dropped); ValueError if it is none."""
+        missing = set(cls._fields) - set(obj)
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))}")
+        for name, kinds in _FIELD_KINDS.items():
+            value = obj[name]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ValueError(f"{name}={value!r} is not {' or '.join(kind.__name__ for kind in kinds)}")
+        if obj["outcome"] not in ("success", "error", "cancelled"):
+            raise ValueError(f"outcome={obj['outcome']!r}")
+        tokens = {name: _tokens(obj[name]) for name in _TOKEN_FIELDS}
+        return cls(**{**{name: obj[name] for name in cls._fields}, **tokens})
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as a JSON object, for the spool."""
+        return self._asdict()
+
+
+_TOKEN_FIELDS: Final = (
+    "prompt_tokens",
+    "completion_tokens",
+    "worker_prompt_tokens",
+    "worker_completion_tokens",
+)
+_TEXT: Final = (str,)
+_MAYBE_TEXT: Final = (str, type(None))
+_NUMBER: Final = (int, float)
+_FIELD_KINDS: Final[dict[str, tuple[type, ...]]] = {
+    "request_id": _TEXT,
+    "started_at": _NUMBER,
+    "path": _TEXT,
+    "model": _TEXT,
+    "api_key_id": _MAYBE_TEXT,
+    "worker_id": _MAYBE_TEXT,
+    "ln_url": _MAYBE_TEXT,
+    "ttft": (int, float, type(None)),
+    "duration": _NUMBER,
+    "outcome": _TEXT,
+    "status": (int,),
+    "error_code": _MAYBE_TEXT,
+    "attempts": (int,),
+    "streamed": (int,),
+    "usage_violation": _MAYBE_TEXT,
+    **dict.fromkeys(_TOKEN_FIELDS, (int,)),
+}
+
+# OR IGNORE: a request id already recorded (a replayed spool line, or a commit that reported an error
+# but reached the disk) keeps the row it has.
+_INSERT: Final = (
+    f"INSERT OR IGNORE INTO usage ({', '.join(Row._fields)}) VALUES ({', '.join('?' * len(Row._fields))})"
+)
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) a ledger in WAL mode with durable commits, and bring its schema up to date.
 
     The connection is in autocommit mode: every statement outside an explicit BEGIN is its own
-    transaction, committed when `execute` returns.
+    transaction, committed when `execute` returns. Opening a ledger that is up to date only reads it,
+    so it works while another process holds the write lock or the disk is full.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +245,11 @@ def schema_version(connection: sqlite3.Connection) -> int:
 
 def migrate(connection: sqlite3.Connection, path: Path | str = "the ledger") -> int:
     """Apply the migrations a ledger lacks, each in one transaction; returns the version it is now at."""
-    # IMMEDIATE takes the write lock before reading the version, so two processes opening a new ledger
-    # at once cannot both apply the same migration.
+    version = schema_version(connection)
+    if version == SCHEMA_VERSION:
+        return version  # no write lock needed, nor any disk space
+    # IMMEDIATE takes the write lock before reading the version again, so two processes opening a new
+    # ledger at once cannot both apply the same migration.
     connection.execute("BEGIN IMMEDIATE")
     try:
         version = schema_version(connection)
@@ -128,126 +272,326 @@ def migrate(connection: sqlite3.Connection, path: Path | str = "the ledger") -> 
 
 
 def insert(connection: sqlite3.Connection, record: RequestRecord) -> None:
-    """Write one record; durable when this returns."""
-    connection.execute(
-        _INSERT,
-        (
-            record.request_id,
-            record.started_at,
-            record.path,
-            record.model,
-            record.api_key_id,
-            record.worker_id,
-            record.ln_url,
-            record.prompt_tokens,
-            record.completion_tokens,
-            record.ttft,
-            record.duration,
-            record.outcome,
-            record.status,
-            record.error_code,
-            record.attempts,
-            int(record.streamed),
-        ),
-    )
+    """Write one record (a request id already recorded is left as it was); durable when this returns."""
+    connection.execute(_INSERT, Row.from_record(record))
 
 
-@dataclass(frozen=True)
-class UsageRow:
-    """Totals for one worker payout address or one API key over a time range."""
-
-    name: str
-    requests: int
-    succeeded: int
-    failed: int
-    cancelled: int
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        """Prompt plus completion tokens."""
-        return self.prompt_tokens + self.completion_tokens
-
-    def to_json(self) -> dict[str, Any]:
-        """The row as a JSON object."""
-        return {
-            "requests": self.requests,
-            "succeeded": self.succeeded,
-            "failed": self.failed,
-            "cancelled": self.cancelled,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-        }
+def insert_rows(connection: sqlite3.Connection, rows: Sequence[Row]) -> int:
+    """Write rows in one transaction, durable when this returns; how many were new (not yet recorded)."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        before = connection.total_changes
+        connection.executemany(_INSERT, rows)
+        added = connection.total_changes - before
+        connection.execute("COMMIT")
+    except BaseException:
+        with suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+        raise
+    return added
 
 
-_TOTALS = """
-    SELECT {group} AS name, COUNT(*),
-        COALESCE(SUM(outcome = 'success'), 0), COALESCE(SUM(outcome = 'error'), 0),
-        COALESCE(SUM(outcome = 'cancelled'), 0),
-        COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)
-    FROM usage
-    WHERE started_at >= ? AND started_at < ? {where}
-    GROUP BY name
-    ORDER BY SUM(prompt_tokens + completion_tokens) DESC, name
-"""
+class _Replay(Enum):
+    DONE = "done"  # the spool is empty (and removed)
+    MORE = "more"  # a chunk went into the database; more lines wait
+    FAILED = "failed"  # the database refused; try again later
 
 
-def usage_totals(
-    connection: sqlite3.Connection, since: float | None, until: float | None
-) -> tuple[list[UsageRow], list[UsageRow]]:
-    """Totals per worker `ln_url` (requests a worker ran) and per API key, for requests started in range."""
-    bounds = (since if since is not None else float("-inf"), until if until is not None else float("inf"))
-    by_worker = connection.execute(
-        _TOTALS.format(group="COALESCE(ln_url, '')", where="AND worker_id IS NOT NULL"), bounds
-    ).fetchall()
-    by_key = connection.execute(_TOTALS.format(group="COALESCE(api_key_id, '')", where=""), bounds).fetchall()
-    return [UsageRow(*row) for row in by_worker], [UsageRow(*row) for row in by_key]
+@dataclass
+class _Pending:
+    row: Row
+    committed: asyncio.Future[None]
 
 
 class Ledger:
-    """The queen's ledger: a request observer that writes every record before the response ends."""
+    """The queen's ledger: a request observer that stores every record before the response ends.
 
-    def __init__(self, path: Path) -> None:
+    `degraded` is true while the database refuses writes or rows wait in the spool (`spooled_rows`);
+    `write_failures` counts the database transactions that failed, for the metrics.
+    """
+
+    REPLAY_CHUNK: Final = 2000
+    """Spool lines per replay transaction: live writes get the thread between chunks."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        write_timeout: float = 0.25,
+        replay_interval: float = 1.0,
+        commit_timeout: float = 30.0,
+        close_timeout: float = 30.0,
+    ) -> None:
         self.path = path
-        # One thread owns the connection for its whole life, so SQLite never sees two threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queenbee-ledger")
+        self.spool_path = spool_path(path)
+        self.write_timeout = write_timeout
+        """Seconds a write waits for another process's lock before its rows go to the spool."""
+        self.replay_interval = replay_interval
+        """Seconds between attempts to replay the spool into a database that refused it."""
+        self.commit_timeout = commit_timeout
+        """Seconds `request_finished` waits for its row to be stored before giving up."""
+        self.close_timeout = close_timeout
+        """Seconds `close` waits for the writes in flight and a last replay."""
+        self.write_failures = 0
+        # One thread owns the writing connection and the spool for their whole lives, so SQLite never
+        # sees two threads and appends, replays and removals of the spool never interleave. Reports
+        # read on a thread and connection of their own, never queued behind a write.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queenbee-ledger")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queenbee-ledger-reports")
         self._connection: sqlite3.Connection | None = None
+        self._read_connection: sqlite3.Connection | None = None
+        self._spooled_rows = 0
+        self._spool_dirty = False  # the spool file exists: lines (perhaps only torn ones) to replay
+        self._replay_offset = 0
+        self._failing = False  # the last write to the database failed
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def degraded(self) -> bool:
+        """The database refuses writes, or rows wait in the spool for it."""
+        return self._failing or self._spooled_rows > 0
+
+    @property
+    def spooled_rows(self) -> int:
+        """Rows in the spool that are not in the database yet."""
+        return self._spooled_rows
 
     @classmethod
-    async def open(cls, path: Path) -> Ledger:
-        """Open the ledger at `path`, creating and migrating it as needed."""
-        ledger = cls(path)
+    async def open(
+        cls,
+        path: Path,
+        *,
+        write_timeout: float = 0.25,
+        replay_interval: float = 1.0,
+        commit_timeout: float = 30.0,
+        close_timeout: float = 30.0,
+    ) -> Ledger:
+        """Open the ledger at `path`, creating and migrating it as needed, and start its writer.
+
+        Rows a previous run left in the spool are replayed by the writer as soon as the database takes
+        them.
+        """
+        ledger = cls(
+            path,
+            write_timeout=write_timeout,
+            replay_interval=replay_interval,
+            commit_timeout=commit_timeout,
+            close_timeout=close_timeout,
+        )
+        loop = asyncio.get_running_loop()
         try:
-            await ledger._run(ledger._open)
+            await loop.run_in_executor(ledger._writer, ledger._open_writer)
+            await loop.run_in_executor(ledger._reader, ledger._open_reader)
         except BaseException:
-            ledger._executor.shutdown(wait=True)
+            await loop.run_in_executor(ledger._writer, ledger._close_writer)
+            ledger._shutdown_threads()
             raise
+        ledger._task = asyncio.create_task(ledger._write_loop(), name=f"ledger {path}")
         log.info("usage ledger at %s", path)
+        if ledger._spooled_rows:
+            log.warning("ledger: %d rows wait in %s to be replayed", ledger._spooled_rows, ledger.spool_path)
         return ledger
 
     async def request_finished(self, record: RequestRecord) -> None:
-        """Write the record; it is committed when this returns."""
-        await self._run(lambda: insert(self._require(), record))
+        """Store the record: committed, or fsynced to the spool, when this returns.
 
-    async def usage_totals(
-        self, since: float | None, until: float | None
-    ) -> tuple[list[UsageRow], list[UsageRow]]:
-        """Totals per worker ln_url and per API key (see `usage_totals`)."""
-        return await self._run(lambda: usage_totals(self._require(), since, until))
+        Raises LedgerUnavailable if it could be stored in neither (or not within `commit_timeout`).
+        """
+        if self._closing or self._task is None or self._task.done():
+            raise LedgerUnavailable(f"the ledger at {self.path} is closed")
+        pending = _Pending(Row.from_record(record), asyncio.get_running_loop().create_future())
+        # Retrieved here too, so a caller that gave up leaves no "exception never retrieved" behind.
+        pending.committed.add_done_callback(lambda future: future.cancelled() or future.exception())
+        self._pending.append(pending)
+        self._wake.set()
+        try:
+            async with asyncio.timeout(self.commit_timeout):
+                # Shielded: the row is written whatever happens to the caller.
+                await asyncio.shield(pending.committed)
+        except TimeoutError:
+            raise LedgerUnavailable(
+                f"the ledger did not store request {record.request_id} within {self.commit_timeout:g} s"
+            ) from None
+
+    async def read(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `function` on a connection of the reports' own, never queued behind a write."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, lambda: function(self._require_reader()))
 
     async def close(self) -> None:
-        """Finish the writes already submitted, then close the file."""
+        """Store the records already submitted, try a last replay, then close the files.
+
+        Rows the database still refuses stay in the spool for the next start.
+        """
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
         try:
-            await self._run(self._close)
+            async with asyncio.timeout(self.close_timeout):
+                await self._task
+        except TimeoutError:
+            log.error("ledger: writes still in flight after %g s; closing anyway", self.close_timeout)
         finally:
-            self._executor.shutdown(wait=True)
+            self._task = None
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._writer, self._close_writer)
+            await loop.run_in_executor(self._reader, self._close_reader)
+            self._shutdown_threads()
+        if self._spooled_rows:
+            log.warning("ledger: %d rows left in %s for the next start", self._spooled_rows, self.spool_path)
 
-    def _open(self) -> None:
+    # The event loop's side: one task batches the records and schedules the replays.
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_replay = loop.time()
+        try:
+            while True:
+                if self._spool_dirty and loop.time() >= next_replay:
+                    outcome = await self._in_writer(self._replay_step)
+                    next_replay = loop.time() + (self.replay_interval if outcome is _Replay.FAILED else 0)
+                if self._pending:
+                    was_dirty = self._spool_dirty
+                    await self._write_pending()
+                    if self._spool_dirty and not was_dirty:
+                        next_replay = loop.time() + self.replay_interval  # the database just refused
+                    continue
+                if self._closing:
+                    break
+                self._wake.clear()
+                wait = max(0.0, next_replay - loop.time()) if self._spool_dirty else None
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+            await self._last_replay()
+        finally:
+            self._fail_pending(LedgerUnavailable(f"the ledger at {self.path} is closed"))
+
+    async def _write_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            await self._in_writer(lambda: self._store([pending.row for pending in batch]))
+        except BaseException as exc:
+            error = (
+                exc if isinstance(exc, Exception) else LedgerUnavailable("the ledger's writer was stopped")
+            )
+            for pending in batch:
+                if not pending.committed.done():
+                    pending.committed.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for pending in batch:
+                if not pending.committed.done():
+                    pending.committed.set_result(None)
+
+    async def _last_replay(self) -> None:
+        while self._spool_dirty and await self._in_writer(self._replay_step) is _Replay.MORE:
+            pass
+
+    def _fail_pending(self, error: Exception) -> None:
+        batch, self._pending = self._pending, []
+        for pending in batch:
+            if not pending.committed.done():
+                pending.committed.set_exception(error)
+
+    async def _in_writer(self, function: Callable[[], T]) -> T:
+        # Shielded: a transaction under way finishes (and is accounted for) even if this task is
+        # cancelled, say by close's deadline.
+        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._writer, function))
+
+    # The writer thread's side.
+
+    def _open_writer(self) -> None:
         self._connection = connect(self.path)
+        self._connection.execute(f"PRAGMA busy_timeout = {round(self.write_timeout * 1000)}")
+        try:
+            spooled = ledger_spool.read(self.spool_path)
+        except OSError as exc:
+            # Replays will try again; meanwhile the database takes the rows, if it can.
+            log.warning("ledger: cannot read the spool %s: %s", self.spool_path, exc)
+            self._spool_dirty = True
+            return
+        self._spool_dirty = spooled.size > 0 or self.spool_path.exists()
+        self._spooled_rows = len(spooled.objects)
 
-    def _close(self) -> None:
+    def _store(self, rows: list[Row]) -> None:
+        """Commit the rows, or else spool them; LedgerUnavailable if neither works."""
+        tried_database = False
+        if not self.degraded:
+            tried_database = True
+            if self._commit(rows):
+                return
+        try:
+            ledger_spool.append(self.spool_path, [row.to_json() for row in rows])
+        except OSError as exc:
+            spool_error: OSError = exc
+        else:
+            self._spool_dirty = True
+            self._spooled_rows += len(rows)
+            return
+        # The spool is the fallback, not the preference: a degraded ledger whose spool fails tries the
+        # database too before it gives up.
+        if not tried_database and self._commit(rows):
+            return
+        log.error("ledger: cannot spool %d rows to %s either: %s", len(rows), self.spool_path, spool_error)
+        raise LedgerUnavailable(
+            f"cannot record {len(rows)} requests: the ledger at {self.path} and its spool both refuse "
+            f"writes ({spool_error})"
+        )
+
+    def _commit(self, rows: Sequence[Row]) -> bool:
+        """Try one transaction; whether it committed (a failure marks the ledger as failing)."""
+        try:
+            added = insert_rows(self._require(), rows)
+        except sqlite3.Error as exc:
+            self.write_failures += 1
+            if not self._failing:
+                log.warning(
+                    "ledger: cannot commit to %s (%s); spooling to %s", self.path, exc, self.spool_path
+                )
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("ledger: %s takes writes again", self.path)
+        self._failing = False
+        if added < len(rows):
+            log.debug("ledger: %d of %d rows were already recorded", len(rows) - added, len(rows))
+        return True
+
+    def _replay_step(self) -> _Replay:
+        """Copy the next chunk of the spool into the database; remove the spool once all of it is in."""
+        try:
+            spooled = ledger_spool.read(self.spool_path, self._replay_offset, self.REPLAY_CHUNK)
+        except OSError as exc:
+            log.warning("ledger: cannot read the spool %s: %s", self.spool_path, exc)
+            return _Replay.FAILED
+        rows: list[Row] = []
+        for obj in spooled.objects:
+            try:
+                rows.append(Row.from_json(obj))
+            except ValueError as exc:
+                log.warning("ledger: skipping a spool line that is not a usage row (%s): %s", exc, obj)
+        for line in spooled.bad_lines:
+            log.warning("ledger: skipping a torn spool line: %r", line[:200])
+        if rows and not self._commit(rows):
+            return _Replay.FAILED
+        self._replay_offset = spooled.end
+        self._spooled_rows = max(0, self._spooled_rows - len(spooled.objects))
+        if spooled.end < spooled.size:
+            return _Replay.MORE
+        ledger_spool.remove(self.spool_path)
+        self._replay_offset = 0
+        self._spooled_rows = 0
+        self._spool_dirty = False
+        log.info("ledger: the spool %s is replayed into %s", self.spool_path, self.path)
+        return _Replay.DONE
+
+    def _close_writer(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -257,7 +601,21 @@ class Ledger:
             raise LedgerError(f"the ledger at {self.path} is closed")
         return self._connection
 
-    async def _run(self, function: Callable[[], T]) -> T:
-        # Shielded: a write still waiting for the thread would be dropped if its caller's cancellation
-        # reached the executor's future; this way it runs, and commits, whatever happens to the caller.
-        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._executor, function))
+    # The reports' thread.
+
+    def _open_reader(self) -> None:
+        self._read_connection = connect(self.path)
+
+    def _require_reader(self) -> sqlite3.Connection:
+        if self._read_connection is None:
+            raise LedgerError(f"the ledger at {self.path} is closed")
+        return self._read_connection
+
+    def _close_reader(self) -> None:
+        if self._read_connection is not None:
+            self._read_connection.close()
+            self._read_connection = None
+
+    def _shutdown_threads(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import Response
 
 from queenbee.hive import Hive
+from queenbee.ledger import Ledger
 from queenbee.observer import RequestRecord
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -69,6 +70,26 @@ class HiveCollector:
             model_workers.add_metric([model], len(self.hive.serving(model)))
         yield queue
         yield model_workers
+
+
+class LedgerCollector:
+    """The usage ledger's health, read at scrape time."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterable[Metric]:
+        """Rows the database has not taken yet, and how often it refused."""
+        yield GaugeMetricFamily(
+            "queenbee_ledger_spooled_rows",
+            "Usage rows kept in the ledger's spool file because the database refused them, not yet replayed.",
+            value=self.ledger.spooled_rows,
+        )
+        yield CounterMetricFamily(
+            "queenbee_ledger_write_failures",
+            "Ledger transactions (batches of rows, or replays of the spool) the database refused.",
+            value=self.ledger.write_failures,
+        )
 
 
 class QueenMetrics:
@@ -137,6 +158,10 @@ class QueenMetrics:
     def exposition(self) -> bytes:
         """The metrics in Prometheus's text format."""
         return generate_latest(self.registry)
+
+    def watch_ledger(self, ledger: Ledger) -> None:
+        """Export the ledger's health (spooled rows, write failures) with the other metrics."""
+        self.registry.register(LedgerCollector(ledger))
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -2,10 +2,11 @@
 
     queenbee usage [--db PATH] [--since WHEN] [--until WHEN] [--format table|json]
 
-reads the ledger file (safe while the queen runs); `GET /admin/usage?since=&until=&format=` asks a
-running queen, with the admin key. WHEN is an ISO 8601 date or time (UTC unless it names a zone),
-seconds since the epoch, or a time ago such as 90s, 30m, 12h, 7d or 2w. The range holds requests that
-started at or after --since and before --until.
+reads the ledger file and its spool (safe while the queen runs, and while another process holds the
+database's write lock); `GET /admin/usage?since=&until=&format=` asks a running queen, with the admin
+key. Rows waiting in the spool (the database refused them) count like committed ones, each once. WHEN
+is an ISO 8601 date or time (UTC unless it names a zone), seconds since the epoch, or a time ago such as
+90s, 30m, 12h, 7d or 2w. The range holds requests that started at or after --since and before --until.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ import re
 import sqlite3
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from queenbee import ledger_spool
 from queenbee.auth import require_admin
 from queenbee.errors import InvalidRequest
-from queenbee.ledger import Ledger, LedgerError, UsageRow, connect, usage_totals
+from queenbee.ledger import Ledger, LedgerError, Row, connect
+from queenbee.ledger_spool import spool_path
 from queenbee.settings import default_db_path
 
 _AGO = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -41,8 +46,167 @@ _COLUMNS = (
     "completion_tokens",
     "total_tokens",
 )
+_WORKER_COLUMNS = (*_COLUMNS, "violations")
 
 Format = Literal["table", "json"]
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Totals for one worker payout address or one API key over a time range."""
+
+    name: str
+    requests: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    prompt_tokens: int
+    completion_tokens: int
+    violations: int = 0
+    """Requests whose worker's usage report was not believed (bounded before it was credited)."""
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as a JSON object."""
+        return {
+            "requests": self.requests,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+    def plus(self, other: UsageRow) -> UsageRow:
+        """This row's counts and `other`'s added up, under this row's name."""
+        return UsageRow(
+            self.name,
+            *(getattr(self, name) + getattr(other, name) for name in _COUNTS),
+        )
+
+
+_COUNTS: Final = (
+    "requests",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "prompt_tokens",
+    "completion_tokens",
+    "violations",
+)
+
+# Every token figure is clamped to 0..2**31-1 when stored (migration 2 clamped the rows before it), so
+# a SUM over at most 2**32 rows is at most 2**32 * (2**31 - 1) = 2**63 - 2**32, below SQLite's 2**63 - 1:
+# SUM cannot raise "integer overflow" before the ledger holds 2**32 rows (136 years at 1,000 requests a
+# second). Each column is summed alone; prompt plus completion, and the spool's rows, are added in Python.
+_TOTALS: Final = """
+    SELECT {group} AS name, COUNT(*),
+        COALESCE(SUM(outcome = 'success'), 0), COALESCE(SUM(outcome = 'error'), 0),
+        COALESCE(SUM(outcome = 'cancelled'), 0),
+        COALESCE(SUM({prompt}), 0), COALESCE(SUM({completion}), 0),
+        COALESCE(SUM(usage_violation IS NOT NULL), 0)
+    FROM usage
+    WHERE started_at >= ? AND started_at < ? {where}
+    GROUP BY name
+"""
+_WORKER_TOTALS: Final = _TOTALS.format(
+    group="COALESCE(ln_url, '')",
+    prompt="COALESCE(worker_prompt_tokens, prompt_tokens)",
+    completion="COALESCE(worker_completion_tokens, completion_tokens)",
+    where="AND worker_id IS NOT NULL",
+)
+_KEY_TOTALS: Final = _TOTALS.format(
+    group="COALESCE(api_key_id, '')", prompt="prompt_tokens", completion="completion_tokens", where=""
+)
+_IDS_PER_QUERY: Final = 500
+
+
+def usage_totals(
+    connection: sqlite3.Connection,
+    since: float | None,
+    until: float | None,
+    *,
+    spool: Path | None = None,
+) -> tuple[list[UsageRow], list[UsageRow]]:
+    """Totals per worker `ln_url` and per API key, for requests started in range, most tokens first.
+
+    Workers are totalled by what they are credited with (`worker_*_tokens`: what they generated), keys
+    by what the client is billed. With `spool`, rows waiting there that are not in the database yet are
+    counted too, each once.
+    """
+    low = since if since is not None else float("-inf")
+    high = until if until is not None else float("inf")
+    # The spool first, then the database: a row replayed in between is then in the database's snapshot
+    # and recognised as a duplicate, where the other order would miss it in both.
+    spooled = [row for row in _spooled_rows(spool) if low <= row.started_at < high] if spool else []
+    connection.execute("BEGIN")  # one snapshot for the totals and the duplicate check
+    try:
+        by_worker = [UsageRow(*row) for row in connection.execute(_WORKER_TOTALS, (low, high))]
+        by_key = [UsageRow(*row) for row in connection.execute(_KEY_TOTALS, (low, high))]
+        recorded = _recorded_ids(connection, [row.request_id for row in spooled])
+    finally:
+        connection.execute("COMMIT")
+    unique: dict[str, Row] = {}
+    for row in spooled:
+        if row.request_id not in recorded:
+            unique.setdefault(row.request_id, row)
+    workers = _add(by_worker, (_worker_tally(row) for row in unique.values() if row.worker_id is not None))
+    keys = _add(by_key, (_key_tally(row) for row in unique.values()))
+    return workers, keys
+
+
+def _spooled_rows(spool: Path) -> Iterator[Row]:
+    for obj in ledger_spool.read(spool).objects:
+        with suppress(ValueError):
+            yield Row.from_json(obj)
+
+
+def _recorded_ids(connection: sqlite3.Connection, ids: list[str]) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        chunk = ids[start : start + _IDS_PER_QUERY]
+        query = f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(chunk))})"
+        found.update(request_id for (request_id,) in connection.execute(query, chunk))
+    return found
+
+
+def _tally(name: str, row: Row, prompt: int, completion: int) -> UsageRow:
+    return UsageRow(
+        name,
+        1,
+        int(row.outcome == "success"),
+        int(row.outcome == "error"),
+        int(row.outcome == "cancelled"),
+        prompt,
+        completion,
+        int(row.usage_violation is not None),
+    )
+
+
+def _worker_tally(row: Row) -> UsageRow:
+    return _tally(row.ln_url or "", row, row.worker_prompt_tokens, row.worker_completion_tokens)
+
+
+def _key_tally(row: Row) -> UsageRow:
+    return _tally(row.api_key_id or "", row, row.prompt_tokens, row.completion_tokens)
+
+
+def _add(totals: list[UsageRow], more: Iterable[UsageRow]) -> list[UsageRow]:
+    by_name = {row.name: row for row in totals}
+    for row in more:
+        by_name[row.name] = by_name[row.name].plus(row) if row.name in by_name else row
+    return sorted(by_name.values(), key=lambda row: (-row.total_tokens, row.name))
+
+
+def read_usage(db: Path, since: float | None, until: float | None) -> tuple[list[UsageRow], list[UsageRow]]:
+    """Totals from a ledger file and its spool, for `queenbee usage` (safe while the queen runs)."""
+    with closing(connect(db)) as connection:
+        return usage_totals(connection, since, until, spool=spool_path(db))
 
 
 def parse_when(text: str, *, now: float) -> float:
@@ -85,17 +249,19 @@ class UsageReport:
 
     def total(self) -> UsageRow:
         """Every request in the range (each request has exactly one key row)."""
-        return UsageRow(
-            "total",
-            *(sum(getattr(row, column) for row in self.keys) for column in _COLUMNS[:-1]),
-        )
+        total = UsageRow("total", 0, 0, 0, 0, 0, 0)
+        for row in self.keys:
+            total = total.plus(row)
+        return total
 
     def to_json(self) -> dict[str, Any]:
         """The report as a JSON object."""
         return {
             "since": _iso(self.since),
             "until": _iso(self.until),
-            "workers": [{"ln_url": row.name, **row.to_json()} for row in self.workers],
+            "workers": [
+                {"ln_url": row.name, **row.to_json(), "violations": row.violations} for row in self.workers
+            ],
             "api_keys": [{"api_key": row.name, **row.to_json()} for row in self.keys],
             "total": self.total().to_json(),
         }
@@ -107,8 +273,8 @@ class UsageReport:
             [
                 period,
                 "Per worker payout address (ln_url); tokens are what each is owed\n"
-                + _table("ln_url", self.workers, empty="(none)"),
-                "Per API key\n" + _table("api_key", [*self.keys, self.total()], empty="(no key)"),
+                + _table("ln_url", self.workers, _WORKER_COLUMNS, empty="(none)"),
+                "Per API key\n" + _table("api_key", [*self.keys, self.total()], _COLUMNS, empty="(no key)"),
             ]
         )
 
@@ -119,10 +285,10 @@ class UsageReport:
         return self.to_table()
 
 
-def _table(title: str, rows: list[UsageRow], *, empty: str) -> str:
-    header = [title, *_COLUMNS]
+def _table(title: str, rows: list[UsageRow], columns: tuple[str, ...], *, empty: str) -> str:
+    header = [title, *columns]
     lines = [header] + [
-        [row.name or empty, *(str(getattr(row, column)) for column in _COLUMNS)] for row in rows
+        [row.name or empty, *(str(getattr(row, column)) for column in columns)] for row in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join(
@@ -153,7 +319,9 @@ async def admin_usage(request: Request) -> Response:
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="since/until") from None
     ledger: Ledger = request.state.ledger
-    workers, keys = await ledger.usage_totals(since, until)
+    workers, keys = await ledger.read(
+        lambda connection: usage_totals(connection, since, until, spool=ledger.spool_path)
+    )
     report = UsageReport(since, until, workers, keys)
     if output == "table":
         return PlainTextResponse(report.to_table() + "\n")
@@ -185,16 +353,12 @@ def usage_main(argv: list[str]) -> int:
         print(f"queenbee usage: error: no ledger at {args.db}", file=sys.stderr)
         return 1
     try:
-        connection = connect(args.db)
+        workers, keys = read_usage(args.db, since, until)
     except LedgerError as exc:
         print(f"queenbee usage: error: {exc}", file=sys.stderr)
         return 1
-    try:
-        workers, keys = usage_totals(connection, since, until)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         print(f"queenbee usage: error: cannot read {args.db}: {exc}", file=sys.stderr)
         return 1
-    finally:
-        connection.close()
     print(UsageReport(since, until, workers, keys).render(args.format))
     return 0

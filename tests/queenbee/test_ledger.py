@@ -18,10 +18,10 @@ from servers import QueenServer, eventually
 from protocol import Chunk, ErrorCode, Job
 from queenbee import ledger as ledger_module
 from queenbee.cli import main
-from queenbee.ledger import SCHEMA_VERSION, LedgerError, connect, insert, schema_version, usage_totals
+from queenbee.ledger import SCHEMA_VERSION, LedgerError, connect, insert, schema_version
 from queenbee.observer import RequestRecord
 from queenbee.settings import QueenSettings
-from queenbee.usage_report import parse_when
+from queenbee.usage_report import parse_when, usage_totals
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 API_KEY = "sk-ledger-test-key"
@@ -274,6 +274,26 @@ def test_usage_totals_per_worker_and_key(tmp_path: Path) -> None:
     assert {row.name: row.total_tokens for row in later_workers} == {"a@wallet": 17, "": 15}
 
 
+def test_workers_are_credited_what_they_generated(tmp_path: Path) -> None:
+    """Per-worker totals sum the credited figures, per-key totals what clients are billed."""
+    path = tmp_path / "ledger.db"
+    with closing(connect(path)) as connection:
+        insert(connection, record("r1", 1000.0, completion_tokens=2, worker_completion_tokens=9))
+        insert(
+            connection,
+            record("r2", 1001.0, worker_prompt_tokens=4, usage_violation="prompt_tokens: 900 > 40"),
+        )
+        stored = connection.execute(
+            "SELECT worker_prompt_tokens, worker_completion_tokens, usage_violation FROM usage ORDER BY id"
+        ).fetchall()
+        workers, keys = usage_totals(connection, None, None)
+    assert stored == [(10, 9, None), (4, 5, "prompt_tokens: 900 > 40")]
+    [worker] = workers
+    assert (worker.prompt_tokens, worker.completion_tokens, worker.violations) == (14, 14, 1)
+    [key] = keys
+    assert (key.prompt_tokens, key.completion_tokens) == (20, 7)
+
+
 def test_usage_command_prints_json_and_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`queenbee usage` reports totals as JSON or tables, over a time range."""
     path = tmp_path / "ledger.db"
@@ -282,6 +302,7 @@ def test_usage_command_prints_json_and_tables(tmp_path: Path, capsys: pytest.Cap
     report = json.loads(capsys.readouterr().out)
     assert report["since"] == "1970-01-01T00:25:00Z"
     assert [(row["ln_url"], row["total_tokens"]) for row in report["workers"]] == [("a@wallet", 17), ("", 15)]
+    assert [row["violations"] for row in report["workers"]] == [0, 0]
     assert [(row["api_key"], row["requests"]) for row in report["api_keys"]] == [("bob", 2)]
     assert report["total"]["total_tokens"] == 32
     assert main(["usage", "--db", str(path)]) == 0
