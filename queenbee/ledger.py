@@ -278,6 +278,8 @@ def insert(connection: sqlite3.Connection, record: RequestRecord) -> None:
 
 def insert_rows(connection: sqlite3.Connection, rows: Sequence[Row]) -> int:
     """Write rows in one transaction, durable when this returns; how many were new (not yet recorded)."""
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")  # left open by an I/O error whose ROLLBACK failed too
     connection.execute("BEGIN IMMEDIATE")
     try:
         before = connection.total_changes
