@@ -168,7 +168,7 @@ class ForwardedCall:
     async def respond(self, request: Request) -> Response:
         """Run the call and build the client's response (a stream or a JSON body)."""
         try:
-            attempt = await self.start()
+            attempt = await self._start_unless_client_leaves(request)
         except QueenError as exc:
             try:
                 await self.record("error", exc.status, error_code=exc.code)
@@ -176,14 +176,33 @@ class ForwardedCall:
                 log.error("request %s: its failure could not be recorded in the ledger", self.request_id)
             raise
         except BaseException:
-            # The client left (or the queen is stopping) while the request waited or was starting.
+            # The queen is stopping while the request waited or was starting.
             self._abandon()
             raise
+        if attempt is None:
+            log.info("request %s: client disconnected before the answer began", self.request_id)
+            self._abandon()
+            return Response(status_code=499)
         if self.stream:
             response = RelayResponse(self.relay(attempt), media_type="text/event-stream", headers=SSE_HEADERS)
             attempt.stream.on_overflow = response.abort
             return response
         return await self.whole(attempt, request)
+
+    async def _start_unless_client_leaves(self, request: Request) -> Attempt | None:
+        """`start`, watching the client meanwhile: None if it disconnected first (in line, say)."""
+        starting = asyncio.ensure_future(self.start())
+        disconnect = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({starting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            if not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+        if starting.cancelled():
+            return None
+        return starting.result()
 
     def _exclusions(self, tried: set[str], job_bytes: int) -> frozenset[str]:
         """Workers this attempt may not use: ones tried before (by identity), ones the job is too big for."""

@@ -59,6 +59,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+_CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control characters written as escapes, so that it stays on its line."""
+    return text.translate(_CONTROL)
+
+
+class TextFormatter(logging.Formatter):
+    """Text lines whose messages cannot span lines: whatever a client or worker put in one is escaped.
+
+    Tracebacks still span lines (they are the queen's own, after the message).
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line for a record, its message escaped."""
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str, *, json_lines: bool = False) -> None:
     """Send every logger's records (uvicorn's included) to stderr, as text or JSON lines.
 
@@ -67,7 +88,7 @@ def configure_logging(level: str, *, json_lines: bool = False) -> None:
     # uvicorn names its TRACE level only once its own logging is configured; ours comes first.
     logging.addLevelName(TRACE_LOG_LEVEL, "TRACE")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     handler.addFilter(NoPayloads())
     root = logging.getLogger()
     for old in root.handlers[:]:

@@ -138,11 +138,27 @@ class QueenMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.usage_violations = Counter(
+            "queenbee_usage_violations",
+            "Requests whose worker reported usage the request could not have had (figures were bounded).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.hive = hive
         self.registry.register(HiveCollector(hive))
+
+    def model_label(self, model: str) -> str:
+        """The label for a model: its id if the hive serves or has served it, else `unknown`.
+
+        A client may send any model name; only the hive's own may grow the metrics' series.
+        """
+        return model if self.hive.known_model(model) else "unknown"
 
     async def request_finished(self, record: RequestRecord) -> None:
         """Count the request."""
-        model = record.model
+        model = self.model_label(record.model)
+        if record.usage_violation is not None:
+            self.usage_violations.labels(model).inc()
         self.requests.labels(model, record.outcome).inc()
         self.duration.labels(model).observe(record.duration)
         if record.ttft is not None:

@@ -23,6 +23,7 @@ from queenbee.errors import (
 from queenbee.forwarding import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, Endpoint, ForwardedCall
 from queenbee.hive import Hive
 from queenbee.json_body import THREAD_PARSE_BYTES, parse_body_async
+from queenbee.ledger import Ledger
 from queenbee.ratelimit import Lease
 from queenbee.settings import QueenSettings
 from queenbee.usage_check import NO_BOUNDS, usage_bounds
@@ -246,6 +247,14 @@ async def retrieve_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """GET /health: the queen is up; how many workers and models it has."""
+    """GET /health: the queen is up (or degraded: usage rows wait in the ledger's spool); its workers."""
     hive: Hive = request.state.hive
-    return JSONResponse({"status": "ok", "workers": len(hive.workers), "models": hive.models()})
+    ledger: Ledger = request.state.ledger
+    return JSONResponse(
+        {
+            "status": "degraded" if ledger.degraded else "ok",
+            "workers": len(hive.workers),
+            "models": hive.models(),
+            "ledger_spooled_rows": ledger.spooled_rows,
+        }
+    )

@@ -85,8 +85,14 @@ class FakeWorker:
         behaviour: Behaviour = answer,
         auth_key: str = "",
         ln_url: str = "",
+        instance_id: str | None = None,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        n_ctx: int = 2048,
     ) -> None:
         self.url = url
+        self.instance_id = instance_id or "fake-" + uuid.uuid4().hex[:12]
+        self.max_frame_bytes = max_frame_bytes
+        self.n_ctx = n_ctx
         self.models = models
         self.parallel = parallel
         self.behaviour = behaviour
@@ -106,15 +112,15 @@ class FakeWorker:
         """The registration this fake sends."""
         return Register(
             protocol_version=PROTOCOL_VERSION,
-            instance_id="fake-" + uuid.uuid4().hex[:12],
-            max_frame_bytes=MAX_FRAME_BYTES,
+            instance_id=self.instance_id,
+            max_frame_bytes=self.max_frame_bytes,
             worker_version="fake",
             ln_url=self.ln_url,
             auth_key=self.auth_key,
             cpu_count=1,
             disk_space=1,
             vram=0,
-            models=[ModelInfo(id=model, n_ctx=2048) for model in self.models],
+            models=[ModelInfo(id=model, n_ctx=self.n_ctx) for model in self.models],
             parallel=self.parallel,
         )
 
