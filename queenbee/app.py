@@ -9,14 +9,16 @@ from typing import TypedDict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from queenbee.auth import ClientKeys, client_endpoint, warn_if_exposed
+from queenbee.auth import ClientKeys, Secrets, client_endpoint, stats_endpoint, warn_if_exposed
 from queenbee.dashboard import dashboard_routes
 from queenbee.errors import QueenError
 from queenbee.hive import Hive
+from queenbee.http_limits import AllowedHosts, check_host_patterns
 from queenbee.ledger import Ledger
 from queenbee.metrics import QueenMetrics, RecentActivity, metrics_endpoint
 from queenbee.observer import Observers, RequestLog, RequestObserver
@@ -45,6 +47,7 @@ class QueenState(TypedDict):
     settings: QueenSettings
     observer: RequestObserver
     clients: ClientKeys
+    secrets: Secrets
     limiter: RateLimiter
     ledger: Ledger
     metrics: QueenMetrics
@@ -80,16 +83,19 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: QueenSettings) -> Starlette:
     """Build the queen's application for `settings`.
 
-    Raises KeysFileError if the API keys file cannot be used: better now than at the first request.
+    Raises KeysFileError if the API keys file cannot be used, SecretFileError if a secret's file cannot,
+    HostPatternError for a bad --allowed-host: better now than at the first request.
     """
     clients = ClientKeys.from_settings(settings)
+    secrets = Secrets.from_settings(settings)
+    check_host_patterns(settings.allowed_host)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[QueenState]:
         hive = Hive(settings)
         # Also on app.state, for operators' tools and tests that hold the app rather than a request.
         app.state.hive = hive
-        warn_if_exposed(settings, clients)
+        warn_if_exposed(settings, clients, secrets)
         ledger = await Ledger.open(settings.db)
         limiter = RateLimiter.from_settings(settings, clients)
         metrics = QueenMetrics(hive)
@@ -101,6 +107,7 @@ def create_app(settings: QueenSettings) -> Starlette:
             "settings": settings,
             "observer": observer,
             "clients": clients,
+            "secrets": secrets,
             "limiter": limiter,
             "ledger": ledger,
             "metrics": metrics,
@@ -117,13 +124,18 @@ def create_app(settings: QueenSettings) -> Starlette:
         Route("/v1/models", client_endpoint(list_models), methods=["GET"]),
         Route("/v1/models/{model:path}", client_endpoint(retrieve_model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/metrics", stats_endpoint(metrics_endpoint), methods=["GET"]),
         Route("/admin/usage", admin_usage, methods=["GET"]),
         WebSocketRoute("/worker", worker_endpoint),
         *dashboard_routes(),
     ]
+    # Outermost, so that a request for another Host (DNS rebinding) reaches nothing, websockets included.
+    middleware = []
+    if settings.allowed_host:
+        middleware.append(Middleware(AllowedHosts, allowed_hosts=settings.allowed_host))
     return Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             QueenError: _queen_error,

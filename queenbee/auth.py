@@ -1,4 +1,8 @@
-"""Who may use the queen: client API keys, the worker token, and the admin key.
+"""Who may use the queen: client API keys, the worker token, the admin key and the stats key.
+
+Every secret may come from a file (--worker-token-file, --admin-key-file, --stats-key-file,
+--api-keys-file) or a QUEENBEE_* variable, so that none need appear on a command line; `Secrets` reads
+the files once, at startup.
 
 Secrets are compared as SHA-256 digests with `hmac.compare_digest`, so how long a comparison takes says
 nothing about how much of a guess was right. Plain client keys are not kept once they are loaded: the
@@ -34,6 +38,58 @@ _OPTION = re.compile(r"(rpm|tpm)=(.*)")
 
 class KeysFileError(ValueError):
     """The API keys file is missing or malformed."""
+
+
+class SecretFileError(ValueError):
+    """A secret's file is unusable, or a secret is given twice: the message names the option only."""
+
+
+def read_secret_file(path: Path, option: str) -> SecretStr:
+    """The first line of `path`, stripped; SecretFileError naming `option` if unreadable or empty."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretFileError(f"{option}: cannot read {path}: {exc.__class__.__name__}") from None
+    lines = text.splitlines()
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise SecretFileError(f"{option}: the first line of {path} is empty; it must be the secret")
+    return SecretStr(secret)
+
+
+def _one_secret(value: SecretStr | None, path: Path | None, option: str) -> SecretStr | None:
+    if value is not None and path is not None:
+        raise SecretFileError(f"{option}-file: give {option} or {option}-file, not both")
+    if path is not None:
+        return read_secret_file(path, f"{option}-file")
+    return value
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """The queen's own secrets, from their options or their files; None means that guard is off."""
+
+    worker_token: SecretStr | None = None
+    """What workers must present to register; None lets any worker register."""
+    admin_key: SecretStr | None = None
+    """The key for /admin; None means the admin endpoints do not exist."""
+    stats_key: SecretStr | None = None
+    """The key for /stats, /metrics, /v1/workers and the dashboard; None leaves them public."""
+
+    @classmethod
+    def from_settings(cls, settings: QueenSettings) -> Secrets:
+        """Read the secrets' files once; SecretFileError if one is unusable or a secret is given twice."""
+        return cls(
+            worker_token=_one_secret(settings.worker_token, settings.worker_token_file, "--worker-token"),
+            admin_key=_one_secret(settings.admin_key, settings.admin_key_file, "--admin-key"),
+            stats_key=_one_secret(settings.stats_key, settings.stats_key_file, "--stats-key"),
+        )
+
+    def may_see_stats(self, token: str) -> bool:
+        """Whether `token` is the stats key or the admin key, in time that does not say which."""
+        stats = self.stats_key is not None and secret_matches(self.stats_key, token)
+        admin = self.admin_key is not None and secret_matches(self.admin_key, token)
+        return stats or admin
 
 
 @dataclass(frozen=True)
@@ -161,25 +217,50 @@ def bearer_token(authorization: str | None) -> str | None:
     return token
 
 
-def worker_refusal(settings: QueenSettings, auth_key: str) -> str | None:
+def worker_refusal(secrets: Secrets, auth_key: str) -> str | None:
     """Why a worker presenting `auth_key` may not register, or None if it may."""
-    if settings.worker_token is None:
+    if secrets.worker_token is None:
         return None
     if not auth_key:
         return "this queen requires a worker token: start workerbee with --auth-key"
-    if not secret_matches(settings.worker_token, auth_key):
+    if not secret_matches(secrets.worker_token, auth_key):
         return "the worker token (--auth-key) is wrong"
     return None
 
 
 def require_admin(request: Request) -> None:
     """Let the request through only with the admin key; without one configured, admin routes do not exist."""
-    settings: QueenSettings = request.state.settings
-    if settings.admin_key is None:
+    secrets: Secrets = request.state.secrets
+    if secrets.admin_key is None:
         raise HTTPException(404, "Not Found")
     token = bearer_token(request.headers.get("authorization"))
-    if token is None or not secret_matches(settings.admin_key, token):
+    if token is None or not secret_matches(secrets.admin_key, token):
         raise AuthenticationError("This endpoint needs the admin key.")
+
+
+def stats_endpoint(endpoint: Endpoint, *, key_in_query: bool = False) -> Endpoint:
+    """Guard a stats endpoint: with a stats key configured, the caller needs it (or the admin key).
+
+    `key_in_query` also accepts `?key=KEY`, for the dashboard page, which a browser opens by address.
+    """
+
+    async def guarded(request: Request) -> Response:
+        secrets: Secrets = request.state.secrets
+        if secrets.stats_key is not None:
+            token = bearer_token(request.headers.get("authorization"))
+            if token is None and key_in_query:
+                token = request.query_params.get("key") or None
+            if token is None:
+                raise AuthenticationError(
+                    "This endpoint needs the stats key. Send it in an Authorization header: 'Bearer KEY'."
+                )
+            if not secrets.may_see_stats(token):
+                raise AuthenticationError("Incorrect stats key provided.")
+        return await endpoint(request)
+
+    guarded.__name__ = endpoint.__name__
+    guarded.__doc__ = endpoint.__doc__
+    return guarded
 
 
 def client_endpoint(endpoint: Endpoint) -> Endpoint:
@@ -211,7 +292,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def warn_if_exposed(settings: QueenSettings, clients: ClientKeys) -> None:
+def warn_if_exposed(settings: QueenSettings, clients: ClientKeys, secrets: Secrets) -> None:
     """Say loudly at startup what anyone on the network can do to a queen with no keys."""
     if is_loopback(settings.host):
         return
@@ -221,9 +302,15 @@ def warn_if_exposed(settings: QueenSettings, clients: ClientKeys) -> None:
             "set --api-key or --api-keys-file",
             settings.host,
         )
-    if settings.worker_token is None:
+    if secrets.worker_token is None:
         log.warning(
             "NO WORKER TOKEN: the queen listens on %s and anyone who can reach it may register a worker "
-            "and receive prompts; set --worker-token",
+            "and receive prompts; set --worker-token-file (or --worker-token)",
+            settings.host,
+        )
+    if secrets.stats_key is None:
+        log.warning(
+            "NO STATS KEY: the queen listens on %s and /stats, /metrics, /v1/workers and the dashboard "
+            "are public (workers' hardware, models, throughput); set --stats-key-file (or --stats-key)",
             settings.host,
         )

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from queenbee.app import create_app
-from queenbee.auth import KeysFileError
+from queenbee.auth import KeysFileError, SecretFileError
+from queenbee.http_limits import HeaderDeadlineProtocol, HostPatternError
 from queenbee.ledger import LedgerError, connect
 from queenbee.logs import configure_logging
 from queenbee.server import DrainingServer
@@ -32,12 +33,18 @@ def load_settings(argv: list[str]) -> QueenSettings:
 
 
 def uvicorn_config(settings: QueenSettings) -> uvicorn.Config:
-    """The uvicorn configuration for `settings`."""
+    """The uvicorn configuration for `settings`: the CLI's and the tests' servers both use it.
+
+    Beyond --max-connections uvicorn answers a plain-text 503 (not OpenAI's JSON): it has no hook for the
+    body, and the cap protects the queen before any of its code runs.
+    """
     return uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http=HeaderDeadlineProtocol.with_timeout(settings.header_timeout),
+        limit_concurrency=settings.max_connections,
         ws="websockets-sansio",
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_interval,
@@ -62,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         connect(settings.db).close()
     except KeysFileError as exc:
         print(f"queenbee: error: --api-keys-file: {exc}", file=sys.stderr)
+        return 2
+    except (SecretFileError, HostPatternError) as exc:
+        print(f"queenbee: error: {exc}", file=sys.stderr)
         return 2
     except LedgerError as exc:
         print(f"queenbee: error: --db: {exc}", file=sys.stderr)

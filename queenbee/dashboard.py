@@ -1,8 +1,9 @@
 """The hive at a glance: the dashboard page at /, and the JSON it polls (/v1/workers and /stats).
 
-These are public, and so are kept free of secrets: a worker's payout address (`ln_url`) and token never
-appear, and neither does anything about what was asked. Who is owed what is the admin usage report's
-business.
+These are public unless --stats-key is set, and so are kept free of secrets: a worker's payout address
+(`ln_url`) and token never appear, and neither does anything about what was asked. Who is owed what is
+the admin usage report's business. With a stats key, the page is opened as /?key=KEY and its script
+sends the key in an Authorization header when it polls; the static files hold no data and stay public.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from queenbee.auth import stats_endpoint
 from queenbee.hive import Hive
 from queenbee.metrics import RecentActivity, Served
 from queenbee.worker_session import WorkerSession
@@ -29,6 +31,8 @@ _PAGE_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
+    # The address may carry ?key=: never send it on in a Referer.
+    "Referrer-Policy": "no-referrer",
 }
 
 
@@ -139,8 +143,8 @@ def dashboard_routes() -> list[BaseRoute]:
         return HTMLResponse(page, headers=_PAGE_HEADERS)
 
     return [
-        Route("/", dashboard, methods=["GET"]),
-        Route("/v1/workers", list_workers, methods=["GET"]),
-        Route("/stats", stats, methods=["GET"]),
+        Route("/", stats_endpoint(dashboard, key_in_query=True), methods=["GET"]),
+        Route("/v1/workers", stats_endpoint(list_workers), methods=["GET"]),
+        Route("/stats", stats_endpoint(stats), methods=["GET"]),
         Mount("/static", StaticFiles(packages=[("queenbee", "static")]), name="static"),
     ]

@@ -18,7 +18,7 @@ from protocol import (
     decode_worker_frame,
     encode,
 )
-from queenbee.auth import worker_refusal
+from queenbee.auth import Secrets, worker_refusal
 from queenbee.hive import Hive
 from queenbee.settings import QueenSettings
 from queenbee.worker_session import WorkerSession
@@ -44,8 +44,16 @@ async def worker_endpoint(websocket: WebSocket) -> None:
     """Accept a worker: it must register first; then it serves until it disconnects."""
     hive: Hive = websocket.state.hive
     settings: QueenSettings = websocket.state.settings
-    await websocket.accept()
+    secrets: Secrets = websocket.state.secrets
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "unknown"
+    # A browser always sends Origin and workerbee never does: refuse web pages (cross-site websocket
+    # hijacking) before accepting, so that uvicorn answers the upgrade with 403.
+    origin = websocket.headers.get("origin")
+    if origin is not None and origin not in settings.worker_origin:
+        log.warning("refused worker websocket from %s: Origin %r is not allowed", peer, origin[:200])
+        await websocket.close(code=CLOSE_POLICY_VIOLATION)
+        return
+    await websocket.accept()
     try:
         registration = await _receive_registration(websocket, settings)
     except FrameError as exc:
@@ -59,7 +67,7 @@ async def worker_endpoint(websocket: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
-    refusal = worker_refusal(settings, registration.auth_key)
+    refusal = worker_refusal(secrets, registration.auth_key)
     if refusal is not None:
         # The worker treats UNAUTHORIZED as final: it logs the reason once and exits instead of retrying.
         log.warning("refused worker from %s: %s", peer, refusal)

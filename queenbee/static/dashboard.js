@@ -5,6 +5,8 @@
 const REFRESH_MS = 2000;
 const HISTORY = 60;
 const throughputHistory = [];
+// A queen with --stats-key serves this page as /?key=KEY; the polls carry the key in a header.
+const STATS_KEY = new URLSearchParams(window.location.search).get("key");
 
 function $(id) {
   return document.getElementById(id);
@@ -154,7 +156,9 @@ function drawThroughput() {
 }
 
 async function fetchJson(path) {
-  const response = await fetch(path, { cache: "no-store", headers: { Accept: "application/json" } });
+  const headers = { Accept: "application/json" };
+  if (STATS_KEY) headers.Authorization = `Bearer ${STATS_KEY}`;
+  const response = await fetch(path, { cache: "no-store", headers });
   if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
   return response.json();
 }

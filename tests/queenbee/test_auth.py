@@ -29,7 +29,15 @@ from protocol import (
     decode_queen_frame,
     encode,
 )
-from queenbee.auth import ApiKey, ClientKeys, KeysFileError, key_id, parse_keys_file, warn_if_exposed
+from queenbee.auth import (
+    ApiKey,
+    ClientKeys,
+    KeysFileError,
+    Secrets,
+    key_id,
+    parse_keys_file,
+    warn_if_exposed,
+)
 from queenbee.errors import RateLimited
 from queenbee.ratelimit import Limits, RateLimiter
 from queenbee.settings import QueenSettings
@@ -179,15 +187,15 @@ def test_unreadable_keys_file_stops_the_queen(tmp_path: Path) -> None:
 
 
 def test_open_queen_on_the_network_warns(caplog: pytest.LogCaptureFixture) -> None:
-    """No keys and no worker token on a non-loopback address: two loud warnings; on loopback, none."""
+    """No keys and no worker token on a non-loopback address: loud warnings; on loopback, none."""
     caplog.set_level(logging.WARNING, logger="queenbee.auth")
-    warn_if_exposed(QueenSettings(host="0.0.0.0"), ClientKeys([]))
+    warn_if_exposed(QueenSettings(host="0.0.0.0"), ClientKeys([]), Secrets())
     exposed = [record.getMessage() for record in caplog.records]
     caplog.clear()
-    warn_if_exposed(QueenSettings(host="127.0.0.1"), ClientKeys([]))
-    warn_if_exposed(QueenSettings(host="::1"), ClientKeys([]))
-    locked = QueenSettings(host="0.0.0.0", worker_token="t")
-    warn_if_exposed(locked, ClientKeys([ApiKey("a", b"digest")]))
+    warn_if_exposed(QueenSettings(host="127.0.0.1"), ClientKeys([]), Secrets())
+    warn_if_exposed(QueenSettings(host="::1"), ClientKeys([]), Secrets())
+    locked = QueenSettings(host="0.0.0.0", worker_token="t", stats_key="s")
+    warn_if_exposed(locked, ClientKeys([ApiKey("a", b"digest")]), Secrets.from_settings(locked))
     assert any("NO API KEYS" in message for message in exposed)
     assert any("NO WORKER TOKEN" in message for message in exposed)
     assert caplog.records == []

@@ -208,3 +208,42 @@ async def test_dashboard_in_a_headless_browser(queen: QueenServer, tmp_path: Pat
     assert status == "live"
     assert served == "5"
     assert LN_URL not in page_text
+
+
+async def test_dashboard_behind_a_stats_key_in_a_headless_browser(tmp_path: Path) -> None:
+    """With --stats-key the bare page is refused; opened as /?key=KEY it polls with the key and goes live."""
+    stats_key = "dashboard-stats-key"
+    settings = QueenSettings(queue_timeout=2.0, db=tmp_path / "ledger.db", stats_key=stats_key)
+    queen = QueenServer(settings).start()
+    worker = await FakeWorker(queen.worker_url).connect()
+    problems: list[str] = []
+    timeout_ms = 15_000 * TIME_UNIT
+    try:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"),
+                executable_path=chromium(),
+                headless=True,
+                args=CHROMIUM_ARGS,
+            )
+            try:
+                refused = await browser.new_page()
+                bare = await refused.goto(queen.base_url + "/", timeout=timeout_ms)
+                await refused.close()
+                # A page of its own: what the refused one logs (its favicon, say) is not this one's problem.
+                page = await browser.new_page()
+                page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}"))
+                page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+                await page.goto(f"{queen.base_url}/?key={stats_key}", wait_until="load", timeout=timeout_ms)
+                row = page.locator(f'#workers tr[data-worker-id="{worker.worker_id}"]')
+                await row.wait_for(timeout=timeout_ms)
+                status = await page.locator("#status").inner_text()
+            finally:
+                await browser.close()
+    finally:
+        await worker.close()
+        queen.stop()
+    assert bare is not None
+    assert bare.status == 401
+    assert problems == []
+    assert status == "live"

@@ -45,6 +45,13 @@ def test_help_documents_every_option() -> None:
         "--request-timeout",
         "--heartbeat-interval",
         "--shutdown-grace",
+        "--worker-token-file",
+        "--admin-key-file",
+        "--stats-key-file",
+        "--allowed-host",
+        "--worker-origin",
+        "--max-connections",
+        "--header-timeout",
     ):
         assert option in done.stdout
     assert "QUEENBEE_" in done.stdout
