@@ -99,9 +99,10 @@ def create_app(settings: QueenSettings) -> Starlette:
         ledger = await Ledger.open(settings.db)
         limiter = RateLimiter.from_settings(settings, clients)
         metrics = QueenMetrics(hive)
+        metrics.watch_ledger(ledger)
         activity = RecentActivity(hive)
         # The ledger first: a record is durable before anything else hears of it.
-        observer = Observers([ledger, RequestLog(), metrics, activity, limiter])
+        observer = Observers([ledger, RequestLog(), metrics, activity])
         yield {
             "hive": hive,
             "settings": settings,

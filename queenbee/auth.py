@@ -274,8 +274,15 @@ def client_endpoint(endpoint: Endpoint) -> Endpoint:
         clients: ClientKeys = request.state.clients
         key = clients.authenticate(request.headers.get("authorization"))
         request.state.api_key_id = key.id if key is not None else None
-        request.state.limiter.admit(key)
-        return await endpoint(request)
+        lease = request.state.limiter.admit(key)
+        request.state.lease = lease
+        try:
+            return await endpoint(request)
+        finally:
+            # A request forwarded to a worker settles its lease when it ends (streams outlive this
+            # handler); one refused before that, a 400 say, used nothing and frees its slot here.
+            if not lease.handed_over:
+                lease.settle(0)
 
     guarded.__name__ = endpoint.__name__
     guarded.__doc__ = endpoint.__doc__

@@ -81,6 +81,9 @@ async def worker_endpoint(websocket: WebSocket) -> None:
         on_slot_free=hive.slot_freed,
         cancel_grace=settings.cancel_grace,
         max_frame_bytes=settings.max_frame_bytes,
+        max_buffer_bytes=settings.max_request_buffer_bytes,
+        max_response_bytes=settings.max_response_bytes,
+        health=hive.health_of(registration.instance_id),
     )
     # Into rotation first, welcome second, with nothing awaited between: the welcome takes the session's
     # send lock before any job can, so the worker always reads it first, and is routable once welcomed.

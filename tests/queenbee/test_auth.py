@@ -321,20 +321,13 @@ async def test_rate_limit_window_slides() -> None:
 
 async def test_token_limit_waits_for_usage_to_leave_the_window() -> None:
     """Over its TPM a key waits until enough of its tokens are older than a minute."""
-    from queenbee.observer import RequestRecord
-
     clock = Clock()
     limiter = RateLimiter(Limits(tpm=100), {"k": Limits(tpm=100)}, clock=clock)
     key = ApiKey("k", b"digest")
 
-    def used(tokens: int) -> RequestRecord:
-        return RequestRecord("r", "/v1/chat/completions", "m", 0.0, "success", 200, "k", prompt_tokens=tokens)
-
-    limiter.admit(key)
-    await limiter.request_finished(used(60))
+    limiter.admit(key).settle(60)
     clock.now += 30
-    limiter.admit(key)
-    await limiter.request_finished(used(50))
+    limiter.admit(key).settle(50)
     with pytest.raises(RateLimited) as raised:
         limiter.admit(key)
     assert raised.value.type == "tokens"
