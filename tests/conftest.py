@@ -13,14 +13,17 @@ from queenbee.settings import QueenSettings
 
 @pytest.fixture(autouse=True, scope="session")
 def private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Queens started by tests (in-process or not) keep their usage ledgers in a temporary directory."""
-    previous = os.environ.get("XDG_DATA_HOME")
+    """Queens and workers started by tests (in-process or not) keep their ledgers and instance ids in a
+    temporary directory, never in the real home."""
+    previous = {name: os.environ.get(name) for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME")}
     os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data-home"))
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config-home"))
     yield
-    if previous is None:
-        del os.environ["XDG_DATA_HOME"]
-    else:
-        os.environ["XDG_DATA_HOME"] = previous
+    for name, value in previous.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

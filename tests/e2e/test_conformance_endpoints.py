@@ -311,7 +311,9 @@ def test_unknown_model_is_a_404_in_openai_shape(http: httpx.Client) -> None:
 def test_http_errors_are_in_openai_shape(http: httpx.Client) -> None:
     """Unknown routes, bad JSON and wrong methods also answer with OpenAI's error object."""
     assert http.get("/v1/nowhere").status_code == 404
-    assert http.post("/v1/completions", content=b"{not json").status_code == 400
+    json_body = {"Content-Type": "application/json"}
+    assert http.post("/v1/completions", content=b"{not json", headers=json_body).status_code == 400
+    assert http.post("/v1/completions", content=b"{}").status_code == 415
     assert http.get("/v1/completions").status_code == 405
 
 

@@ -63,7 +63,7 @@ async def test_requests_tokens_and_latencies_are_counted(queen: QueenServer) -> 
     assert metric(text, "queenbee_time_to_first_token_seconds_count", model="fake-model") == 1
     assert metric(text, "queenbee_time_to_first_token_seconds_bucket", model="fake-model", le="+Inf") == 1
     assert metric(text, "queenbee_request_duration_seconds_count", model="fake-model") == 2
-    assert metric(text, "queenbee_request_duration_seconds_count", model="nope") == 1
+    assert metric(text, "queenbee_request_duration_seconds_count", model="unknown") == 1
     assert metric(text, "queenbee_workers_connected") == 1
     assert metric(text, "queenbee_model_workers", model="fake-model") == 1
     assert metric(text, "queenbee_slots", state="free") == 1

@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION
 from protocol.messages import GpuInfo, ModelInfo, Register
 from workerbee.hardware import MIB, HardwareReport, detect_hardware, detect_nvidia, detect_opencl
 
@@ -392,7 +393,9 @@ def test_real_libraries_never_crash(tmp_path: Path) -> None:
     assert report.vram == sum(g.memory for g in (report.nv_gpus or report.cl_gpus))
     assert report.nv_driver_version is not None or report.nv_gpus == ()
     Register(
-        protocol_version=1,
+        protocol_version=PROTOCOL_VERSION,
+        instance_id="hardware-test",
+        max_frame_bytes=MAX_FRAME_BYTES,
         worker_version="0",
         models=[ModelInfo(id="m", n_ctx=8)],
         **report.registration_fields(),
@@ -440,7 +443,14 @@ def test_registration_fields_make_a_valid_register() -> None:
         "cl_driver_version",
         "cl_gpus",
     }
-    register = Register(protocol_version=1, worker_version="0", models=[ModelInfo(id="m", n_ctx=8)], **fields)
+    register = Register(
+        protocol_version=PROTOCOL_VERSION,
+        instance_id="hardware-test",
+        max_frame_bytes=MAX_FRAME_BYTES,
+        worker_version="0",
+        models=[ModelInfo(id="m", n_ctx=8)],
+        **fields,
+    )
     assert register.model_dump(include=set(fields)) == {
         **fields,
         "nv_gpus": [gpu.model_dump()],
