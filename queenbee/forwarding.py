@@ -51,7 +51,7 @@ from queenbee.observer import Outcome, RequestObserver, RequestRecord
 from queenbee.ratelimit import Lease
 from queenbee.settings import QueenSettings
 from queenbee.streaming import SSE_DONE, SSE_HEADERS, sse_event
-from queenbee.usage_check import UsageBounds, check_usage, chunk_tokens, text_bytes
+from queenbee.usage_check import UsageBounds, check_usage, text_bytes
 from queenbee.worker_session import (
     BufferOverflow,
     RequestEvent,
@@ -149,6 +149,7 @@ class ForwardedCall:
     relayed_text_bytes: int = 0
     _recorded: bool = False
     _running: tuple[WorkerSession, RequestStream] | None = None
+    _client_left: bool = False
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -167,42 +168,37 @@ class ForwardedCall:
 
     async def respond(self, request: Request) -> Response:
         """Run the call and build the client's response (a stream or a JSON body)."""
+        task = asyncio.current_task()
+        watcher = asyncio.ensure_future(self._cancel_if_client_leaves(request, task))
         try:
-            attempt = await self._start_unless_client_leaves(request)
+            attempt = await self.start()
         except QueenError as exc:
             try:
                 await self.record("error", exc.status, error_code=exc.code)
             except LedgerUnavailable:
                 log.error("request %s: its failure could not be recorded in the ledger", self.request_id)
             raise
-        except BaseException:
-            # The queen is stopping while the request waited or was starting.
+        except asyncio.CancelledError:
             self._abandon()
-            raise
-        if attempt is None:
+            if not self._client_left or task is None:
+                raise  # the queen is stopping
+            task.uncancel()
             log.info("request %s: client disconnected before the answer began", self.request_id)
-            self._abandon()
             return Response(status_code=499)
+        finally:
+            watcher.cancel()
         if self.stream:
             response = RelayResponse(self.relay(attempt), media_type="text/event-stream", headers=SSE_HEADERS)
             attempt.stream.on_overflow = response.abort
             return response
         return await self.whole(attempt, request)
 
-    async def _start_unless_client_leaves(self, request: Request) -> Attempt | None:
-        """`start`, watching the client meanwhile: None if it disconnected first (in line, say)."""
-        starting = asyncio.ensure_future(self.start())
-        disconnect = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            await asyncio.wait({starting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            disconnect.cancel()
-            if not starting.done():
-                starting.cancel()
-                await asyncio.gather(starting, return_exceptions=True)
-        if starting.cancelled():
-            return None
-        return starting.result()
+    async def _cancel_if_client_leaves(self, request: Request, task: asyncio.Task[Any] | None) -> None:
+        """Cancel the request's task if its client disconnects while the request waits or starts."""
+        await _wait_disconnect(request)
+        self._client_left = True
+        if task is not None:
+            task.cancel()
 
     def _exclusions(self, tried: set[str], job_bytes: int) -> frozenset[str]:
         """Workers this attempt may not use: ones tried before (by identity), ones the job is too big for."""
@@ -280,8 +276,9 @@ class ForwardedCall:
     def chunk(self, event: Chunk) -> dict[str, Any]:
         """A worker's chunk with the queen's identity fields; counts what it relays."""
         payload = event.chunk
-        self.relayed_tokens += chunk_tokens(event.tokens, payload)
-        self.relayed_text_bytes += text_bytes(payload)
+        size = text_bytes(payload)
+        self.relayed_text_bytes += size
+        self.relayed_tokens += min(event.tokens, size + 1)
         self.fingerprint = payload.get("system_fingerprint", self.fingerprint)
         chunk = {
             **payload,
@@ -388,14 +385,15 @@ class ForwardedCall:
     ) -> tuple[Usage, str | None]:
         """The worker's usage within the request's bounds; a worker caught inflating it is benched."""
         checked = check_usage(usage, self.bounds, generated_text_bytes=generated_text_bytes)
-        if checked.violation is not None:
-            log.warning(
-                "request %s: worker %s reported impossible usage (%s); benched, figures bounded",
-                self.request_id,
-                attempt.worker.id,
-                checked.violation,
-            )
-            attempt.worker.health.bench(time.monotonic())
+        if checked.violation is None:
+            return usage, None
+        log.warning(
+            "request %s: worker %s reported impossible usage (%s); benched, figures bounded",
+            self.request_id,
+            attempt.worker.id,
+            checked.violation,
+        )
+        attempt.worker.health.bench(time.monotonic())
         fixed = Usage(
             prompt_tokens=checked.prompt_tokens,
             completion_tokens=checked.completion_tokens,

@@ -49,6 +49,11 @@ def _parse_constant(text: str) -> Any:
     raise _PoisonNumber(f"{text} is not a JSON value")
 
 
+_DECODER: Final = json.JSONDecoder(
+    parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+)
+
+
 def nesting_depth_exceeds(value: Any, limit: int) -> bool:
     """Whether arrays and objects nest more than `limit` deep in `value` (iterative: no recursion)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -66,9 +71,8 @@ def nesting_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def _bracket_depth_exceeds(body: bytes, limit: int) -> bool:
-    # A cheap pre-check on the raw text: brackets inside strings only over-count, and a body that really
-    # nests that deep would blow the parser's own recursion first. The exact check follows parsing.
+def _bracket_depth(body: bytes) -> int:
+    # Brackets inside strings only over-count: the true nesting is at most this.
     depth = 0
     deepest = 0
     for char in body.translate(None, _NOT_BRACKETS):
@@ -77,7 +81,7 @@ def _bracket_depth_exceeds(body: bytes, limit: int) -> bool:
             deepest = max(deepest, depth)
         else:
             depth -= 1
-    return deepest > limit * 16
+    return deepest
 
 
 _NOT_BRACKETS: Final = bytes(byte for byte in range(256) if byte not in b"[]{}")
@@ -85,12 +89,12 @@ _NOT_BRACKETS: Final = bytes(byte for byte in range(256) if byte not in b"[]{}")
 
 def parse_body(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or InvalidRequest saying what is wrong with it."""
-    if _bracket_depth_exceeds(body, MAX_NESTING):
+    brackets = _bracket_depth(body)
+    if brackets > MAX_NESTING * 16:
+        # Deep enough to strain the parser's own recursion: refused before parsing.
         raise InvalidRequest(f"The request body nests arrays and objects deeper than {MAX_NESTING} levels.")
     try:
-        data = json.loads(
-            body, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
-        )
+        data = _DECODER.decode(body.decode())
     except _PoisonNumber as exc:
         raise InvalidRequest(f"The request body is not acceptable JSON: {exc}.") from None
     except RecursionError:
@@ -101,7 +105,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    if nesting_depth_exceeds(data, MAX_NESTING):
+    if brackets > MAX_NESTING and nesting_depth_exceeds(data, MAX_NESTING):
         raise InvalidRequest(f"The request body nests arrays and objects deeper than {MAX_NESTING} levels.")
     return data
 

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, unsupported_parameter
@@ -50,12 +50,19 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
     body = bytearray()
     try:
         async with asyncio.timeout(timeout):
-            async for piece in request.stream():
-                body += piece
+            message = await request.receive()
+            body += message.get("body", b"")
+            while message.get("more_body", False):
                 if len(body) > max_bytes:
                     raise RequestTooLarge(f"The request body exceeds {max_bytes} bytes.")
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                body += message.get("body", b"")
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {timeout:g} s.") from None
+    if len(body) > max_bytes:
+        raise RequestTooLarge(f"The request body exceeds {max_bytes} bytes.")
     return bytes(body)
 
 

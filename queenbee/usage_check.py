@@ -13,7 +13,6 @@ counts by more than a few tokens does, and its figures are cut down to the bound
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -100,36 +99,34 @@ def usage_bounds(
     return UsageBounds(prompt, choices * per_choice, choices, unrelayed, min(prompt, estimate))
 
 
-def _texts(choice: dict[str, Any]) -> Iterable[str]:
-    for part in (choice.get("delta"), choice.get("message")):
-        if not isinstance(part, dict):
-            continue
-        for key in ("content", "refusal"):
-            value = part.get(key)
-            if isinstance(value, str):
-                yield value
-        for call in part.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                for key in ("name", "arguments"):
-                    value = function.get(key)
-                    if isinstance(value, str):
-                        yield value
-    text = choice.get("text")
-    if isinstance(text, str):
-        yield text
+def _utf8(value: Any) -> int:
+    return len(value.encode()) if isinstance(value, str) else 0
+
+
+def _message_bytes(part: dict[str, Any]) -> int:
+    size = _utf8(part.get("content")) + _utf8(part.get("refusal"))
+    for call in part.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            size += _utf8(function.get("name")) + _utf8(function.get("arguments"))
+    return size
 
 
 def text_bytes(payload: dict[str, Any] | None) -> int:
     """Bytes of generated text in a chunk or a whole response (content, tool calls, completion text)."""
-    if not payload:
-        return 0
-    choices = payload.get("choices")
+    choices = payload.get("choices") if payload else None
     if not isinstance(choices, list):
         return 0
-    return sum(
-        len(text.encode()) for choice in choices if isinstance(choice, dict) for text in _texts(choice)
-    )
+    size = 0
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        for key in ("delta", "message"):
+            part = choice.get(key)
+            if isinstance(part, dict):
+                size += _message_bytes(part)
+        size += _utf8(choice.get("text"))
+    return size
 
 
 def chunk_tokens(claimed: int, payload: dict[str, Any]) -> int:

@@ -669,3 +669,27 @@ async def test_a_request_that_cannot_be_recorded_anywhere_is_a_503(queen: QueenS
     assert whole.json()["error"]["code"] == "ledger_unavailable"
     # A stream has begun by then: it ends with the error event instead of a clean [DONE].
     assert '"ledger_unavailable"' in streamed.text
+
+
+@pytest.fixture
+def slow_body_settings(db: Path) -> QueenSettings:
+    """A queen that gives a body half a second."""
+    return QueenSettings(queue_timeout=2.0, db=db, body_timeout=0.5 * TIME_UNIT)
+
+
+async def test_a_body_that_never_arrives_is_a_408(slow_body_settings: QueenSettings) -> None:
+    """Headers promise 100 bytes, ten come: the queen answers 408 in OpenAI's shape and moves on."""
+    queen = QueenServer(slow_body_settings).start()
+    try:
+        with socket.create_connection(("127.0.0.1", queen.port)) as raw:
+            raw.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: q\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"model": '
+            )
+            raw.settimeout(10 * TIME_UNIT)
+            reply = await asyncio.to_thread(raw.recv, 65536)
+    finally:
+        queen.stop()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(body)["error"]["code"] == "request_timeout"
