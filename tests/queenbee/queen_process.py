@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +25,24 @@ class QueenProcess:
     port: int = 0
 
     @classmethod
-    def start(cls, tmp_path: Path, *args: str) -> QueenProcess:
-        """Start a queen on 127.0.0.1 and a free port; returns once it listens."""
-        log_path = tmp_path / "queen.log"
+    def start(
+        cls,
+        tmp_path: Path,
+        *args: str,
+        log_name: str = "queen.log",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> QueenProcess:
+        """Start a queen on 127.0.0.1 and a free port; returns once it listens.
+
+        `preexec_fn` runs in the child before the queen starts (to set resource limits, say).
+        """
+        log_path = tmp_path / log_name
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "queenbee", "--host", "127.0.0.1", "--port", "0", *args],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                preexec_fn=preexec_fn,
             )
         queen = cls(process, log_path)
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import resource
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -21,7 +18,7 @@ import pytest
 from fake_worker import FakeWorker
 from prometheus_client import CollectorRegistry, generate_latest
 from queen_process import QueenProcess
-from servers import TIME_UNIT, QueenServer, eventually, wait_until
+from servers import TIME_UNIT, QueenServer, eventually
 from test_ledger import ADMIN_KEY, API_KEY, CHAT, client, record, rows
 
 from queenbee import ledger_spool
@@ -187,32 +184,15 @@ def start_limited_queen(tmp_path: Path, db: Path, *, limit: int) -> QueenProcess
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    log_path = tmp_path / "limited-queen.log"
-    command = [sys.executable, "-m", "queenbee", "--host", "127.0.0.1", "--port", "0"]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*command, "--db", str(db), "--api-key", API_KEY],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            preexec_fn=limit_file_size,
-        )
-    queen = QueenProcess(process, log_path)
-    listening = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-
-    def started() -> bool:
-        match = listening.search(queen.log())
-        if match is None and process.poll() is not None:
-            raise AssertionError(f"the queen exited with {process.returncode}:\n{queen.log()}")
-        if match is not None:
-            queen.port = int(match.group(1))
-        return match is not None
-
-    try:
-        wait_until(started, timeout=30)
-    except BaseException:
-        queen.kill()
-        raise
-    return queen
+    return QueenProcess.start(
+        tmp_path,
+        "--db",
+        str(db),
+        "--api-key",
+        API_KEY,
+        log_name="limited-queen.log",
+        preexec_fn=limit_file_size,
+    )
 
 
 async def test_replay_is_idempotent_and_skips_torn_lines(db: Path) -> None:
