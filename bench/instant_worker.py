@@ -37,7 +37,7 @@ def _chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str,
 def answer(job: Job) -> list[str]:
     """The frames that answer `job`, encoded."""
     request_id = job.request_id
-    if not job.openai_req.get("stream"):
+    if not job.stream:
         message = {"role": "assistant", "content": "Hello there"}
         response = {
             "object": "chat.completion",

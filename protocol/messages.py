@@ -18,17 +18,20 @@ characters, so a worker cannot forge a log line or a ledger row.
 Units: memory and disk sizes are MiB (2**20 bytes) unless a field name ends in `_bytes`.
 
 Version history: 1, the first version; 2, agreed frame limits (`max_frame_bytes`), a stable worker
-`instance_id`, validated `ln_url`, token counts on chunks, usage on job errors, `ResultPart`.
+`instance_id`, validated `ln_url`, token counts on chunks, usage on job errors, `ResultPart`, and typed
+jobs: `Job.request` is one of the `JobRequest` kinds (chat, completion, embedding, count_tokens) holding
+the validated request model, where version 1 sent a path (`openai_url`) and a dict (`openai_req`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer
 
 from protocol.errors import ErrorCode
 from protocol.lnurl import check_ln_url
+from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 PROTOCOL_VERSION = 2
 """Bumped on every incompatible change to the frames below."""
@@ -123,13 +126,61 @@ class Welcome(Frame):
     )
 
 
+class _JobKind(Frame):
+    """Base of the job kinds: the request travels as its client sent it, fields left unset stay unset."""
+
+    @field_serializer("body", check_fields=False)
+    def _body(self, body: BaseModel) -> dict[str, Any]:
+        return body.model_dump(mode="json", exclude_unset=True, by_alias=True)
+
+
+class ChatJob(_JobKind):
+    """A chat completion (also what the Responses and Messages APIs become)."""
+
+    kind: Literal["chat"] = "chat"
+    body: ChatCompletionRequest
+
+
+class CompletionJob(_JobKind):
+    """A legacy text completion."""
+
+    kind: Literal["completion"] = "completion"
+    body: CompletionRequest
+
+
+class EmbeddingJob(_JobKind):
+    """Embeddings of every input; only for workers that serve the model with embeddings."""
+
+    kind: Literal["embedding"] = "embedding"
+    body: EmbeddingRequest
+
+
+class TokenCountJob(_JobKind):
+    """Count the prompt tokens the model's chat template makes of a chat request; nothing is generated.
+
+    Answered by a `Result` whose response is `{"input_tokens": n}` and whose usage is zero.
+    """
+
+    kind: Literal["count_tokens"] = "count_tokens"
+    body: ChatCompletionRequest
+
+
+JobRequest = Annotated[ChatJob | CompletionJob | EmbeddingJob | TokenCountJob, Field(discriminator="kind")]
+"""What a job asks the worker to do, tagged by `kind`."""
+
+
 class Job(Frame):
-    """One OpenAI request for the worker to run, in the original design's shape."""
+    """One request for the worker to run."""
 
     type: Literal["job"] = "job"
     request_id: RequestId
-    openai_url: str = Field(description="The OpenAI path, e.g. /v1/chat/completions.")
-    openai_req: dict[str, Any] = Field(description="The validated OpenAI request body.")
+    request: JobRequest
+
+    @property
+    def stream(self) -> bool:
+        """Whether the answer is to be streamed as chunks."""
+        request = self.request
+        return isinstance(request, ChatJob | CompletionJob) and request.body.stream
 
 
 class Cancel(Frame):

@@ -21,10 +21,6 @@ from pydantic import (
     model_validator,
 )
 
-CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
-COMPLETIONS_PATH = "/v1/completions"
-EMBEDDINGS_PATH = "/v1/embeddings"
-
 MAX_STOP_SEQUENCES = 4
 INT32_MAX = 2**31 - 1
 """Bound of token counts, token ids and top_k: llama.cpp keeps them in 32-bit integers."""

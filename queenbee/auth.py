@@ -177,11 +177,14 @@ class ClientKeys:
         """Whether any client may call without a key."""
         return not self.keys
 
-    def authenticate(self, authorization: str | None) -> ApiKey | None:
-        """The key an Authorization header carries; None on an open queen; AuthenticationError otherwise."""
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> ApiKey | None:
+        """The key an Authorization header (or Anthropic's x-api-key header) carries.
+
+        None on an open queen; AuthenticationError otherwise.
+        """
         if self.open:
             return None
-        token = bearer_token(authorization)
+        token = bearer_token(authorization) or (api_key or "").strip() or None
         if token is None:
             raise AuthenticationError(
                 "You didn't provide an API key. Send it in an Authorization header: 'Bearer YOUR_KEY'."
@@ -264,7 +267,7 @@ def stats_endpoint(endpoint: Endpoint, *, key_in_query: bool = False) -> Endpoin
 
 
 def client_endpoint(endpoint: Endpoint) -> Endpoint:
-    """Guard an OpenAI endpoint: the caller needs a client key and must be within its rate limits.
+    """Guard a client endpoint: the caller needs a client key and must be within its rate limits.
 
     A wrapper around the route's handler rather than a middleware, so that its errors go through the
     app's one error mapping like every other.
@@ -272,7 +275,7 @@ def client_endpoint(endpoint: Endpoint) -> Endpoint:
 
     async def guarded(request: Request) -> Response:
         clients: ClientKeys = request.state.clients
-        key = clients.authenticate(request.headers.get("authorization"))
+        key = clients.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         request.state.api_key_id = key.id if key is not None else None
         lease = request.state.limiter.admit(key)
         request.state.lease = lease

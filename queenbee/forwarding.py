@@ -4,6 +4,10 @@ Failures before the first output are retried on another worker, never the same o
 so a worker that reconnects is still the one that failed); after it, a stream ends with an error event
 (never silently). The job is encoded once and only sent to workers whose frame limit it fits.
 
+How the answer reaches the client is the call's `Presenter`: chat chunks and chat responses as they
+are (`ChatPresenter`, for the OpenAI endpoints), or translated into another API's events and objects
+(queenbee/api/): the relay loop, its retries and its records are the same for every API.
+
 Every request ends with exactly one RequestRecord for the observers, however it ends: a client that
 leaves mid-stream is billed for what was relayed while the worker is credited for what it generated
 (its cancel confirmation says how much), and the usage a worker reports is checked against bounds
@@ -16,27 +20,33 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from protocol import (
+    ChatJob,
     Chunk,
+    CompletionJob,
+    EmbeddingJob,
     ErrorCode,
     FrameError,
     Job,
     JobError,
+    JobRequest,
     Result,
+    TokenCountJob,
     Usage,
     assemble_response,
     encode,
     encoded_size,
     is_client_error,
 )
+from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from queenbee.errors import (
     LedgerUnavailable,
     QueenError,
@@ -63,21 +73,100 @@ from queenbee.worker_session import (
 log = logging.getLogger("queenbee.forwarding")
 
 
+OpenAIRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+"""The validated request bodies a job carries."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """An OpenAI endpoint the queen forwards, and the names its response objects carry."""
+    """An endpoint the queen forwards: the job kind it becomes, and the names its answers carry."""
 
     path: str
+    job: Callable[..., JobRequest]
+    """Wraps the validated request into the job kind the worker runs."""
     object_name: str
     chunk_object: str
     id_prefix: str
     embeddings: bool = False
     """Served only by workers that run the model with embeddings; its answers carry no id or created."""
+    generates: bool = True
+    """Whether the worker generates tokens, so that its speed can be measured from the answer."""
+
+    def job_request(self, request: OpenAIRequest) -> JobRequest:
+        """The typed request of the job for `request`."""
+        return self.job(body=request)
 
 
-CHAT_COMPLETIONS = Endpoint("/v1/chat/completions", "chat.completion", "chat.completion.chunk", "chatcmpl-")
-COMPLETIONS = Endpoint("/v1/completions", "text_completion", "text_completion", "cmpl-")
-EMBEDDINGS = Endpoint("/v1/embeddings", "list", "list", "embd-", embeddings=True)
+CHAT_COMPLETIONS = Endpoint(
+    "/v1/chat/completions", ChatJob, "chat.completion", "chat.completion.chunk", "chatcmpl-"
+)
+COMPLETIONS = Endpoint("/v1/completions", CompletionJob, "text_completion", "text_completion", "cmpl-")
+EMBEDDINGS = Endpoint(
+    "/v1/embeddings", EmbeddingJob, "list", "list", "embd-", embeddings=True, generates=False
+)
+RESPONSES = Endpoint("/v1/responses", ChatJob, "chat.completion", "chat.completion.chunk", "resp_")
+MESSAGES = Endpoint("/v1/messages", ChatJob, "chat.completion", "chat.completion.chunk", "msg_")
+COUNT_TOKENS = Endpoint(
+    "/v1/messages/count_tokens", TokenCountJob, "token_count", "token_count", "count_", generates=False
+)
+"""The Responses and Messages endpoints run chat jobs; their presenters translate the chat answers."""
+
+
+class Presenter(Protocol):
+    """How one call's answer is shown to its client: the SSE events of a stream, or the JSON body.
+
+    Streams get the chat chunks with the queen's identity fields (`ForwardedCall.chunk`), whole answers
+    the chat response with them (`ForwardedCall.completion`); errors come as QueenErrors.
+    """
+
+    def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        """The SSE events for one chat chunk."""
+        ...
+
+    async def done(self, usage: Usage) -> list[bytes]:
+        """The SSE events that end a stream that succeeded, with its checked usage."""
+        ...
+
+    def failed(self, error: QueenError) -> list[bytes]:
+        """The SSE events that end a stream with an error."""
+        ...
+
+    def cut(self) -> list[bytes]:
+        """The SSE events that end a stream whose client fell behind."""
+        ...
+
+    async def whole(self, completion: dict[str, Any]) -> dict[str, Any]:
+        """The JSON body of a whole answer."""
+        ...
+
+
+@dataclass
+class ChatPresenter:
+    """OpenAI's own endpoints: chunks and responses as they are, errors in OpenAI's shape, then [DONE]."""
+
+    call: ForwardedCall
+
+    def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        """The chunk itself."""
+        return [sse_event(chunk)]
+
+    async def done(self, usage: Usage) -> list[bytes]:
+        """The usage chunk if the client asked for it, then [DONE]."""
+        if self.call.include_usage:
+            return [sse_event(self.call.usage_chunk(usage)), SSE_DONE]
+        return [SSE_DONE]
+
+    def failed(self, error: QueenError) -> list[bytes]:
+        """OpenAI's error object as an event, then [DONE]."""
+        return [sse_event(error.body()), SSE_DONE]
+
+    def cut(self) -> list[bytes]:
+        """[DONE]."""
+        return [SSE_DONE]
+
+    async def whole(self, completion: dict[str, Any]) -> dict[str, Any]:
+        """The response itself."""
+        return completion
 
 
 @dataclass
@@ -128,8 +217,8 @@ class ForwardedCall:
     observer: RequestObserver
     endpoint: Endpoint
     model: str
-    body: dict[str, Any]
-    """The validated OpenAI request body, as sent to the worker."""
+    request: OpenAIRequest
+    """The validated request, as the worker runs it."""
     bounds: UsageBounds
     """What the request may use, for checking the worker's usage."""
     stream: bool = False
@@ -137,6 +226,8 @@ class ForwardedCall:
     api_key_id: str | None = None
     lease: Lease | None = None
     """The key's hold on its limits, settled when the request is recorded."""
+    presenter: Presenter | None = None
+    """How the answer is shown to the client; None: a ChatPresenter."""
     request_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
@@ -156,6 +247,14 @@ class ForwardedCall:
             self.request_id = f"{self.endpoint.id_prefix}{uuid.uuid4().hex}"
         if self.lease is not None:
             self.lease.handed_over = True
+        if self.presenter is None:
+            self.presenter = ChatPresenter(self)
+
+    @property
+    def shown(self) -> Presenter:
+        """The presenter (set by __post_init__)."""
+        assert self.presenter is not None
+        return self.presenter
 
     @property
     def deadline(self) -> float:
@@ -216,7 +315,7 @@ class ForwardedCall:
 
     async def start(self) -> Attempt:
         """Run the job on a worker until it produces its first event, retrying on worker failures."""
-        job = encode(Job(request_id=self.request_id, openai_url=self.endpoint.path, openai_req=self.body))
+        job = encode(Job(request_id=self.request_id, request=self.endpoint.job_request(self.request)))
         job_bytes = encoded_size(job)
         tried: set[str] = set()
         last_error: QueenError = UpstreamError("No worker could run the request.")
@@ -405,8 +504,9 @@ class ForwardedCall:
         """Credit the worker with a good request and record it."""
         if violation is None:
             attempt.worker.health.record_success()
-        # An embedding has no first token nor generation speed: timing it would skew the worker's.
-        if not self.endpoint.embeddings:
+        # An embedding or a token count has no first token nor generation speed: timing it would skew
+        # the worker's.
+        if self.endpoint.generates:
             self.hive.record_speed(
                 attempt.worker,
                 self.model,
@@ -438,30 +538,31 @@ class ForwardedCall:
         try:
             while True:
                 if isinstance(event, Chunk):
-                    yield sse_event(self.chunk(event))
+                    for data in self.shown.chunk(self.chunk(event)):
+                        yield data
                 elif isinstance(event, Result):
                     usage, violation = self.checked(attempt, event.usage, self.relayed_text_bytes)
                     try:
                         await self.succeeded(attempt, usage, violation)
                     except LedgerUnavailable as exc:
-                        yield sse_event(exc.body())
-                        yield SSE_DONE
+                        for data in self.shown.failed(exc):
+                            yield data
                         return
-                    if self.include_usage:
-                        yield sse_event(self.usage_chunk(usage))
-                    yield SSE_DONE
+                    for data in await self.shown.done(usage):
+                        yield data
                     return
                 elif isinstance(event, BufferOverflow):
                     # The client stopped reading: what it was sent is what it pays for.
                     self._settle_cancelled(attempt.worker, attempt.stream, attempt, "client_too_slow")
-                    yield SSE_DONE
+                    for data in self.shown.cut():
+                        yield data
                     return
                 else:
                     error = worker_failure(event)
                     log.warning("request %s: stream ended with an error: %s", self.request_id, error.message)
                     await self._fail_quietly(attempt, event, error)
-                    yield sse_event(error.body())
-                    yield SSE_DONE
+                    for data in self.shown.failed(error):
+                        yield data
                     return
                 timeout = min(self.settings.token_timeout, self.remaining())
                 try:
@@ -472,8 +573,8 @@ class ForwardedCall:
                     event = WorkerGone(error.message)
                     log.warning("request %s: %s", self.request_id, error.message)
                     await self._fail_quietly(attempt, event, error)
-                    yield sse_event(error.body())
-                    yield SSE_DONE
+                    for data in self.shown.failed(error):
+                        yield data
                     return
         finally:
             if not self._recorded:
@@ -518,7 +619,7 @@ class ForwardedCall:
                 generated = None if self.endpoint.embeddings else text_bytes(response)
                 usage, violation = self.checked(attempt, event.usage, generated)
                 await self.succeeded(attempt, usage, violation)
-                return JSONResponse(self.completion(response, usage))
+                return JSONResponse(await self.shown.whole(self.completion(response, usage)))
         if isinstance(event, BufferOverflow):
             error: QueenError = UpstreamError(f"The worker's response was too large: {event.reason}.")
         elif isinstance(event, Result):

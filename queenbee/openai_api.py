@@ -186,7 +186,7 @@ async def _forward(
         request.state.observer,
         endpoint,
         parsed.model,
-        parsed.model_dump(mode="json", exclude_unset=True, by_alias=True),
+        parsed,
         NO_BOUNDS,
         stream=stream,
         include_usage=usage,

@@ -61,7 +61,7 @@ async def answer(worker: FakeWorker, job: Job, words: tuple[str, ...] = ("Hello"
     Each word is one token (Chunk.tokens); a whole answer too big for the queen's frames goes in parts.
     """
     usage = Usage(prompt_tokens=3, completion_tokens=len(words), total_tokens=3 + len(words))
-    if job.openai_req.get("stream"):
+    if job.stream:
         await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", role=True)))
         for word in words:
             await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk(word), tokens=1))

@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from protocol import (
     Register,
     Result,
     ResultPart,
+    Usage,
     Welcome,
     decode_queen_frame,
     encode,
@@ -45,21 +46,26 @@ from protocol import (
     result_frames,
 )
 from protocol.messages import Frame
-from protocol.openai import (
-    CHAT_COMPLETIONS_PATH,
-    COMPLETIONS_PATH,
-    EMBEDDINGS_PATH,
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-)
 from workerbee.engine import Cancelled, Engine, EngineError
+from workerbee.tokens import count_tokens
 from workerbee.transport import ssl_context
 
 log = logging.getLogger("workerbee.connection")
 
 FATAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_PROTOCOL_VERSION})
 """Refusals that retrying cannot fix: the worker stops instead of hammering the queen."""
+
+
+ChunkSink = Callable[[dict[str, Any], int], Awaitable[None]]
+Runner = Callable[[Engine, Any, threading.Event, ChunkSink], Awaitable[tuple[Usage, dict[str, Any] | None]]]
+
+RUNNERS: dict[str, Runner] = {
+    "chat": lambda engine, body, cancel, on_chunk: engine.chat(body, cancel, on_chunk),
+    "completion": lambda engine, body, cancel, on_chunk: engine.complete(body, cancel, on_chunk),
+    "embedding": lambda engine, body, cancel, on_chunk: engine.embed(body, cancel),
+    "count_tokens": lambda engine, body, cancel, on_chunk: count_tokens(engine, body),
+}
+"""How each kind of job runs on the engine: the request kind is the key, its validated body the argument."""
 
 
 class QueenRefused(Exception):
@@ -253,18 +259,7 @@ class WorkerConnection:
             async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
                 await self._send_output(websocket, Chunk(request_id=request_id, chunk=chunk, tokens=tokens))
 
-            response: dict[str, Any] | None
-            if job.openai_url == CHAT_COMPLETIONS_PATH:
-                chat = ChatCompletionRequest.model_validate(job.openai_req)
-                usage, response = await self.engine.chat(chat, cancel, on_chunk)
-            elif job.openai_url == COMPLETIONS_PATH:
-                completion = CompletionRequest.model_validate(job.openai_req)
-                usage, response = await self.engine.complete(completion, cancel, on_chunk)
-            elif job.openai_url == EMBEDDINGS_PATH:
-                embedding = EmbeddingRequest.model_validate(job.openai_req)
-                usage, response = await self.engine.embed(embedding, cancel)
-            else:
-                raise EngineError(ErrorCode.INVALID_REQUEST, f"this worker does not serve {job.openai_url}")
+            usage, response = await RUNNERS[job.request.kind](self.engine, job.request.body, cancel, on_chunk)
             result = Result(request_id=request_id, usage=usage, response=response)
             for frame in result_frames(result, self.send_limit):
                 await self._send_output(websocket, frame)

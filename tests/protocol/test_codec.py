@@ -12,7 +12,9 @@ from protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Cancel,
+    ChatJob,
     Chunk,
+    EmbeddingJob,
     ErrorCode,
     FrameError,
     GpuInfo,
@@ -29,6 +31,9 @@ from protocol import (
     decode_worker_frame,
     encode,
 )
+from protocol.openai import ChatCompletionRequest, ChatMessage, EmbeddingRequest
+
+CHAT_MESSAGE = ChatMessage(role="user", content="hi")
 
 
 def registration(**overrides: object) -> Register:
@@ -64,7 +69,8 @@ WORKER_FRAMES = [
 ]
 QUEEN_FRAMES = [
     Welcome(worker_id="w1", max_frame_bytes=MAX_FRAME_BYTES),
-    Job(request_id="r1", openai_url="/v1/chat/completions", openai_req={"model": "m", "messages": []}),
+    Job(request_id="r1", request=ChatJob(body=ChatCompletionRequest(model="m", messages=[CHAT_MESSAGE]))),
+    Job(request_id="r2", request=EmbeddingJob(body=EmbeddingRequest(model="m", input="hi"))),
     Cancel(request_id="r1"),
     ProtocolError(code=ErrorCode.UNAUTHORIZED, message="no"),
 ]

@@ -11,7 +11,7 @@ import pytest
 from fake_worker import FakeWorker, answer, content_chunk
 from servers import QueenServer, eventually
 
-from protocol import Chunk, Draining, ErrorCode, Job
+from protocol import ChatJob, Chunk, Draining, ErrorCode, Job
 from queenbee.settings import QueenSettings
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -196,7 +196,8 @@ async def test_waiting_requests_are_served_first_come_first_served(queen: QueenS
     order: list[str] = []
 
     async def gated(worker: FakeWorker, job: Job) -> None:
-        order.append(job.openai_req["messages"][0]["content"])
+        assert isinstance(job.request, ChatJob)
+        order.append(job.request.body.messages[0].text())
         if len(order) == 1:
             await gate.wait()
         await answer(worker, job)

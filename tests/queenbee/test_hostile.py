@@ -250,7 +250,7 @@ def inflating(prompt: int, completion: int, total: int | None = None) -> Any:
             completion_tokens=completion,
             total_tokens=prompt + completion if total is None else total,
         )
-        if job.openai_req.get("stream"):
+        if job.stream:
             await worker.send(
                 Chunk(request_id=job.request_id, chunk=content_chunk("Hi", role=True), tokens=1)
             )

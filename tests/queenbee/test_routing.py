@@ -12,7 +12,7 @@ import pytest
 from fake_worker import FakeWorker, answer, content_chunk
 from servers import QueenServer, eventually
 
-from protocol import Chunk, ErrorCode, Job, Result, Usage
+from protocol import ChatJob, Chunk, ErrorCode, Job, Result, Usage
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -41,8 +41,9 @@ async def test_non_streamed_answer_has_openai_shape(queen: QueenServer) -> None:
     assert body["model"] == "fake-model"
     assert body["choices"][0]["message"]["content"] == "Hello there"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    assert worker.jobs[0].openai_url == "/v1/chat/completions"
-    assert worker.jobs[0].openai_req["messages"] == CHAT["messages"]
+    request = worker.jobs[0].request
+    assert isinstance(request, ChatJob)
+    assert request.body.model_dump(exclude_unset=True)["messages"] == CHAT["messages"]
 
 
 async def test_stream_wire_format(queen: QueenServer) -> None:

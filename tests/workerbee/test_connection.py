@@ -23,8 +23,10 @@ from protocol import (
     MIN_FRAME_BYTES,
     PROTOCOL_VERSION,
     Cancel,
+    ChatJob,
     Chunk,
     Draining,
+    EmbeddingJob,
     ErrorCode,
     Job,
     JobError,
@@ -41,6 +43,11 @@ from workerbee.connection import QueenRefused, WorkerConnection
 from workerbee.engine import Cancelled, Engine, EngineError, ModelConfig, load_model
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def chat_job(request_id: str, body: dict[str, Any] = CHAT) -> Job:
+    """A chat job for `body`."""
+    return Job(request_id=request_id, request=ChatJob(body=ChatCompletionRequest.model_validate(body)))
 
 
 class StubEngine:
@@ -120,7 +127,7 @@ async def test_job_streams_chunks_then_a_result() -> None:
     """A job becomes chunk frames with its request id, then a result with usage."""
     queen = await FakeQueen().start()
     _, stop, task = await start(queen, StubEngine())
-    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("r1", CHAT))
     frames = [await queen.next_frame() for _ in range(4)]
     stop.set()
     await task
@@ -134,7 +141,7 @@ async def test_job_streams_chunks_then_a_result() -> None:
 UNREADABLE_IDS = [
     "{not json",
     "[1, 2]",
-    '{"type": "job", "openai_url": "/v1/chat/completions"}',
+    '{"type": "job", "request": {"kind": "chat"}}',
     '{"type": "job", "request_id": 7}',
     '{"type": "job", "request_id": ""}',
     json.dumps({"type": "job", "request_id": "x" * 129}),
@@ -152,7 +159,7 @@ async def test_frames_without_a_readable_job_id_get_a_protocol_error_and_are_sur
     for garbage in UNREADABLE_IDS:
         await queen.send(garbage)
         replies.append(await queen.next_frame())
-    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("r1", CHAT))
     chunk, result = await queen.next_frame(), await queen.next_frame()
     stop.set()
     await task
@@ -168,9 +175,10 @@ async def test_frames_without_a_readable_job_id_get_a_protocol_error_and_are_sur
     "raw",
     [
         {"type": "job", "request_id": "r0"},
-        {"type": "job", "request_id": "r0", "openai_url": "/v1/chat/completions", "openai_req": "hi"},
-        {"type": "job", "request_id": "r0", "openai_url": "/v1/chat/completions", "openai_req": {}, "x": 1},
-        {"type": "job", "request_id": "r0", "openai_url": 5, "openai_req": CHAT},
+        {"type": "job", "request_id": "r0", "request": {"kind": "chat", "body": "hi"}},
+        {"type": "job", "request_id": "r0", "request": {"kind": "chat", "body": CHAT}, "x": 1},
+        {"type": "job", "request_id": "r0", "request": {"kind": 5, "body": CHAT}},
+        {"type": "job", "request_id": "r0", "openai_url": "/v1/chat/completions", "openai_req": CHAT},
     ],
 )
 async def test_undecodable_job_gets_a_job_error_naming_it(raw: dict[str, Any]) -> None:
@@ -179,7 +187,7 @@ async def test_undecodable_job_gets_a_job_error_naming_it(raw: dict[str, Any]) -
     _, stop, task = await start(queen, StubEngine(chunks=1))
     await queen.send(json.dumps(raw))
     error = await queen.next_frame()
-    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("r1", CHAT))
     chunk, result = await queen.next_frame(), await queen.next_frame()
     stop.set()
     await task
@@ -197,18 +205,18 @@ async def test_undecodable_job_gets_a_job_error_naming_it(raw: dict[str, Any]) -
     ("job", "code"),
     [
         (
-            Job(request_id="r", openai_url="/v1/chat/completions", openai_req={"model": "m"}),
+            json.dumps({"type": "job", "request_id": "r", "request": {"kind": "chat", "body": {"x": 1}}}),
             ErrorCode.INVALID_REQUEST,
         ),
-        (Job(request_id="r", openai_url="/v1/teleport", openai_req=CHAT), ErrorCode.INVALID_REQUEST),
         (
-            Job(request_id="r", openai_url="/v1/chat/completions", openai_req={**CHAT, "model": "x"}),
-            ErrorCode.MODEL_NOT_FOUND,
+            json.dumps({"type": "job", "request_id": "r", "request": {"kind": "teleport", "body": CHAT}}),
+            ErrorCode.INVALID_REQUEST,
         ),
+        (chat_job("r", {**CHAT, "model": "x"}), ErrorCode.MODEL_NOT_FOUND),
     ],
 )
-async def test_bad_jobs_get_a_job_error(job: Job, code: ErrorCode) -> None:
-    """An invalid body, an unknown path or an unknown model ends the job with a coded error."""
+async def test_bad_jobs_get_a_job_error(job: Job | str, code: ErrorCode) -> None:
+    """An invalid body, an unknown kind of job or an unknown model ends the job with a coded error."""
     queen = await FakeQueen().start()
     _, stop, task = await start(queen, StubEngine())
     await queen.send(job)
@@ -226,7 +234,7 @@ async def test_cancel_stops_the_job() -> None:
     queen = await FakeQueen().start()
     engine = StubEngine(chunks=1000, delay=0.01)
     _, stop, task = await start(queen, engine)
-    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("r1", CHAT))
     await asyncio.wait_for(engine.started.wait(), 10)
     await queen.send(Cancel(request_id="r1"))
     chunks = 0
@@ -258,7 +266,7 @@ async def test_stop_drains_in_flight_jobs_first() -> None:
     queen = await FakeQueen().start()
     engine = StubEngine(chunks=20, delay=0.01)
     _, stop, task = await start(queen, engine)
-    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("r1", CHAT))
     await asyncio.wait_for(engine.started.wait(), 10)
     stop.set()
     frames = []
@@ -270,7 +278,7 @@ async def test_stop_drains_in_flight_jobs_first() -> None:
         frame = await queen.next_frame()
         frames.append(frame)
         if isinstance(frame, Draining):
-            await queen.send(Job(request_id="late", openai_url="/v1/chat/completions", openai_req=CHAT))
+            await queen.send(chat_job("late", CHAT))
     [late] = [frame for frame in frames if isinstance(frame, JobError)]
     await task
     await queen.stop()
@@ -285,10 +293,10 @@ async def test_a_chunk_too_big_for_the_queen_ends_its_request_with_an_error() ->
     queen = await FakeQueen(max_frame_bytes=MIN_FRAME_BYTES).start()
     engine = StubEngine(chunks=3, text="x" * MIN_FRAME_BYTES)
     _, stop, task = await start(queen, engine)
-    await queen.send(Job(request_id="big", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("big", CHAT))
     error = await queen.next_frame()
     engine.text = None
-    await queen.send(Job(request_id="small", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("small", CHAT))
     after = [await queen.next_frame() for _ in range(4)]
     stop.set()
     await task
@@ -308,9 +316,7 @@ async def test_a_whole_response_too_big_for_one_frame_goes_in_parts() -> None:
     queen = await FakeQueen(max_frame_bytes=MIN_FRAME_BYTES).start()
     text = 'é"\n' * MIN_FRAME_BYTES  # characters JSON escapes or encodes in several bytes
     _, stop, task = await start(queen, StubEngine(text=text))
-    await queen.send(
-        Job(request_id="r1", openai_url="/v1/chat/completions", openai_req={**CHAT, "stream": False})
-    )
+    await queen.send(chat_job("r1", {**CHAT, "stream": False}))
     frames = []
     while not isinstance(frame := await queen.next_frame(), Result):
         frames.append(frame)
@@ -334,9 +340,9 @@ async def test_the_worker_states_and_enforces_its_own_frame_limit() -> None:
     assert first.max_frame_bytes == MIN_FRAME_BYTES
     queen.connected.clear()
     huge = {**CHAT, "messages": [{"role": "user", "content": "x" * MIN_FRAME_BYTES}]}
-    await queen.send(Job(request_id="huge", openai_url="/v1/chat/completions", openai_req=huge))
+    await queen.send(chat_job("huge", huge))
     await asyncio.wait_for(queen.connected.wait(), 10)  # the worker came back on a new connection
-    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("r1", CHAT))
     chunk = await queen.next_frame()
     stop.set()
     await task
@@ -364,7 +370,7 @@ async def test_a_big_embeddings_answer_reassembles_to_the_unsplit_one(embedding_
     usage, direct = await embedding_engine.embed(EmbeddingRequest.model_validate(body), threading.Event())
     queen = await FakeQueen(max_frame_bytes=MIN_FRAME_BYTES).start()
     _, stop, task = await start(queen, embedding_engine)
-    await queen.send(Job(request_id="e1", openai_url="/v1/embeddings", openai_req=body))
+    await queen.send(Job(request_id="e1", request=EmbeddingJob(body=EmbeddingRequest.model_validate(body))))
     parts = []
     while not isinstance(frame := await queen.next_frame(timeout=60), Result):
         parts.append(frame)
@@ -426,7 +432,7 @@ async def test_wss_verifies_the_queen_with_the_system_cas(
     queen = await tls_queen(certificates).start()
     assert queen.url.startswith("wss://")
     _, stop, task = await start(queen, StubEngine(chunks=1))
-    await queen.send(Job(request_id="r1", openai_url="/v1/chat/completions", openai_req=CHAT))
+    await queen.send(chat_job("r1", CHAT))
     chunk = await queen.next_frame()
     stop.set()
     await task
