@@ -14,9 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from queenbee.api.messages import count_tokens, create_message, is_messages_path
+from queenbee.api.responses import create_response, delete_response, list_input_items, retrieve_response
 from queenbee.auth import ClientKeys, Secrets, client_endpoint, stats_endpoint, warn_if_exposed
 from queenbee.dashboard import dashboard_routes
-from queenbee.errors import QueenError
+from queenbee.errors import QueenError, anthropic_error
 from queenbee.hive import Hive
 from queenbee.http_limits import AllowedHosts, check_host_patterns
 from queenbee.ledger import Ledger
@@ -31,6 +33,7 @@ from queenbee.openai_api import (
     retrieve_model,
 )
 from queenbee.ratelimit import RateLimiter
+from queenbee.response_store import ResponseStore
 from queenbee.settings import QueenSettings
 from queenbee.usage_report import admin_usage
 from queenbee.worker_endpoint import worker_endpoint
@@ -50,17 +53,28 @@ class QueenState(TypedDict):
     secrets: Secrets
     limiter: RateLimiter
     ledger: Ledger
+    responses: ResponseStore
     metrics: QueenMetrics
     activity: RecentActivity
 
 
+# Each API's errors in its own shape: the Messages API's are Anthropic's, every other OpenAI's.
+
+
 async def _queen_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, QueenError)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+    body = exc.anthropic_body() if is_messages_path(request.url.path) else exc.body()
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if is_messages_path(request.url.path):
+        return JSONResponse(
+            anthropic_error(exc.status_code, str(exc.detail)),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
     body = {
         "error": {
             "message": str(exc.detail),
@@ -74,6 +88,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error while handling %s %s", request.method, request.url.path)
+    if is_messages_path(request.url.path):
+        return JSONResponse(anthropic_error(500, "Internal server error."), status_code=500)
     body = {
         "error": {"message": "Internal server error.", "type": "internal_error", "param": None, "code": None}
     }
@@ -97,6 +113,8 @@ def create_app(settings: QueenSettings) -> Starlette:
         app.state.hive = hive
         warn_if_exposed(settings, clients, secrets)
         ledger = await Ledger.open(settings.db)
+        # After the ledger: its migrations make the table the store uses.
+        responses = await ResponseStore.open(settings.db, settings.responses_retention)
         limiter = RateLimiter.from_settings(settings, clients)
         metrics = QueenMetrics(hive)
         metrics.watch_ledger(ledger)
@@ -111,17 +129,25 @@ def create_app(settings: QueenSettings) -> Starlette:
             "secrets": secrets,
             "limiter": limiter,
             "ledger": ledger,
+            "responses": responses,
             "metrics": metrics,
             "activity": activity,
         }
         for worker in list(hive.workers.values()):
             await worker.close(1001, "queen shutting down")
+        await responses.close()
         await ledger.close()
 
     routes = [
         Route("/v1/chat/completions", client_endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", client_endpoint(completions), methods=["POST"]),
         Route("/v1/embeddings", client_endpoint(embeddings), methods=["POST"]),
+        Route("/v1/responses", client_endpoint(create_response), methods=["POST"]),
+        Route("/v1/responses/{response_id}", client_endpoint(retrieve_response), methods=["GET"]),
+        Route("/v1/responses/{response_id}", client_endpoint(delete_response), methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/input_items", client_endpoint(list_input_items), methods=["GET"]),
+        Route("/v1/messages", client_endpoint(create_message), methods=["POST"]),
+        Route("/v1/messages/count_tokens", client_endpoint(count_tokens), methods=["POST"]),
         Route("/v1/models", client_endpoint(list_models), methods=["GET"]),
         Route("/v1/models/{model:path}", client_endpoint(retrieve_model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -1,4 +1,4 @@
-"""The queen's exception tree, and the one place where errors become OpenAI error bodies.
+"""The queen's exception tree, and the one place where errors become OpenAI (or Anthropic) error bodies.
 
 QueenError                    any error a client sees
 ├── InvalidRequest            400 invalid_request_error (malformed JSON, bad or unsupported field)
@@ -8,6 +8,7 @@ QueenError                    any error a client sees
 ├── UnsupportedMediaType      415 invalid_request_error, code unsupported_media_type
 ├── AuthenticationError       401 invalid_request_error, code invalid_api_key, with WWW-Authenticate
 ├── ModelNotFound             404 invalid_request_error, code model_not_found
+├── NotFound                  404 invalid_request_error, code not_found (a stored response)
 ├── RateLimited               429 requests or tokens, code rate_limit_exceeded, with Retry-After
 ├── NoCapacity                503 service_unavailable, with Retry-After
 ├── LedgerUnavailable         503 service_unavailable: the request could not be recorded
@@ -39,6 +40,10 @@ class QueenError(Exception):
     def body(self) -> dict[str, Any]:
         """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's error object, for the Messages API: {"type": "error", "error": {"type", "message"}}."""
+        return anthropic_error(self.status, self.message)
 
     def headers(self) -> dict[str, str]:
         """Extra response headers."""
@@ -117,6 +122,14 @@ class ModelNotFound(QueenError):
     code = "model_not_found"
 
 
+class NotFound(QueenError):
+    """A stored object (a response) does not exist, or belongs to another key."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class NoCapacity(QueenError):
     """Every worker for the model is busy, and the wait is over."""
 
@@ -164,3 +177,22 @@ def from_job_error(code: ErrorCode, message: str, param: str | None) -> QueenErr
     if code is ErrorCode.MODEL_NOT_FOUND:
         return ModelNotFound(message, param=param or "model")
     return UpstreamError(f"the worker failed: {message}", code=code.value)
+
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+"""Anthropic's error type for each status; other statuses take their class's (4xx or 5xx) type."""
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error object for a status and a message."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}

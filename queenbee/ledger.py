@@ -85,6 +85,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             worker_completion_tokens = MAX(0, MIN(completion_tokens, {MAX_TOKENS}))
         """,
     ),
+    # 3: responses kept for the Responses API's `store` (queenbee/response_store.py), by owner and age.
+    (
+        """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            owner TEXT,
+            created_at REAL NOT NULL,
+            response TEXT NOT NULL,
+            input_items TEXT NOT NULL,
+            history TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX responses_created_at ON responses (created_at)",
+    ),
 )
 """Every schema change, in order; never edit one that has shipped, append a new one."""
 

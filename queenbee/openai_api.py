@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -20,7 +21,15 @@ from queenbee.errors import (
     RequestTooLarge,
     UnsupportedMediaType,
 )
-from queenbee.forwarding import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, Endpoint, ForwardedCall
+from queenbee.forwarding import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    EMBEDDINGS,
+    Endpoint,
+    ForwardedCall,
+    OpenAIRequest,
+    Presenter,
+)
 from queenbee.hive import Hive
 from queenbee.json_body import THREAD_PARSE_BYTES, parse_body_async
 from queenbee.ledger import Ledger
@@ -157,9 +166,7 @@ async def parse_request_async(model: type[RequestModel], body: dict[str, Any], s
     return await asyncio.to_thread(parse_request, model, body)
 
 
-def _check_token_limit(
-    parsed: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, n_ctx: int
-) -> None:
+def _check_token_limit(parsed: OpenAIRequest, n_ctx: int) -> None:
     if isinstance(parsed, EmbeddingRequest):
         return
     limit = parsed.token_limit
@@ -170,14 +177,21 @@ def _check_token_limit(
         )
 
 
-async def _forward(
+async def forward(
     request: Request,
     endpoint: Endpoint,
-    parsed: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
+    parsed: OpenAIRequest,
     *,
     stream: bool,
-    usage: bool,
+    usage: bool = False,
+    present: Callable[[ForwardedCall], Presenter] | None = None,
+    prompt_bytes: int | None = None,
 ) -> Response:
+    """Forward a validated request to a worker and answer the client, through `present` if given.
+
+    `prompt_bytes` sizes the prompt for the usage bounds when it is bigger than the body (a Responses
+    request that continues a stored conversation); by default it is the body's size.
+    """
     hive: Hive = request.state.hive
     lease: Lease | None = getattr(request.state, "lease", None)
     call = ForwardedCall(
@@ -193,13 +207,16 @@ async def _forward(
         api_key_id=getattr(request.state, "api_key_id", None),
         lease=lease,
     )
+    if present is not None:
+        call.presenter = present(call)
     try:
         n_ctx = hive.context_length(parsed.model)
         if n_ctx is None:
             message = f"The model '{parsed.model}' does not exist or no worker serves it."
             raise ModelNotFound(message, param="model")
         _check_token_limit(parsed, n_ctx)
-        call.bounds = usage_bounds(parsed, request.state.body_bytes, n_ctx)
+        size = request.state.body_bytes if prompt_bytes is None else prompt_bytes
+        call.bounds = usage_bounds(parsed, size, n_ctx)
         if lease is not None:
             lease.reserve(call.bounds.reservation)
     except QueenError as exc:
@@ -213,7 +230,7 @@ async def chat_completions(request: Request) -> Response:
     settings: QueenSettings = request.state.settings
     body = await read_json(request, settings)
     chat = await parse_request_async(ChatCompletionRequest, body, request.state.body_bytes)
-    return await _forward(request, CHAT_COMPLETIONS, chat, stream=chat.stream, usage=chat.include_usage)
+    return await forward(request, CHAT_COMPLETIONS, chat, stream=chat.stream, usage=chat.include_usage)
 
 
 async def completions(request: Request) -> Response:
@@ -221,7 +238,7 @@ async def completions(request: Request) -> Response:
     settings: QueenSettings = request.state.settings
     body = await read_json(request, settings)
     completion = await parse_request_async(CompletionRequest, body, request.state.body_bytes)
-    return await _forward(
+    return await forward(
         request, COMPLETIONS, completion, stream=completion.stream, usage=completion.include_usage
     )
 
@@ -231,7 +248,7 @@ async def embeddings(request: Request) -> Response:
     settings: QueenSettings = request.state.settings
     body = await read_json(request, settings)
     embedding = await parse_request_async(EmbeddingRequest, body, request.state.body_bytes)
-    return await _forward(request, EMBEDDINGS, embedding, stream=False, usage=False)
+    return await forward(request, EMBEDDINGS, embedding, stream=False, usage=False)
 
 
 def _model_object(model: str) -> dict[str, Any]:

@@ -152,4 +152,9 @@ class QueenSettings(BaseSettings):
         description="SQLite file of the usage ledger (created if missing). "
         "Default: $XDG_DATA_HOME/queenbee/queenbee.db, i.e. ~/.local/share/queenbee/queenbee.db.",
     )
+    responses_retention: float = Field(
+        default=30 * 86400.0,
+        gt=0,
+        description="Seconds a response stored by the Responses API (store=true) is kept. Default: 30 days.",
+    )
     log_json: bool = Field(default=False, description="Log JSON lines instead of text.")

@@ -73,6 +73,65 @@ async def answer(worker: FakeWorker, job: Job, words: tuple[str, ...] = ("Hello"
             await worker.send(frame)
 
 
+async def reply(
+    worker: FakeWorker,
+    job: Job,
+    text: str = "",
+    *,
+    tool_call: tuple[str, str] | None = None,
+    finish_reason: str | None = None,
+    prompt_tokens: int = 3,
+) -> None:
+    """Answer a chat job with `text`, or with one call of the function `tool_call` (name, arguments).
+
+    Streamed in pieces (a word, or a few characters of arguments, a chunk) or whole, as the job asks.
+    """
+    request_id = job.request_id
+    pieces = [word for word in text.split(" ")] if text else []
+    pieces = [piece if index == 0 else " " + piece for index, piece in enumerate(pieces)]
+    arguments = tool_call[1] if tool_call is not None else ""
+    argument_pieces = [arguments[start : start + 5] for start in range(0, len(arguments), 5)]
+    completion_tokens = len(pieces) + len(argument_pieces)
+    usage = Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+    finish = finish_reason or ("tool_calls" if tool_call is not None else "stop")
+    call_id = "call_" + uuid.uuid4().hex[:12]
+    if not job.stream:
+        message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
+        if tool_call is not None:
+            message["tool_calls"] = [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": tool_call[0], "arguments": arguments},
+                }
+            ]
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+        await worker.send(Result(request_id=request_id, usage=usage, response={"choices": [choice]}))
+        return
+    await worker.send(Chunk(request_id=request_id, chunk=content_chunk("", role=True)))
+    for piece in pieces:
+        await worker.send(Chunk(request_id=request_id, chunk=content_chunk(piece), tokens=1))
+    if tool_call is not None:
+        opening = {
+            "index": 0,
+            "id": call_id,
+            "type": "function",
+            "function": {"name": tool_call[0], "arguments": ""},
+        }
+        deltas = [opening] + [{"index": 0, "function": {"arguments": piece}} for piece in argument_pieces]
+        for number, delta in enumerate(deltas):
+            choice = {"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None, "logprobs": None}
+            await worker.send(
+                Chunk(request_id=request_id, chunk={"choices": [choice]}, tokens=int(number > 0))
+            )
+    await worker.send(Chunk(request_id=request_id, chunk=content_chunk("", finish_reason=finish)))
+    await worker.send(Result(request_id=request_id, usage=usage))
+
+
 class FakeWorker:
     """Connects to a queen, registers, and runs `behaviour` for every job it gets."""
 

@@ -1,4 +1,5 @@
-"""Validation of everything the queen answers against OpenAI's published JSON schemas (the *.json beside).
+"""Validation of everything the queen answers against the published JSON schemas (the *.json beside):
+OpenAI's for chat, completions, embeddings and Responses, Anthropic's for Messages.
 
 `ValidatingTransport` and `AsyncValidatingTransport` sit under an httpx client (the openai SDK's or a
 test's own) and check every response body, and every event of every stream, as it passes: a test that
@@ -49,10 +50,28 @@ def validate(name: str, instance: Any) -> None:
         )
 
 
-def schema_name(path: str, status: int, *, streamed: bool) -> str:
-    """Which schema a response to `path` must match."""
+TERMINAL_EVENTS = frozenset(
+    {"response.completed", "response.incomplete", "response.failed", "message_stop", "error"}
+)
+"""Named events that end a stream (the Responses and Messages APIs send no [DONE])."""
+
+
+def schema_name(path: str, status: int, *, streamed: bool, method: str = "POST") -> str:
+    """Which schema a response to `method path` must match."""
+    if path.startswith("/v1/messages"):
+        if status >= 400:
+            return "AnthropicError"
+        if path.endswith("/count_tokens"):
+            return "AnthropicTokenCount"
+        return "AnthropicStreamEvent" if streamed else "AnthropicMessage"
     if status >= 400:
         return "ErrorResponse"
+    if path.startswith("/v1/responses"):
+        if streamed:
+            return "ResponseStreamEvent"
+        if path.endswith("/input_items"):
+            return "ResponseItemList"
+        return "ResponseDeleted" if method == "DELETE" else "Response"
     if path.endswith("/chat/completions"):
         return "CreateChatCompletionStreamResponse" if streamed else "CreateChatCompletionResponse"
     if path.endswith("/completions"):
@@ -82,6 +101,8 @@ class _SseChecker:
     seen: Seen
     buffer: bytes = b""
     done: bool = False
+    sequence: int = 0
+    """The sequence_number the next Responses event must carry."""
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -90,9 +111,16 @@ class _SseChecker:
             self._event(event.decode("utf-8"))
 
     def _event(self, event: str) -> None:
+        event_name = None
+        if event.startswith("event: "):
+            line, _, event = event.partition("\n")
+            event_name = line[len("event: ") :]
         assert event.startswith("data: "), f"not an SSE data event: {event!r}"
-        assert not self.done, "an event came after data: [DONE]"
+        assert not self.done, "an event came after the end of the stream"
         payload = event[len("data: ") :]
+        if event_name is not None:
+            self._named(event_name, json.loads(payload))
+            return
         if payload == "[DONE]":
             self.done = True
             return
@@ -102,14 +130,24 @@ class _SseChecker:
         validate(name, body)
         self.seen.names.append(name)
 
+    def _named(self, event_name: str, body: dict[str, Any]) -> None:
+        assert body.get("type") == event_name, f"event {event_name!r} carries {body.get('type')!r}"
+        name = schema_name(self.path, 200, streamed=True)
+        validate(name, body)
+        if "sequence_number" in body:
+            assert body["sequence_number"] == self.sequence, body
+            self.sequence += 1
+        self.seen.names.append(name)
+        self.done = event_name in TERMINAL_EVENTS
+
     def close(self) -> None:
         assert not self.buffer.strip(), f"the stream ended inside an event: {self.buffer!r}"
         assert self.done, "the stream ended without data: [DONE]"
         self.seen.streams += 1
 
 
-def _check_whole(response: httpx.Response, path: str, seen: Seen) -> None:
-    name = schema_name(path, response.status_code, streamed=False)
+def _check_whole(response: httpx.Response, path: str, seen: Seen, method: str) -> None:
+    name = schema_name(path, response.status_code, streamed=False, method=method)
     validate(name, response.json())
     seen.names.append(name)
 
@@ -171,7 +209,7 @@ class ValidatingTransport(httpx.BaseTransport):
                 extensions=response.extensions,
             )
         response.read()
-        _check_whole(response, path, self.seen)
+        _check_whole(response, path, self.seen, request.method)
         return response
 
     def close(self) -> None:
@@ -200,7 +238,7 @@ class AsyncValidatingTransport(httpx.AsyncBaseTransport):
                 extensions=response.extensions,
             )
         await response.aread()
-        _check_whole(response, path, self.seen)
+        _check_whole(response, path, self.seen, request.method)
         return response
 
     async def aclose(self) -> None:
