@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.load import RequestResult
-from workerbee.llama_context import MultiSequenceContext, TokenBatch, Vocabulary
+from workerbee.llama_context import ModelWeights, MultiSequenceContext, TokenBatch, Vocabulary
 
 
 class AloneReference:
@@ -30,6 +30,8 @@ class AloneReference:
     def __init__(self, model_path: Path, *, threads: int, n_ctx: int = 2048) -> None:
         from llama_cpp import Llama, llama_chat_format
 
+        self.model_path = model_path
+        self._weights: ModelWeights | None = None
         self.llama: Any = Llama(
             model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
         )
@@ -96,10 +98,10 @@ class StepTiming:
 
 
 def _context(reference: AloneReference, n_seq: int, threads: int) -> MultiSequenceContext:
-    llama = reference.llama
-    return MultiSequenceContext(
-        llama.model, llama.context_params, n_seq=n_seq, n_ctx_seq=512, n_batch=512, threads=threads
-    )
+    # The engine's own loading (weights without a context); the file is memory-mapped once for both.
+    if reference._weights is None:
+        reference._weights = ModelWeights(reference.model_path)
+    return MultiSequenceContext(reference._weights, n_seq=n_seq, n_ctx_seq=512, n_batch=512, threads=threads)
 
 
 def _prefill(context: MultiSequenceContext, batch: TokenBatch, sequences: int, length: int) -> None:

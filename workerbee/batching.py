@@ -1,39 +1,49 @@
-"""Continuous batching: one llama.cpp context generates for up to `parallel` chat requests at once.
+"""One model's engine: every generating request in one continuous batch, embeddings in a pooled one.
 
-llama-cpp-python's `Llama` decodes one sequence at a time, so N requests on one model take N times as
-long. `BatchedModel` is the engine's backend for plain chat requests: every running request is a
-sequence of one llama.cpp context (llama_context.py), advanced together by the model's scheduler thread
-(scheduler.py), sampled per sequence (sampling.py), with stop sequences and UTF-8 handled in
-detokenize.py. Chunks take the same shape as on the engine's other path (choices.py).
+`BatchedModel` owns a model's weights (llama_context.py) and the contexts on them: the generating
+context, whose KV cache keeps a stream per sequence (`parallel` of them, each of the model's full
+context length), run by the scheduler's thread (scheduler.py); and with --embeddings a pooled context
+run by the embeddings thread (embeddings.py). Nothing else decodes: there is no second path.
 
-Each sequence has a KV stream of its own of the model's full context length (not unified): a token
-attends only to its own sequence's cells, so a sequence's numbers, and its greedy text, do not depend
-on which others share the batch.
+A request becomes, on a worker thread (prompts.py): prompt tokens, checked against the context, and a
+sampler for each choice (its seed, its grammar from tools or response_format). Its choices then run as
+jobs of at most `parallel` choices each, every job decoding its prompt once (a chat request with n
+choices: one job of n, if n fits; a text completion: a job per prompt). Events come back through
+`call_soon_threadsafe`; choices.py shapes them into OpenAI's chunks and objects.
 
-The event loop never blocks: templating and tokenizing run in a worker thread, and the scheduler posts
-events with `call_soon_threadsafe`.
+A token attends only to its own sequence's cells, so a sequence's numbers, and its greedy text, do not
+depend on which others share the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from protocol import ErrorCode, Usage
-from protocol.openai import ChatCompletionRequest
-from workerbee.choices import ChatChoice
-from workerbee.decoding import Cancelled, Generation, Piece, choice_seeds
-from workerbee.engine import ChunkSink, EngineError, LoadedModel, chat_sampling
-from workerbee.llama_context import MultiSequenceContext, TokenBatch, Vocabulary
+import numpy as np
+
+from protocol import ErrorCode, ModelInfo, Usage
+from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from workerbee.choices import ChatChoice, CompletionChoice
+from workerbee.decoding import Generation, Piece, Sampling, choice_seeds
+from workerbee.embeddings import Embedder, EmbeddingJob, Vector
+from workerbee.engine import ChunkSink
+from workerbee.errors import Cancelled, EngineError, ModelLoadError
+from workerbee.llama_context import EmbeddingContext, ModelWeights, MultiSequenceContext, TokenBatch
+from workerbee.prompts import ModelConfig, Prompts, request_sampling
+from workerbee.sampling import GrammarRefused, SamplerChain
 from workerbee.scheduler import (
     MIN_PROMPT_CHUNK,
     Failed,
     Finished,
     Job,
+    JobChoice,
     RequestEvent,
     Scheduler,
     Started,
@@ -44,214 +54,450 @@ from workerbee.threads import ThreadChoice, ThreadTuner, choose_threads, thread_
 log = logging.getLogger("workerbee.batching")
 
 MAX_BATCH = 512
-"""Tokens one decode call takes at most (llama-cpp-python's n_batch)."""
+"""Tokens one decode call takes at most."""
+EMBEDDING_SEQUENCES = 16
+"""Inputs one embeddings decode takes at most."""
+
+AnyChoice = ChatChoice | CompletionChoice
 
 
 class BatchedModel:
-    """The batched backend of one loaded model: plain chat requests, up to `parallel` at once."""
+    """One loaded model: its requests, up to `parallel` sequences at once."""
 
-    def __init__(self, model: LoadedModel, scheduler: Scheduler, threads: ThreadChoice) -> None:
-        self.model = model
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: ModelWeights,
+        scheduler: Scheduler,
+        threads: ThreadChoice,
+        embedder: Embedder | None = None,
+    ) -> None:
+        self.config = config
+        self.weights = weights
+        self.prompts = Prompts(config, weights)
         self.scheduler = scheduler
         self.threads = threads
-        self.n_ctx = int(model.llama.n_ctx())
+        self.embedder = embedder
+        self.parallel = scheduler.context.n_seq
+        self.fingerprint = self.prompts.fingerprint
 
     @classmethod
-    def create(cls, model: LoadedModel, *, parallel: int, threads: int | None) -> BatchedModel:
-        """Make the model's batching context (blocking). `threads` None: measure the best count first.
+    def load(cls, config: ModelConfig, *, parallel: int, threads: int | None) -> BatchedModel:
+        """Load a GGUF and make its contexts (blocking). `threads` None: measure the best count first.
 
-        The measured count is applied to the model's own llama-cpp-python context too.
+        Raises ModelLoadError with one clear line.
         """
-        import llama_cpp
-
-        llama = model.llama
-        n_ctx_seq = int(llama.n_ctx())
-        vocab = Vocabulary(llama.model)
-        n_batch = max(MAX_BATCH, parallel + MIN_PROMPT_CHUNK)
-        context = MultiSequenceContext(
-            llama.model,
-            llama.context_params,
-            n_seq=parallel,
-            n_ctx_seq=n_ctx_seq,
-            n_batch=n_batch,
-            threads=threads or 1,
-        )
+        if not config.path.is_file():
+            raise ModelLoadError(f"model file not found: {config.path}")
         try:
-            if context.n_ctx_seq < n_ctx_seq:
-                raise RuntimeError(f"llama.cpp gave {context.n_ctx_seq} tokens per sequence, not {n_ctx_seq}")
+            weights = ModelWeights(
+                config.path,
+                n_gpu_layers=config.n_gpu_layers,
+                main_gpu=config.main_gpu,
+                tensor_split=config.tensor_split,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"could not load {config.path}: {exc}") from None
+        try:
+            return cls._on_weights(config, weights, parallel=parallel, threads=threads)
+        except BaseException:
+            weights.close()
+            raise
+
+    @classmethod
+    def _on_weights(
+        cls, config: ModelConfig, weights: ModelWeights, *, parallel: int, threads: int | None
+    ) -> BatchedModel:
+        n_batch = max(MAX_BATCH, parallel + MIN_PROMPT_CHUNK)
+        try:
+            context = MultiSequenceContext(
+                weights, n_seq=parallel, n_ctx_seq=config.n_ctx, n_batch=n_batch, threads=threads or 1
+            )
+        except RuntimeError as exc:
+            raise ModelLoadError(f"could not load {config.path}: {exc}") from None
+        try:
+            if context.n_ctx_seq < config.n_ctx:
+                raise ModelLoadError(
+                    f"llama.cpp gave {context.n_ctx_seq} tokens per sequence, not {config.n_ctx}"
+                )
             choice = measure_threads(context, fixed=threads)
             context.set_threads(choice.threads)
-            llama_cpp.llama_set_n_threads(llama.ctx, choice.threads, choice.threads)
         except BaseException:
             context.close()
             raise
         log.info(
             "model %s: batching %d sequences of %d tokens; %s",
-            model.config.id,
+            config.id,
             parallel,
-            n_ctx_seq,
+            config.n_ctx,
             choice.describe(),
         )
         token_seconds = choice.timings.get(choice.threads, 0.05) / parallel
         # A count given with --threads is kept; a measured one is only where tuning starts.
         tuner = ThreadTuner(thread_candidates(), choice.threads) if threads is None else None
-        scheduler = Scheduler(context, vocab, name=model.config.id, token_seconds=token_seconds, tuner=tuner)
-        return cls(model, scheduler, choice)
+        scheduler = Scheduler(
+            context, weights.vocab, name=config.id, token_seconds=token_seconds, tuner=tuner
+        )
+        embedder = None
+        if config.embeddings:
+            try:
+                pooled = EmbeddingContext(
+                    weights, n_ctx=config.n_ctx, n_seq=EMBEDDING_SEQUENCES, threads=choice.threads
+                )
+            except RuntimeError as exc:
+                scheduler.close()
+                raise ModelLoadError(f"could not load {config.path} for embeddings: {exc}") from None
+            embedder = Embedder(pooled, name=config.id)
+        return cls(config, weights, scheduler, choice, embedder)
 
-    @staticmethod
-    def supports(chat: ChatCompletionRequest) -> bool:
-        """Whether this backend runs `chat`: one plain text choice, without log probabilities or grammars."""
-        return (
-            (chat.n or 1) == 1
-            and not chat.logprobs
-            and not chat.tools
-            and (chat.response_format is None or chat.response_format.type == "text")
+    def info(self) -> ModelInfo:
+        """How the model is advertised to the queen."""
+        return ModelInfo(
+            id=self.config.id,
+            n_ctx=self.config.n_ctx,
+            size_bytes=self.config.size_bytes,
+            n_gpu_layers=self.config.n_gpu_layers,
+            embeddings=self.embedder is not None,
         )
 
-    def _check(self, chat: ChatCompletionRequest, prompt: list[int]) -> int:
-        """Refuse what cannot run; returns the number of tokens to generate at most."""
-        if len(prompt) >= self.n_ctx:
-            raise EngineError(
-                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {self.n_ctx} tokens, "
-                f"but the messages take {len(prompt)} tokens.",
-                "messages",
-            )
-        limit = chat.token_limit
-        if limit is not None and len(prompt) + limit > self.n_ctx:
-            param = "max_completion_tokens" if chat.max_completion_tokens is not None else "max_tokens"
-            raise EngineError(
-                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
-                f"{len(prompt) + limit} tokens ({len(prompt)} in the messages, {limit} in the completion).",
-                param,
-            )
-        n_vocab = self.scheduler.vocab.n_tokens
-        for token in chat.logit_bias or {}:
-            if not 0 <= int(token) < n_vocab:
-                raise EngineError(
-                    ErrorCode.INVALID_REQUEST,
-                    f"token id {token} is out of range: the vocabulary has {n_vocab}",
-                    "logit_bias",
-                )
-        room = self.n_ctx - len(prompt)
-        return room if limit is None else min(limit, room)
+    def _samplers(self, sampling: Sampling, seeds: Sequence[int], param: str | None) -> list[SamplerChain]:
+        banned = self.weights.vocab.eog_tokens if sampling.ignore_eos else ()
+        samplers: list[SamplerChain] = []
+        try:
+            for seed in seeds:
+                samplers.append(SamplerChain(sampling, vocab=self.weights.vocab, seed=seed, banned=banned))
+        except GrammarRefused as exc:
+            for sampler in samplers:
+                sampler.close()
+            raise EngineError(ErrorCode.INVALID_REQUEST, f"unsupported JSON schema: {exc}", param) from None
+        except BaseException:
+            for sampler in samplers:
+                sampler.close()
+            raise
+        return samplers
+
+    def _prepare_chat(
+        self, chat: ChatCompletionRequest
+    ) -> tuple[list[int], int, Sampling, list[SamplerChain]]:
+        prompt = self.prompts.chat_prompt(chat)
+        limit = self.prompts.check_fits(len(prompt), chat)
+        self.prompts.check_token_ids([int(token) for token in chat.logit_bias or ()], "logit_bias")
+        grammar, param = self.prompts.chat_grammar(chat)
+        sampling = request_sampling(chat, grammar)
+        return prompt, limit, sampling, self._samplers(sampling, choice_seeds(chat.seed, chat.n or 1), param)
 
     async def chat(
         self, chat: ChatCompletionRequest, cancel: threading.Event, on_chunk: ChunkSink
     ) -> tuple[Usage, dict[str, Any] | None]:
         """Run a chat completion in the batch; streamed chunks go to `on_chunk`.
 
-        Raises Cancelled, with the usage so far, if `cancel` is set before it ends; if this coroutine is
-        cancelled, the sequence leaves the batch at the next step.
+        Everything that can be refused is checked before the request joins the batch. Raises Cancelled,
+        with the usage so far, if `cancel` is set before it ends; if this coroutine is cancelled, its
+        sequences leave the batch at the next step.
         """
-        # The template and the tokenizer are CPU work: off the event loop, beside the decoding thread.
-        prompt = await asyncio.to_thread(self.model.chat_prompt, chat)
-        limit = self._check(chat, prompt)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[RequestEvent] = asyncio.Queue()
+        # The template, the tokenizer and the grammar are CPU work: off the event loop.
+        prompt, limit, sampling, samplers = await asyncio.to_thread(self._prepare_chat, chat)
+        n = len(samplers)
 
-        def post(event: RequestEvent) -> None:
-            # A closed loop refuses the call: nobody waits for this request any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(events.put_nowait, event)
+        def make(index: int, emit: Callable[[dict[str, Any], int], None] | None) -> AnyChoice:
+            return ChatChoice(
+                index=index,
+                tool_mode=chat.tool_mode,
+                logprobs=bool(chat.logprobs),
+                fingerprint=self.fingerprint,
+                emit=emit,
+            )
 
-        job = Job(
-            prompt=prompt,
-            sampling=chat_sampling(chat),
-            seed=choice_seeds(chat.seed, 1)[0],
-            limit=limit,
-            stream=chat.stream,
-            cancel=cancel,
-            post=post,
+        choices, completion_tokens = await self._run(
+            [(prompt, limit, samplers)], sampling, make, chat.stream, cancel, on_chunk, n_prompt=len(prompt)
         )
-        if limit <= 0:
-            job.post(Started())
-            job.post(Finished("", "", "length", 0))
-        else:
-            self.scheduler.submit(job)
+        usage = Usage(
+            prompt_tokens=len(prompt),
+            completion_tokens=completion_tokens,
+            total_tokens=len(prompt) + completion_tokens,
+        )
+        if chat.stream:
+            return usage, None
+        assert len(choices) == n
+        return usage, {
+            "object": "chat.completion",
+            "choices": choices,
+            "system_fingerprint": self.fingerprint,
+        }
+
+    def _prepare_completion(
+        self, request: CompletionRequest
+    ) -> tuple[list[tuple[list[int], int, list[SamplerChain]]], list[str], Sampling]:
+        prompts = self.prompts.completion_prompts(request)
+        limits = [self.prompts.check_fits(len(prompt.tokens), request) for prompt in prompts]
+        self.prompts.check_token_ids([int(token) for token in request.logit_bias or ()], "logit_bias")
+        sampling = request_sampling(request)
+        n = request.n or 1
+        runs: list[tuple[list[int], int, list[SamplerChain]]] = []
+        try:
+            for prompt, limit in zip(prompts, limits, strict=True):
+                runs.append(
+                    (prompt.tokens, limit, self._samplers(sampling, choice_seeds(request.seed, n), None))
+                )
+        except BaseException:
+            for _, _, samplers in runs:
+                for sampler in samplers:
+                    sampler.close()
+            raise
+        return runs, [prompt.text for prompt in prompts], sampling
+
+    async def complete(
+        self, request: CompletionRequest, cancel: threading.Event, on_chunk: ChunkSink
+    ) -> tuple[Usage, dict[str, Any] | None]:
+        """Complete each prompt n times in the batch; streamed chunks go to `on_chunk`."""
+        runs, texts, sampling = await asyncio.to_thread(self._prepare_completion, request)
+        n = request.n or 1
+        prompt_tokens = sum(len(tokens) for tokens, _, _ in runs)
+
+        def make(index: int, emit: Callable[[dict[str, Any], int], None] | None) -> AnyChoice:
+            return CompletionChoice(
+                index=index,
+                logprobs=request.logprobs is not None,
+                fingerprint=self.fingerprint,
+                prompt=texts[index // n],
+                echo=request.echo,
+                emit=emit,
+            )
+
+        choices, completion_tokens = await self._run(
+            runs, sampling, make, request.stream, cancel, on_chunk, n_prompt=prompt_tokens
+        )
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+        if request.stream:
+            return usage, None
+        return usage, {
+            "object": "text_completion",
+            "choices": choices,
+            "system_fingerprint": self.fingerprint,
+        }
+
+    async def _run(
+        self,
+        runs: list[tuple[list[int], int, list[SamplerChain]]],
+        sampling: Sampling,
+        make: Callable[[int, Callable[[dict[str, Any], int], None] | None], AnyChoice],
+        stream: bool,
+        cancel: threading.Event,
+        on_chunk: ChunkSink,
+        *,
+        n_prompt: int,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Generate every choice of every prompt (runs: tokens, limit, one sampler per choice).
+
+        Returns the whole choices in index order and the completion tokens of all of them.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[Job, RequestEvent]] = asyncio.Queue()
         chunks: list[tuple[dict[str, Any], int]] = []
 
         def collect(chunk: dict[str, Any], tokens: int) -> None:
             chunks.append((chunk, tokens))
 
-        choice: ChatChoice | None = None
-        result: Finished | None = None
-        whole: dict[str, Any] = {}
-        ended = False  # the scheduler is done with the request
+        jobs: list[Job] = []
+        choices: dict[int, AnyChoice] = {}
+        index = 0
+        for prompt, limit, samplers in runs:
+            for start in range(0, len(samplers), self.parallel):
+                group = [
+                    JobChoice(index + offset, sampler)
+                    for offset, sampler in enumerate(samplers[start : start + self.parallel])
+                ]
+                index += len(group)
+                job = Job(
+                    prompt=prompt,
+                    choices=group,
+                    stop=sampling.stop,
+                    top_logprobs=sampling.top_logprobs,
+                    limit=limit,
+                    stream=stream,
+                    cancel=cancel,
+                    post=lambda event: None,
+                )
+
+                def post(event: RequestEvent, job: Job = job) -> None:
+                    # A closed loop refuses the call: nobody waits for this request any more.
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(events.put_nowait, (job, event))
+
+                job.post = post
+                jobs.append(job)
+        for job in jobs:
+            for job_choice in job.choices:
+                choices[job_choice.index] = make(job_choice.index, collect if stream else None)
+        whole: dict[int, dict[str, Any]] = {}
+        generated: dict[int, int] = {}
+        open_jobs = len(jobs)
+        submitted: list[Job] = []
         try:
-            while result is None:
+            for job in jobs:
+                if job.limit <= 0:
+                    job.close()
+                    for job_choice in job.choices:
+                        job.post(Finished(job_choice.index, "", "", "length", 0))
+                else:
+                    self.scheduler.submit(job)
+                    submitted.append(job)
+            while len(whole) < len(choices):
                 # Everything posted while on_chunk was busy is handled at once: text becomes one chunk.
                 ready = [await events.get()]
                 while not events.empty():
                     ready.append(events.get_nowait())
-                for event in _merge_text(ready):
+                for job, event in _merge_text(ready):
                     if isinstance(event, Started):
-                        choice = ChatChoice(
-                            index=0,
-                            tool_mode="none",
-                            logprobs=False,
-                            fingerprint=self.model.fingerprint,
-                            emit=collect if chat.stream else None,
-                        )
-                    elif isinstance(event, Failed):
-                        ended = True
+                        continue
+                    if isinstance(event, Failed):
+                        open_jobs -= 1
+                        submitted.remove(job)
                         if isinstance(event.error, Cancelled):
-                            generated = event.error.generated
+                            counted = sum(generated.get(c.index, 0) for c in job.choices)
+                            others = sum(generated.values()) - counted
+                            total = others + max(counted, event.error.generated)
                             raise Cancelled(
-                                generated,
+                                total,
                                 Usage(
-                                    prompt_tokens=len(prompt),
-                                    completion_tokens=generated,
-                                    total_tokens=len(prompt) + generated,
+                                    prompt_tokens=n_prompt,
+                                    completion_tokens=total,
+                                    total_tokens=n_prompt + total,
                                 ),
                             )
                         raise event.error
-                    elif choice is None:
-                        raise AssertionError(f"{event} before the request started")
-                    elif isinstance(event, TextReady):
-                        choice.on_piece(Piece(event.text, [], event.tokens))
+                    choice = choices[event.choice]
+                    if isinstance(event, TextReady):
+                        generated[event.choice] = generated.get(event.choice, 0) + event.tokens
+                        choice.on_piece(Piece(event.text, event.logprobs, event.tokens))
                     else:
-                        result = event
-                        ended = True
-                        if event.tail:
-                            choice.on_piece(Piece(event.tail, [], event.tail_tokens))
-                        whole = choice.finish(
-                            Generation(event.text, event.finish_reason, event.completion_tokens, None)
+                        generated[event.choice] = event.completion_tokens
+                        if event.tail or event.tail_logprobs:
+                            choice.on_piece(Piece(event.tail, event.tail_logprobs, event.tail_tokens))
+                        whole[event.choice] = choice.finish(
+                            Generation(
+                                event.text, event.finish_reason, event.completion_tokens, event.logprobs
+                            )
                         )
+                        if all(c.index in whole for c in job.choices) and job in submitted:
+                            submitted.remove(job)
                 for chunk, tokens in chunks:
                     await on_chunk(chunk, tokens)
                 chunks.clear()
         finally:
-            if not ended:
+            if submitted:
+                # Jobs still in the scheduler's hands: it stops them at the next step, and frees them.
                 cancel.set()
                 self.scheduler.poke()
-        usage = Usage(
-            prompt_tokens=len(prompt),
-            completion_tokens=result.completion_tokens,
-            total_tokens=len(prompt) + result.completion_tokens,
-        )
-        if chat.stream:
-            return usage, None
-        return usage, {
-            "object": "chat.completion",
-            "choices": [whole],
-            "system_fingerprint": self.model.fingerprint,
+        return [whole[i] for i in range(len(choices))], sum(generated.values())
+
+    def _prepare_embedding(self, request: EmbeddingRequest) -> list[list[int]]:
+        if self.embedder is None:
+            raise EngineError(
+                ErrorCode.INVALID_REQUEST,
+                f"this worker does not serve embeddings for '{self.config.id}' (start it with --embeddings)",
+                "model",
+            )
+        n_embd = self.weights.n_embd
+        if request.dimensions is not None and request.dimensions != n_embd:
+            raise EngineError(
+                ErrorCode.INVALID_REQUEST,
+                f"this model's embeddings have {n_embd} dimensions; other sizes are not supported",
+                "dimensions",
+            )
+        n_ctx = self.embedder.context.n_ctx
+        inputs: list[list[int]] = []
+        for item in request.inputs:
+            tokens = (
+                self.weights.tokenize(item, add_bos=True, special=False)
+                if isinstance(item, str)
+                else list(item)
+            )
+            self.prompts.check_token_ids(tokens, "input")
+            if len(tokens) > n_ctx:
+                raise EngineError(
+                    ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                    f"This model's maximum context length is {n_ctx} tokens, but an input has "
+                    f"{len(tokens)} tokens.",
+                    "input",
+                )
+            inputs.append(tokens)
+        return inputs
+
+    async def embed(self, request: EmbeddingRequest, cancel: threading.Event) -> tuple[Usage, dict[str, Any]]:
+        """Embed every input: mean-pooled (unless the model says otherwise), unit length.
+
+        The inputs are batched with those of every other embeddings request waiting.
+        """
+        inputs = await asyncio.to_thread(self._prepare_embedding, request)
+        assert self.embedder is not None
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[list[Vector] | Exception] = loop.create_future()
+
+        def done(outcome: list[Vector] | Exception) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, result, outcome)
+
+        job = EmbeddingJob(inputs, cancel, done)
+        self.embedder.submit(job)
+        try:
+            outcome = await result
+        finally:
+            if not result.done():
+                cancel.set()
+        if isinstance(outcome, Exception):
+            raise outcome
+        data: list[dict[str, Any]] = []
+        for index, raw in enumerate(outcome):
+            norm = float(np.linalg.norm(raw))
+            vector = raw / norm if norm > 0 else raw
+            embedding: list[float] | str = (
+                base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+                if request.encoding_format == "base64"
+                else vector.tolist()
+            )
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        total = sum(len(tokens) for tokens in inputs)
+        return Usage(prompt_tokens=total, completion_tokens=0, total_tokens=total), {
+            "object": "list",
+            "data": data,
         }
 
     def close(self) -> None:
-        """Stop the batching thread and free its llama.cpp context."""
+        """Stop the threads and free the contexts, then the weights."""
         self.scheduler.close()
+        if self.embedder is not None:
+            self.embedder.close()
+        self.weights.close()
 
 
-def _merge_text(events: list[RequestEvent]) -> list[RequestEvent]:
-    """The events in order, with each run of text events joined into one."""
-    merged: list[RequestEvent] = []
-    for event in events:
-        if isinstance(event, TextReady) and merged and isinstance(merged[-1], TextReady):
-            merged[-1] = TextReady(merged[-1].text + event.text, merged[-1].tokens + event.tokens)
-        else:
-            merged.append(event)
+def _settle(future: asyncio.Future[list[Vector] | Exception], outcome: list[Vector] | Exception) -> None:
+    if not future.done():
+        future.set_result(outcome)
+
+
+def _merge_text(events: list[tuple[Job, RequestEvent]]) -> list[tuple[Job, RequestEvent]]:
+    """The events in order, with each run of one choice's text events joined into one."""
+    merged: list[tuple[Job, RequestEvent]] = []
+    for job, event in events:
+        if merged and isinstance(event, TextReady):
+            last_job, last = merged[-1]
+            if isinstance(last, TextReady) and last.choice == event.choice:
+                merged[-1] = (
+                    last_job,
+                    TextReady(
+                        event.choice,
+                        last.text + event.text,
+                        last.tokens + event.tokens,
+                        last.logprobs + event.logprobs,
+                    ),
+                )
+                continue
+        merged.append((job, event))
     return merged
 
 

@@ -17,12 +17,14 @@ from pydantic_settings import CliApp
 
 from protocol import PROTOCOL_VERSION, ModelInfo, Register
 from workerbee import __version__
-from workerbee.engine import Engine, ModelConfig, ModelLoadError
+from workerbee.errors import ModelLoadError
 from workerbee.gguf_info import GGUFInfoError, ModelShape, read_model_shape
 from workerbee.hardware import HardwareReport, detect_hardware
 from workerbee.identity import IdentityError, default_instance_id_file, load_instance_id, read_secret_file
+from workerbee.llama_engine import LlamaEngine
 from workerbee.models import ModelError, ResolvedModel, parse_model_spec, resolve_model
 from workerbee.placement import GpuMemory, Placement, PlacementError, PlacementOverrides, plan_placement
+from workerbee.prompts import ModelConfig
 from workerbee.settings import WorkerSettings
 from workerbee.threads import thread_candidates
 from workerbee.transport import plaintext_token_warning
@@ -170,7 +172,7 @@ def plan_models(
             overrides,
             system_memory_bytes=hardware.memory * 2**20,
             # llama-cpp-python's own context, the batching context's sequences, the embedding context.
-            kv_sequences=1 + settings.parallel + (1 if settings.embeddings else 0),
+            kv_sequences=settings.parallel + (1 if settings.embeddings else 0),
         )
         log.info("model %s: %s", entry.id, placement.reason)
         planned.append(PlannedModel(entry.id, entry.resolved, entry.shape, placement))
@@ -224,7 +226,7 @@ async def serve(
     """Load the models and serve the queen until SIGTERM or Ctrl-C; returns the exit code."""
     from workerbee.connection import QueenRefused, WorkerConnection
 
-    engine = await Engine.load(
+    engine = await LlamaEngine.load(
         [model.config(settings.embeddings) for model in planned], threads=threads, parallel=settings.parallel
     )
     stop = asyncio.Event()

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class TextAssembler:
@@ -33,6 +36,11 @@ class TextAssembler:
     def text(self) -> str:
         """All text so far, held-back text included (and cut at the stop sequence once stopped)."""
         return self._text
+
+    @property
+    def sent(self) -> int:
+        """Characters of `text` already released."""
+        return self._sent
 
     def feed(self, piece: bytes) -> str:
         """Take one token's bytes; returns the text that is now certain (possibly empty)."""
@@ -72,3 +80,37 @@ class TextAssembler:
                     longest = length
                     break
         return longest
+
+
+class TokenSpans(Generic[T]):
+    """Pairs each generated token's entry (its log probabilities) with the text the token made.
+
+    An entry is released once its token's text has been wholly released, or, when a stop sequence cut
+    the text, if its text begins before the cut: a token wholly inside the stop text is not part of the
+    answer, and neither is its entry.
+    """
+
+    def __init__(self) -> None:
+        self._spans: list[tuple[int, int]] = []
+        self._entries: list[T] = []
+        self._released = 0
+
+    def add(self, start: int, end: int, entry: T) -> None:
+        """A token whose text is text[start:end]."""
+        self._spans.append((start, end))
+        self._entries.append(entry)
+
+    def release(self, upto: int, *, by_start: bool = False) -> list[T]:
+        """The entries not yet released whose text ends by `upto` (or begins before it, `by_start`)."""
+        end = self._released
+        while end < len(self._entries) and (
+            self._spans[end][0] < upto if by_start else self._spans[end][1] <= upto
+        ):
+            end += 1
+        taken = self._entries[self._released : end]
+        self._released = end
+        return taken
+
+    def released(self) -> list[T]:
+        """Every entry released so far."""
+        return self._entries[: self._released]

@@ -1,20 +1,29 @@
-"""A llama.cpp context for many sequences at once, behind small typed wrappers of llama_cpp's ctypes API.
+"""llama.cpp behind small typed wrappers of llama_cpp's ctypes API: the only module that touches it.
 
-llama-cpp-python's `Llama` decodes one sequence at a time. This module talks to llama.cpp's C API
-directly (through `llama_cpp`'s bindings) so that one `llama_decode` call advances several sequences:
-a `TokenBatch` carries tokens of many sequences, and a `MultiSequenceContext` owns the context whose KV
-cache keeps one stream per sequence.
+llama-cpp-python's `Llama` decodes one sequence at a time and keeps a KV cache of its own. The engine
+uses none of it: this module talks to llama.cpp's C API directly (through `llama_cpp`'s bindings).
 
-Everything here blocks and must run on the one thread that owns the context (see batching.py).
+- `ModelWeights`: a GGUF loaded once (weights, metadata, tokenizer), shared by every context on it;
+- `TokenBatch`: tokens of many sequences for one `llama_decode`;
+- `MultiSequenceContext`: the generating context, whose KV cache keeps one stream per sequence, and
+  `logits_row` to read a sequence's logits after a decode;
+- `EmbeddingContext`: a pooled context that embeds several inputs in one decode;
+- `Vocabulary`: end-of-generation tokens and token bytes.
+
+A context blocks and must be used only by the one thread that owns it (see scheduler.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
+from llama_cpp import _internals, _logger
 
 
 class DecodeError(Exception):
@@ -23,6 +32,70 @@ class DecodeError(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(f"llama_decode failed with {code}")
         self.code = code
+
+
+class ModelWeights:
+    """A GGUF model loaded into memory (memory-mapped): weights, metadata and tokenizer, no context."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_gpu_layers: int = 0,
+        main_gpu: int = 0,
+        tensor_split: Sequence[float] | None = None,
+    ) -> None:
+        # llama.cpp's own log lines only for errors (llama-cpp-python's default prints them all).
+        _logger.set_verbose(False)
+        params: Any = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.main_gpu = main_gpu
+        if tensor_split:
+            if len(tensor_split) > llama_cpp.LLAMA_MAX_DEVICES:
+                raise ValueError(f"a split over more than {llama_cpp.LLAMA_MAX_DEVICES} devices")
+            # Kept on self: llama.cpp reads the array while loading.
+            self._split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*tensor_split)
+            params.tensor_split = self._split
+        self._model: Any = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+        self.vocab = Vocabulary(self._model.model)
+        self.metadata: dict[str, str] = self._model.metadata()
+        self.n_embd = int(self._model.n_embd())
+        self.bos = int(self._model.token_bos())
+        self.eos = int(self._model.token_eos())
+        self.add_bos = bool(self._model.add_bos_token())
+
+    @property
+    def raw(self) -> Any:
+        """The llama_model pointer, for contexts."""
+        return self._model.model
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        """The tokens of `text` (special tokens such as <|im_start|> parsed as such when `special`)."""
+        data = text.encode("utf-8")
+        room = len(data) + 2
+        tokens = (llama_cpp.llama_token * room)()
+        count = int(llama_cpp.llama_tokenize(self.vocab.raw, data, len(data), tokens, room, add_bos, special))
+        if count < 0:
+            room = -count
+            tokens = (llama_cpp.llama_token * room)()
+            count = int(
+                llama_cpp.llama_tokenize(self.vocab.raw, data, len(data), tokens, room, add_bos, special)
+            )
+        return list(tokens[:count])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of a token list (invalid UTF-8 replaced)."""
+        return b"".join(self.vocab.piece(token) for token in tokens).decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary spells it (special tokens included): for chat templates."""
+        if token < 0:
+            return ""
+        return str(self._model.token_get_text(token))
+
+    def close(self) -> None:
+        """Free the weights (after every context on them)."""
+        self._model.close()
 
 
 class TokenBatch:
@@ -73,6 +146,8 @@ class Vocabulary:
 
     def __init__(self, model: Any) -> None:
         self._vocab: Any = llama_cpp.llama_model_get_vocab(model)
+        self.raw = self._vocab
+        """The llama_vocab pointer, for grammars."""
         self.n_tokens = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         # Every token that ends generation (EOS, EOT, <|endoftext|>...): ignore_eos must ban all of them,
         # or a model that cannot say EOS says another one and stops early anyway.
@@ -113,15 +188,16 @@ class MultiSequenceContext:
 
     def __init__(
         self,
-        model: Any,
-        base_params: Any,
+        model: ModelWeights,
         *,
         n_seq: int,
         n_ctx_seq: int,
         n_batch: int,
         threads: int,
     ) -> None:
-        params: Any = llama_cpp.llama_context_params.from_buffer_copy(base_params)
+        params: Any = llama_cpp.llama_context_default_params()
+        # Flash attention off, as in llama-cpp-python's default: the numbers its users know.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.n_ctx = n_ctx_seq * n_seq
         params.n_seq_max = n_seq
         params.n_batch = n_batch
@@ -130,11 +206,12 @@ class MultiSequenceContext:
         params.embeddings = False
         params.n_threads = threads
         params.n_threads_batch = threads
-        ctx = llama_cpp.llama_init_from_model(model, params)
+        ctx = llama_cpp.llama_init_from_model(model.raw, params)
         if ctx is None:
             raise RuntimeError("llama.cpp could not create a context for batched decoding")
         self._ctx: Any = ctx
         self._memory: Any = llama_cpp.llama_get_memory(ctx)
+        self.n_vocab = model.vocab.n_tokens
         self.n_seq = n_seq
         self.n_batch = n_batch
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
@@ -155,6 +232,11 @@ class MultiSequenceContext:
         code = int(llama_cpp.llama_decode(self._ctx, batch.raw))
         if code != 0:
             raise DecodeError(code)
+
+    def logits_row(self, index: int) -> npt.NDArray[np.float32]:
+        """The logits of the batch's token at `index` after the last decode (a view: copy to keep it)."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def remove(self, seq_id: int, start: int = 0) -> int:
         """Forget a sequence's cells from position `start` on; returns how many leading cells it keeps.
@@ -177,6 +259,67 @@ class MultiSequenceContext:
 
     def close(self) -> None:
         """Free the context (idempotent); the model stays loaded."""
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+
+class EmbeddingContext:
+    """A pooled llama.cpp context: each sequence of a decode gives one vector, for up to `n_seq` at once.
+
+    The KV cache is unified and cleared after every decode, so the inputs of one call share its
+    `n_ctx` cells. Decoder models declare no pooling: they are mean-pooled.
+    """
+
+    def __init__(self, model: ModelWeights, *, n_ctx: int, n_seq: int, threads: int) -> None:
+        params: Any = llama_cpp.llama_context_default_params()
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.n_ctx = n_ctx
+        # A whole input must fit one batch for its pooled vector.
+        params.n_batch = n_ctx
+        params.n_ubatch = n_ctx
+        params.n_seq_max = n_seq
+        params.kv_unified = True
+        params.embeddings = True
+        arch = model.metadata.get("general.architecture", "")
+        declared = f"{arch}.pooling_type" in model.metadata
+        params.pooling_type = (
+            llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if declared else llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        )
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        ctx = llama_cpp.llama_init_from_model(model.raw, params)
+        if ctx is None:
+            raise RuntimeError("llama.cpp could not create an embeddings context")
+        self._ctx: Any = ctx
+        self._memory: Any = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.n_seq = n_seq
+        self.n_embd = model.n_embd
+        self._batch = TokenBatch(self.n_ctx)
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[npt.NDArray[np.float32]]:
+        """The pooled vector of each input; together they hold at most n_ctx tokens and n_seq inputs."""
+        batch = self._batch
+        batch.clear()
+        for seq_id, tokens in enumerate(inputs):
+            for position, token in enumerate(tokens):
+                batch.add(token, position, seq_id, True)
+        try:
+            code = int(llama_cpp.llama_decode(self._ctx, batch.raw))
+            if code != 0:
+                raise DecodeError(code)
+            vectors = []
+            for seq_id in range(len(inputs)):
+                pooled = llama_cpp.llama_get_embeddings_seq(self._ctx, seq_id)
+                vectors.append(np.array(pooled[: self.n_embd], dtype=np.float32))
+            return vectors
+        finally:
+            llama_cpp.llama_memory_clear(self._memory, True)
+
+    def close(self) -> None:
+        """Free the context and its batch (idempotent)."""
+        self._batch.close()
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None

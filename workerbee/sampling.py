@@ -1,31 +1,85 @@
-"""One sequence's sampler chain in llama.cpp: the request's sampling parameters as native samplers.
+"""One sequence's sampling in llama.cpp: the request's parameters as a native sampler chain, a grammar,
+and log probabilities read from the batch's logits.
 
-The chain is the one llama-cpp-python builds for `Llama.generate` (the engine's other path), so a seeded
-request samples the same tokens from the same logits on either path: logit bias and banned tokens,
-then repetition penalties, then greedy at temperature 0, else top-k, top-p, min-p, temperature and a
-seeded draw. Each sequence owns its chain: penalties and the random state are per sequence.
+The chain is the one llama-cpp-python builds for `Llama.generate`: logit bias and banned tokens, then
+repetition penalties, then greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded
+draw. Each sequence owns its chain: penalties and the random state are per sequence.
+
+A grammar is checked the way llama.cpp's own server does it: the chain picks a token from the raw
+logits; only if the grammar refuses it is the grammar applied to the whole vocabulary and the token
+picked again. Most steps then cost one grammar check of one token instead of one per vocabulary entry.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable
 from typing import Any
 
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
 
-from workerbee.decoding import Sampling
+from workerbee.decoding import Sampling, TokenLogprob, TopLogprob
+from workerbee.llama_context import MultiSequenceContext, Vocabulary
 
 PENALTY_LAST_N = 64
 """Tokens the repetition penalties look back over: llama-cpp-python's `last_n_tokens_size` default."""
 
+# llama_token_data as numpy lays it out: candidates are filled from the logits row without a Python loop.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+
+
+class GrammarRefused(ValueError):
+    """llama.cpp could not parse a grammar."""
+
+
+class _Candidates:
+    """A llama_token_data_array over a numpy buffer, refilled from a logits row before each use."""
+
+    def __init__(self, size: int) -> None:
+        self.data = np.zeros(size, dtype=_TOKEN_DATA)
+        self.ids = np.arange(size, dtype=np.int32)
+        self.array = llama_cpp.llama_token_data_array(
+            data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p), size=size, selected=-1, sorted=False
+        )
+        self.pointer = ctypes.byref(self.array)
+
+    def fill(self, logits: npt.NDArray[np.float32]) -> None:
+        """Every token with its raw logit, unsorted, nothing selected."""
+        self.data["id"] = self.ids[: len(self.data)]
+        self.data["logit"] = logits
+        self.data["p"] = 0.0
+        self.array.size = len(self.data)
+        self.array.selected = -1
+        self.array.sorted = False
+
+    def selected(self) -> int:
+        """The token the last sampler selected."""
+        return int(self.array.data[self.array.selected].id)
+
 
 class SamplerChain:
-    """A llama.cpp sampler chain for one sequence; `close()` frees it."""
+    """A llama.cpp sampler chain (and grammar) for one sequence; `close()` frees it."""
 
-    def __init__(self, sampling: Sampling, *, n_vocab: int, seed: int, banned: Iterable[int] = ()) -> None:
+    def __init__(
+        self, sampling: Sampling, *, vocab: Vocabulary, seed: int, banned: Iterable[int] = ()
+    ) -> None:
         self._chain: Any = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._grammar: Any = None
+        self._all: _Candidates | None = None
+        self._one: _Candidates | None = None
         try:
-            self._build(sampling, n_vocab, seed, tuple(banned))
+            self._build(sampling, vocab.n_tokens, seed, tuple(banned))
+            if sampling.grammar is not None:
+                self._grammar = llama_cpp.llama_sampler_init_grammar(
+                    vocab.raw, sampling.grammar.encode("utf-8"), b"root"
+                )
+                if not self._grammar:
+                    self._grammar = None
+                    raise GrammarRefused("llama.cpp could not parse the grammar")
+                self._all = _Candidates(vocab.n_tokens)
+                self._one = _Candidates(1)
         except BaseException:
             self.close()
             raise
@@ -67,12 +121,61 @@ class SamplerChain:
         self._add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
         self._add(llama_cpp.llama_sampler_init_dist(seed))
 
-    def sample(self, ctx: Any, index: int) -> int:
+    def sample(self, context: MultiSequenceContext, index: int) -> int:
         """Sample the token for the logits at `index` of the last decoded batch (and remember it)."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+        if self._grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, context.raw, index))
+        assert self._all is not None
+        assert self._one is not None
+        logits = context.logits_row(index)
+        candidates = self._all
+        candidates.fill(logits)
+        llama_cpp.llama_sampler_apply(self._chain, candidates.pointer)
+        token = candidates.selected()
+        one = self._one
+        one.data[0] = (token, logits[token], 0.0)
+        one.array.size, one.array.selected, one.array.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(self._grammar, one.pointer)
+        if not np.isfinite(one.data[0]["logit"]):
+            candidates.fill(logits)
+            llama_cpp.llama_sampler_apply(self._grammar, candidates.pointer)
+            llama_cpp.llama_sampler_apply(self._chain, candidates.pointer)
+            token = candidates.selected()
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
 
     def close(self) -> None:
-        """Free the chain and its samplers (idempotent)."""
+        """Free the chain, the grammar and their samplers (idempotent)."""
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """The log probabilities of a logits row (in float64: small probabilities keep their digits)."""
+    raw = logits.astype(np.float64)
+    peak = raw.max()
+    result: npt.NDArray[np.float64] = raw - (peak + np.log(np.exp(raw - peak).sum()))
+    return result
+
+
+def token_logprob(vocab: Vocabulary, logits: npt.NDArray[np.float32], token: int, top: int) -> TokenLogprob:
+    """A sampled token's log probability in the model's own distribution (before bias, bans, grammar),
+    and the `top` most likely tokens at its position."""
+    logprobs = log_softmax(logits)
+    alternatives: list[TopLogprob] = []
+    if top > 0:
+        best = np.argpartition(-logprobs, top)[:top]
+        for candidate in best[np.argsort(-logprobs[best], kind="stable")]:
+            piece = vocab.piece(int(candidate))
+            alternatives.append(
+                TopLogprob(piece.decode("utf-8", errors="replace"), float(logprobs[candidate]), list(piece))
+            )
+    piece = vocab.piece(token)
+    return TokenLogprob(
+        piece.decode("utf-8", errors="replace"), float(logprobs[token]), list(piece), alternatives
+    )

@@ -1,4 +1,8 @@
-"""The continuous-batching backend on the real SmolLM2 model, and its pure parts (text assembly, threads)."""
+"""The batching engine on the real SmolLM2 model, and its pure parts (text assembly, threads).
+
+llama-cpp-python's own `Llama` (which the engine no longer uses) is the reference for greedy and seeded
+answers.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ from servers import eventually, smollm2_path
 from protocol import ErrorCode
 from protocol.openai import ChatCompletionRequest
 from workerbee.batching import BatchedModel
-from workerbee.decoding import Cancelled
 from workerbee.detokenize import TextAssembler
-from workerbee.engine import EngineError, LoadedModel, ModelConfig, load_model
+from workerbee.errors import Cancelled, EngineError
+from workerbee.prompts import ModelConfig
 from workerbee.threads import ThreadTuner, choose_threads, thread_candidates
 
 N_CTX = 1024
@@ -45,33 +49,38 @@ def request(messages: list[dict[str, Any]], **fields: Any) -> ChatCompletionRequ
     )
 
 
-@pytest.fixture(scope="module")
-def model() -> Iterator[LoadedModel]:
-    """SmolLM2 loaded by the engine, with llama-cpp-python's own context (the reference) on one thread."""
-    loaded = load_model(ModelConfig(id="smol", path=smollm2_path(), n_ctx=N_CTX), threads=1)
-    yield loaded
-    loaded.close()
+CONFIG = ModelConfig(id="smol", path=smollm2_path(), n_ctx=N_CTX)
 
 
 @pytest.fixture(scope="module")
-def batched(model: LoadedModel) -> Iterator[BatchedModel]:
-    """The batching backend for four sequences on the same weights."""
-    backend = BatchedModel.create(model, parallel=4, threads=1)
+def model() -> Iterator[Any]:
+    """llama-cpp-python's own Llama on SmolLM2, one thread: the reference."""
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(CONFIG.path), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, verbose=False)
+    yield llama
+    llama.close()
+
+
+@pytest.fixture(scope="module")
+def batched() -> Iterator[BatchedModel]:
+    """The engine's model, batching four sequences."""
+    backend = BatchedModel.load(CONFIG, parallel=4, threads=1)
     yield backend
     backend.close()
 
 
-def reference(model: LoadedModel, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+def reference(model: Any, messages: list[dict[str, Any]], **kwargs: Any) -> str:
     """What llama-cpp-python's create_chat_completion answers, alone."""
     kwargs.setdefault("temperature", 0)
     kwargs.setdefault("max_tokens", MAX_TOKENS)
-    response = model.llama.create_chat_completion(messages=messages, **kwargs)
+    response = model.create_chat_completion(messages=messages, **kwargs)
     text: str = response["choices"][0]["message"]["content"]
     return text
 
 
 @pytest.fixture(scope="module")
-def expected(model: LoadedModel) -> dict[str, str]:
+def expected(model: Any) -> dict[str, str]:
     """llama-cpp-python's greedy answers to PROMPTS."""
     return {prompt: reference(model, user(prompt)) for prompt in PROMPTS}
 
@@ -123,8 +132,8 @@ async def test_stream_has_the_engines_chunk_shape(batched: BatchedModel, expecte
     assert all(set(choice["delta"]) == {"content"} and choice["finish_reason"] is None for choice in middle)
     assert last["delta"] == {}
     assert last["finish_reason"] in {"stop", "length"}
-    assert all(chunk["system_fingerprint"] == batched.model.fingerprint for chunk in chunks)
-    assert usage.prompt_tokens == len(batched.model.chat_prompt(request(user(prompt))))
+    assert all(chunk["system_fingerprint"] == batched.fingerprint for chunk in chunks)
+    assert usage.prompt_tokens == len(batched.prompts.chat_prompt(request(user(prompt))))
 
 
 async def test_whole_response_shape(batched: BatchedModel) -> None:
@@ -151,7 +160,7 @@ async def test_stop_sequence_split_across_tokens_never_leaks(
     full = expected[PROMPTS[0]]
     start = full.index("primary")
     stop = full[start : start + 12]  # "primary colo": more than one token
-    assert len(batched.model.llama.tokenize(stop.encode(), add_bos=False)) > 1
+    assert len(batched.weights.tokenize(stop, add_bos=False)) > 1
     for stream in (True, False):
         text, _, chunks = await answer(batched, request(user(PROMPTS[0]), stop=[stop, "zzz"], stream=stream))
         assert text == full[:start]
@@ -160,7 +169,7 @@ async def test_stop_sequence_split_across_tokens_never_leaks(
             assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_multibyte_characters_are_never_split(batched: BatchedModel, model: LoadedModel) -> None:
+async def test_multibyte_characters_are_never_split(batched: BatchedModel, model: Any) -> None:
     """Emoji that the model emits byte by byte arrive whole, in chunks that are valid text."""
     messages = user("List five emojis that describe happiness.")
     # Tokens 16 to 18 are the three pieces of one 4-byte emoji; 40 tokens end on a whole character.
@@ -181,9 +190,7 @@ async def test_ignore_eos_generates_exactly_max_tokens(batched: BatchedModel) ->
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-async def test_seed_reproduces_alone_in_a_batch_and_in_llama_cpp(
-    batched: BatchedModel, model: LoadedModel
-) -> None:
+async def test_seed_reproduces_alone_in_a_batch_and_in_llama_cpp(batched: BatchedModel, model: Any) -> None:
     """A seeded sampled answer is the same twice, beside others, and as llama-cpp-python samples it."""
     messages = user("Invent a name for a cat.")
     seeded = request(messages, temperature=1.0, seed=1234, max_tokens=12)
@@ -208,7 +215,7 @@ async def test_seed_reproduces_alone_in_a_batch_and_in_llama_cpp(
 
 async def test_logit_bias_changes_the_answer(batched: BatchedModel, expected: dict[str, str]) -> None:
     """A banned first token changes the greedy answer; an unknown token id is refused."""
-    first_token = batched.model.llama.tokenize(expected[PROMPTS[3]].encode(), add_bos=False)[0]
+    first_token = batched.weights.tokenize(expected[PROMPTS[3]], add_bos=False)[0]
     text, _, _ = await answer(batched, request(user(PROMPTS[3]), logit_bias={str(first_token): -100}))
     assert text != expected[PROMPTS[3]]
     with pytest.raises(EngineError) as raised:
@@ -224,15 +231,13 @@ async def test_too_long_a_request_is_refused(batched: BatchedModel) -> None:
     assert raised.value.param == "max_tokens"
 
 
-async def test_shared_prefix_is_reused_and_copied_between_slots(
-    batched: BatchedModel, model: LoadedModel
-) -> None:
+async def test_shared_prefix_is_reused_and_copied_between_slots(batched: BatchedModel, model: Any) -> None:
     """A long shared system prompt is decoded once: later requests reuse it, from any slot."""
     conversations = [
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
         for question in ("When do you open?", "Do you sell rye?", "Are you open on Monday?")
     ]
-    prefix = len(batched.model.chat_prompt(request(conversations[0][:1])))
+    prefix = len(batched.prompts.chat_prompt(request(conversations[0][:1])))
     stats = batched.scheduler.stats
     await answer(batched, request(conversations[0]))
     reused = stats.reused_tokens
@@ -248,9 +253,9 @@ async def test_shared_prefix_is_reused_and_copied_between_slots(
     assert third == reference(model, conversations[2])
 
 
-async def test_cancel_frees_the_sequence_within_a_step(model: LoadedModel) -> None:
+async def test_cancel_frees_the_sequence_within_a_step() -> None:
     """A cancelled request stops at the next step, its KV cells are freed, and the slot serves again."""
-    backend = BatchedModel.create(model, parallel=1, threads=1)
+    backend = BatchedModel.load(CONFIG, parallel=1, threads=1)
     try:
         cancel = threading.Event()
         seen = asyncio.Event()
@@ -270,7 +275,7 @@ async def test_cancel_frees_the_sequence_within_a_step(model: LoadedModel) -> No
         assert backend.scheduler.stats.generated_tokens <= generated_at_cancel + 2
         # What the request used goes back with the cancel: its prompt, and every token it generated.
         assert raised.value.usage is not None
-        assert raised.value.usage.prompt_tokens == len(model.chat_prompt(endless))
+        assert raised.value.usage.prompt_tokens == len(backend.prompts.chat_prompt(endless))
         assert raised.value.usage.completion_tokens == backend.scheduler.stats.generated_tokens > 0
         assert raised.value.usage.total_tokens == sum(
             (raised.value.usage.prompt_tokens, raised.value.usage.completion_tokens)
@@ -342,16 +347,6 @@ async def test_chunk_tokens_with_a_stop_sequence_count_at_most_the_completion(
     content = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk, _ in chunks)
     assert content == text[: text.index(stop)]
     assert 0 < sum(tokens for _, tokens in chunks) <= usage.completion_tokens
-
-
-def test_supports_only_plain_chat() -> None:
-    """Log probabilities, several choices, tools and response formats go to the engine's other path."""
-    assert BatchedModel.supports(request(user("hi")))
-    assert not BatchedModel.supports(request(user("hi"), logprobs=True))
-    assert not BatchedModel.supports(request(user("hi"), n=2))
-    assert not BatchedModel.supports(request(user("hi"), response_format={"type": "json_object"}))
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    assert not BatchedModel.supports(request(user("hi"), tools=[tool]))
 
 
 def test_assembler_holds_back_a_stop_sequence_split_across_pieces() -> None:

@@ -39,8 +39,11 @@ from protocol import (
     assemble_response,
 )
 from protocol.openai import ChatCompletionRequest, EmbeddingRequest
+from workerbee.batching import BatchedModel
 from workerbee.connection import QueenRefused, WorkerConnection
-from workerbee.engine import Cancelled, Engine, EngineError, ModelConfig, load_model
+from workerbee.engine import Cancelled, EngineError
+from workerbee.llama_engine import LlamaEngine
+from workerbee.prompts import ModelConfig
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -354,15 +357,17 @@ async def test_the_worker_states_and_enforces_its_own_frame_limit() -> None:
 
 
 @pytest.fixture(scope="module")
-def embedding_engine() -> Iterator[Engine]:
-    """SmolLM2 with an embeddings context, served without a batching backend."""
-    model = load_model(ModelConfig(id="smol", path=smollm2_path(), n_ctx=256, embeddings=True), threads=1)
-    engine = Engine({"smol": model})
+def embedding_engine() -> Iterator[LlamaEngine]:
+    """SmolLM2 with an embeddings context."""
+    model = BatchedModel.load(
+        ModelConfig(id="smol", path=smollm2_path(), n_ctx=256, embeddings=True), parallel=1, threads=1
+    )
+    engine = LlamaEngine({"smol": model})
     yield engine
     engine.close()
 
 
-async def test_a_big_embeddings_answer_reassembles_to_the_unsplit_one(embedding_engine: Engine) -> None:
+async def test_a_big_embeddings_answer_reassembles_to_the_unsplit_one(embedding_engine: LlamaEngine) -> None:
     """Forty real embeddings under a 64 KiB queen limit arrive in parts that make the direct answer."""
     # Forty, not hundreds: each embedding costs tens of milliseconds on a shared CI core, and forty
     # already make some thirty parts.
