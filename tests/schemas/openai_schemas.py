@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
@@ -146,13 +147,13 @@ class _SseChecker:
         self.seen.streams += 1
 
 
-def _check_whole(response: httpx.Response, path: str, seen: Seen, method: str) -> None:
+def _check_whole(response: Any, path: str, seen: Seen, method: str) -> None:
     name = schema_name(path, response.status_code, streamed=False, method=method)
     validate(name, response.json())
     seen.names.append(name)
 
 
-def _is_stream(response: httpx.Response) -> bool:
+def _is_stream(response: Any) -> bool:
     return response.status_code < 400 and response.headers.get("content-type", "").startswith(
         "text/event-stream"
     )
@@ -173,8 +174,8 @@ class _SyncStream(httpx.SyncByteStream):
         self.inner.close()
 
 
-class _AsyncStream(httpx.AsyncByteStream):
-    def __init__(self, inner: httpx.AsyncByteStream, checker: _SseChecker) -> None:
+class _AsyncStreamBase:
+    def __init__(self, inner: Any, checker: _SseChecker) -> None:
         self.inner = inner
         self.checker = checker
 
@@ -186,6 +187,14 @@ class _AsyncStream(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class _AsyncStream(_AsyncStreamBase, httpx.AsyncByteStream):
+    pass
+
+
+class _Httpx2AsyncStream(_AsyncStreamBase, httpx2.AsyncByteStream):
+    pass
 
 
 class ValidatingTransport(httpx.BaseTransport):
@@ -217,24 +226,26 @@ class ValidatingTransport(httpx.BaseTransport):
         self.inner.close()
 
 
-class AsyncValidatingTransport(httpx.AsyncBaseTransport):
-    """The async twin of ValidatingTransport."""
+class _AsyncValidating:
+    """What the async transports share; `http` is the httpx-like package of the client they serve."""
+
+    http: Any = httpx
+    stream_class: Any = _AsyncStream
 
     def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        self.inner = self.http.AsyncHTTPTransport()
         self.seen = Seen()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: Any) -> Any:
         """Send the request; check the answer (streams as they are read)."""
         response = await self.inner.handle_async_request(request)
         path = request.url.path
         if _is_stream(response):
-            assert isinstance(response.stream, httpx.AsyncByteStream)
             checker = _SseChecker(path, self.seen)
-            return httpx.Response(
+            return self.http.Response(
                 response.status_code,
                 headers=response.headers,
-                stream=_AsyncStream(response.stream, checker),
+                stream=self.stream_class(response.stream, checker),
                 extensions=response.extensions,
             )
         await response.aread()
@@ -244,3 +255,14 @@ class AsyncValidatingTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self.inner.aclose()
+
+
+class AsyncValidatingTransport(_AsyncValidating, httpx.AsyncBaseTransport):
+    """The async twin of ValidatingTransport."""
+
+
+class Httpx2ValidatingTransport(_AsyncValidating, httpx2.AsyncBaseTransport):
+    """AsyncValidatingTransport for clients built on httpx2 (the anthropic SDK's fork of httpx)."""
+
+    http = httpx2
+    stream_class = _Httpx2AsyncStream
