@@ -11,12 +11,12 @@ from typing import Any
 import anthropic
 import httpx2
 import pytest
-from fake_worker import FakeWorker, reply
+from fake_worker import FakeWorker, content_chunk, reply
 from pydantic import SecretStr
 from schemas.openai_schemas import Httpx2ValidatingTransport, validate
 from servers import QueenServer
 
-from protocol import ChatJob, Job, Result, TokenCountJob, Usage
+from protocol import ChatJob, Chunk, ErrorCode, Job, Result, TokenCountJob, Usage
 from queenbee.api import messages
 from queenbee.errors import InvalidRequest, NoCapacity, RateLimited
 from queenbee.settings import QueenSettings
@@ -435,3 +435,31 @@ async def test_the_same_keys_work_as_a_bearer_token(
     assert keyed.status_code == 200
     assert anonymous.status_code == 401
     assert anonymous.json()["type"] == "error"
+
+
+async def fails_mid_stream(worker: FakeWorker, job: Job) -> None:
+    """Streams a word, then fails."""
+    await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("Hel", role=True), tokens=1))
+    await worker.fail(job, ErrorCode.INTERNAL_ERROR, "the GPU fell off")
+
+
+async def test_a_failure_mid_stream_ends_with_an_error_event(
+    queen: QueenServer, transport: Httpx2ValidatingTransport
+) -> None:
+    """A worker that fails after the first token: the stream's last event is an Anthropic error."""
+    worker = await FakeWorker(queen.worker_url, behaviour=fails_mid_stream).connect()
+    texts: list[str] = []
+
+    async def read() -> None:
+        async with sdk(queen, transport).messages.stream(
+            model="fake-model", max_tokens=50, messages=[{"role": "user", "content": "Hi"}]
+        ) as stream:
+            async for text in stream.text_stream:
+                texts.append(text)
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await read()
+    await worker.close()
+    assert texts == ["Hel"]
+    assert caught.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    assert "the GPU fell off" in caught.value.body["error"]["message"]  # type: ignore[index]

@@ -5,7 +5,9 @@ against a queen with a scripted worker, every object and event checked against O
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,12 @@ import httpx
 import openai
 import pytest
 from agents.models.openai_provider import OpenAIProvider
-from fake_worker import FakeWorker, reply
+from fake_worker import FakeWorker, content_chunk, reply
 from pydantic import BaseModel, SecretStr
 from schemas.openai_schemas import AsyncValidatingTransport, validate
 from servers import QueenServer
 
-from protocol import ChatJob, Job
+from protocol import ChatJob, Chunk, ErrorCode, Job
 from queenbee.api import responses
 from queenbee.errors import InvalidRequest, UpstreamError
 from queenbee.settings import QueenSettings
@@ -559,3 +561,40 @@ async def test_an_agent_calls_a_required_function_tool(
     assert result.final_output == "The tool said sunny in Paris"
     assert isinstance(worker.jobs[0].request, ChatJob)
     assert worker.jobs[0].request.body.tool_mode == "required"
+
+
+async def fails_mid_stream(worker: FakeWorker, job: Job) -> None:
+    """Streams a word, then fails."""
+    await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("Hel", role=True), tokens=1))
+    await worker.fail(job, ErrorCode.INTERNAL_ERROR, "the GPU fell off")
+
+
+async def test_a_failure_mid_stream_ends_with_response_failed(
+    queen: QueenServer, transport: AsyncValidatingTransport
+) -> None:
+    """A worker that fails after the first token: the stream ends with response.failed, never silently."""
+    worker = await FakeWorker(queen.worker_url, behaviour=fails_mid_stream).connect()
+    stream = await sdk(queen, transport).responses.create(model="fake-model", input="Hi", stream=True)
+    events = [event async for event in stream]
+    await worker.close()
+    assert [event.type for event in events][-2:] == ["response.output_text.delta", "response.failed"]
+    failed = events[-1].response  # type: ignore[union-attr]
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert "the GPU fell off" in failed.error.message
+    with pytest.raises(openai.NotFoundError):
+        await sdk(queen, transport).responses.retrieve(failed.id)
+
+
+async def test_the_ledger_records_responses_like_chat(
+    queen: QueenServer, queen_settings: QueenSettings, worker: FakeWorker, transport: AsyncValidatingTransport
+) -> None:
+    """A Responses request is one usage row under its own path, with the key and the worker's tokens."""
+    await sdk(queen, transport).responses.create(model="fake-model", input="Hi")
+    with closing(sqlite3.connect(queen_settings.db)) as connection:
+        rows = connection.execute(
+            "SELECT path, outcome, api_key_id, prompt_tokens, completion_tokens FROM usage"
+        ).fetchall()
+    [(path, outcome, key_id, prompt_tokens, completion_tokens)] = rows
+    assert (path, outcome, prompt_tokens, completion_tokens) == ("/v1/responses", "success", 3, 4)
+    assert key_id is not None
