@@ -166,12 +166,13 @@ async def parse_request_async(model: type[RequestModel], body: dict[str, Any], s
     return await asyncio.to_thread(parse_request, model, body)
 
 
-def _check_token_limit(parsed: OpenAIRequest, n_ctx: int) -> None:
+def _check_token_limit(parsed: OpenAIRequest, n_ctx: int, name: str | None) -> None:
     if isinstance(parsed, EmbeddingRequest):
         return
     limit = parsed.token_limit
     if limit is not None and limit > n_ctx:
-        name = "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens"
+        if name is None:
+            name = "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) else "max_tokens"
         raise ContextLengthExceeded(
             f"'{name}' is {limit}, more than the model's context length of {n_ctx} tokens.", param=name
         )
@@ -186,11 +187,13 @@ async def forward(
     usage: bool = False,
     present: Callable[[ForwardedCall], Presenter] | None = None,
     prompt_bytes: int | None = None,
+    limit_param: str | None = None,
 ) -> Response:
     """Forward a validated request to a worker and answer the client, through `present` if given.
 
     `prompt_bytes` sizes the prompt for the usage bounds when it is bigger than the body (a Responses
-    request that continues a stored conversation); by default it is the body's size.
+    request that continues a stored conversation); by default it is the body's size. `limit_param` is
+    what the client called the output token limit, if the API names it otherwise than chat does.
     """
     hive: Hive = request.state.hive
     lease: Lease | None = getattr(request.state, "lease", None)
@@ -214,7 +217,7 @@ async def forward(
         if n_ctx is None:
             message = f"The model '{parsed.model}' does not exist or no worker serves it."
             raise ModelNotFound(message, param="model")
-        _check_token_limit(parsed, n_ctx)
+        _check_token_limit(parsed, n_ctx, limit_param)
         size = request.state.body_bytes if prompt_bytes is None else prompt_bytes
         call.bounds = usage_bounds(parsed, size, n_ctx)
         if lease is not None:

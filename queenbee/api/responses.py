@@ -650,6 +650,7 @@ async def create_response(request: Request) -> Response:
         stream=body.stream,
         present=present,
         prompt_bytes=request.state.body_bytes + history_bytes,
+        limit_param="max_output_tokens",
     )
 
 

@@ -486,7 +486,8 @@ async def test_store_false_keeps_nothing(
 async def test_errors_take_openai_shape_and_chat_statuses(
     queen: QueenServer, worker: FakeWorker, transport: AsyncValidatingTransport
 ) -> None:
-    """An unsupported tool is a 400 naming it, an unknown model a 404, a missing key a 401."""
+    """An unsupported tool or too many output tokens are 400s naming them, an unknown model a 404, a
+    wrong key a 401."""
     client = sdk(queen, transport)
     with pytest.raises(openai.BadRequestError) as bad:
         await client.responses.create(model="fake-model", input="x", tools=[{"type": "web_search"}])
@@ -494,6 +495,10 @@ async def test_errors_take_openai_shape_and_chat_statuses(
     with pytest.raises(openai.NotFoundError) as missing:
         await client.responses.create(model="no-such-model", input="x")
     assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        await client.responses.create(model="fake-model", input="x", max_output_tokens=10**6)
+    assert too_long.value.code == "context_length_exceeded"
+    assert too_long.value.body["param"] == "max_output_tokens"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
         await sdk(queen, transport, "sk-wrong").responses.create(model="fake-model", input="x")
     assert set(transport.seen.names) == {"ErrorResponse"}
