@@ -133,6 +133,7 @@ def test_text_format_json_schema_becomes_the_response_format() -> None:
             "input[0].content[0]",
         ),
         ({"model": "m", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"model": "m", "input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),
     ],
 )
 def test_what_cannot_be_served_is_refused_by_name(body: dict[str, Any], param: str) -> None:
