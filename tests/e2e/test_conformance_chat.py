@@ -174,7 +174,7 @@ def test_logit_bias_forces_and_bans_tokens(client: openai.OpenAI, tokenizer: Any
     assert banned.choices[0].message.content != greedy
 
 
-# Plain requests and requests with logprobs take different paths in the worker (batching.py, engine.py).
+# Requests with logprobs also pair each token with its log probabilities (scheduler.py): stops hold for both.
 @pytest.mark.parametrize("extra", [{}, {"logprobs": True}], ids=["plain", "logprobs"])
 @pytest.mark.parametrize("stop", ["blue", ["yellow", "blue"]])
 def test_stop_text_never_appears(client: openai.OpenAI, stop: str | list[str], extra: dict[str, Any]) -> None:
