@@ -20,7 +20,10 @@ Units: memory and disk sizes are MiB (2**20 bytes) unless a field name ends in `
 Version history: 1, the first version; 2, agreed frame limits (`max_frame_bytes`), a stable worker
 `instance_id`, validated `ln_url`, token counts on chunks, usage on job errors, `ResultPart`, and typed
 jobs: `Job.request` is one of the `JobRequest` kinds (chat, completion, embedding, count_tokens) holding
-the validated request model, where version 1 sent a path (`openai_url`) and a dict (`openai_req`).
+the validated request model, where version 1 sent a path (`openai_url`) and a dict (`openai_req`);
+also in 2, resumable answers: the token ids behind every chunk (`Chunk.token_ids`), each model's content
+hash (`ModelInfo.sha256`), and `resume` on chat and completion jobs, which continue an answer another
+worker began from the token ids it relayed.
 """
 
 from __future__ import annotations
@@ -76,6 +79,11 @@ class ModelInfo(Frame):
     size_bytes: int | None = Field(default=None, ge=0, description="Size of the GGUF file(s), bytes.")
     n_gpu_layers: int = Field(default=0, ge=0, description="Layers offloaded to GPUs.")
     embeddings: bool = Field(default=False, description="Whether /v1/embeddings is served.")
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the GGUF file(s), lowercase hex: an answer resumes only onto the same file.",
+    )
 
 
 class Register(Frame):
@@ -134,11 +142,36 @@ class _JobKind(Frame):
         return body.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
 
+class ResumedChoice(Frame):
+    """One choice of an answer another worker began: the tokens whose text the client already has.
+
+    The worker renders the prompt, appends `token_ids`, advances the choice's sampler and grammar over
+    them as if it had generated them, and streams only what follows. Text the first worker held back
+    (a possible stop sequence, part of a character) is not behind these ids: it is generated again.
+    """
+
+    index: int = Field(ge=0, le=127, description="The choice's index in the answer.")
+    token_ids: list[int] = Field(max_length=2**20, description="Generated tokens already relayed, in order.")
+    budget: int | None = Field(
+        default=None,
+        ge=0,
+        description="Completion tokens the choice may still generate (the request's limit less the "
+        "relayed ones); None: up to the context length.",
+    )
+
+
+class Resume(Frame):
+    """Where a resumed answer stands: its unfinished choices; finished ones are not run again."""
+
+    choices: list[ResumedChoice] = Field(min_length=1, max_length=128)
+
+
 class ChatJob(_JobKind):
     """A chat completion (also what the Responses and Messages APIs become)."""
 
     kind: Literal["chat"] = "chat"
     body: ChatCompletionRequest
+    resume: Resume | None = Field(default=None, description="Set when continuing another worker's answer.")
 
 
 class CompletionJob(_JobKind):
@@ -146,6 +179,7 @@ class CompletionJob(_JobKind):
 
     kind: Literal["completion"] = "completion"
     body: CompletionRequest
+    resume: Resume | None = Field(default=None, description="Set when continuing another worker's answer.")
 
 
 class EmbeddingJob(_JobKind):
@@ -209,6 +243,12 @@ class Chunk(Frame):
     chunk: dict[str, Any]
     tokens: int = Field(
         default=0, ge=0, description="Generated tokens whose text this chunk carries (0 if it carries none)."
+    )
+    token_ids: list[int] | None = Field(
+        default=None,
+        max_length=2**16,
+        description="The ids of those tokens, in order, for the chunk's one choice: what a resume continues "
+        "from. None from a worker that does not send them (its answers cannot be resumed).",
     )
 
 

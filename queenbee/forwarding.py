@@ -1,8 +1,12 @@
 """The data path of one client request: pick a worker, forward the job, relay the answer, record it.
 
-Failures before the first output are retried on another worker, never the same one twice (by identity,
-so a worker that reconnects is still the one that failed); after it, a stream ends with an error event
-(never silently). The job is encoded once and only sent to workers whose frame limit it fits.
+One loop over attempts: a worker that fails before its first output is replaced by another, never the
+same one twice (by identity, so a worker that reconnects is still the one that failed); one that dies,
+goes silent past the token deadline or fails after output is replaced too, by a worker serving the same
+model file (by content hash), which resumes the answer from the token ids behind the chunks already
+relayed (`protocol.Resume`), so that the client sees one unbroken stream. Only when no such worker is
+left, or `max_resumes` is spent, or the deadline passes, does a stream end with an error event (never
+silently). A job is only sent to workers whose frame limit it fits.
 
 How the answer reaches the client is the call's `Presenter`: chat chunks and chat responses as they
 are (`ChatPresenter`, for the OpenAI endpoints), or translated into another API's events and objects
@@ -39,6 +43,8 @@ from protocol import (
     JobError,
     JobRequest,
     Result,
+    Resume,
+    ResumedChoice,
     TokenCountJob,
     Usage,
     assemble_response,
@@ -57,7 +63,7 @@ from queenbee.errors import (
 )
 from queenbee.hive import Hive
 from queenbee.ledger import LedgerError
-from queenbee.observer import Outcome, RequestObserver, RequestRecord
+from queenbee.observer import Outcome, RequestObserver, RequestRecord, WorkerSegment
 from queenbee.ratelimit import Lease
 from queenbee.settings import QueenSettings
 from queenbee.streaming import SSE_DONE, SSE_HEADERS, sse_event
@@ -92,9 +98,14 @@ class Endpoint:
     generates: bool = True
     """Whether the worker generates tokens, so that its speed can be measured from the answer."""
 
-    def job_request(self, request: OpenAIRequest) -> JobRequest:
-        """The typed request of the job for `request`."""
-        return self.job(body=request)
+    @property
+    def resumable(self) -> bool:
+        """Whether its answers can continue on another worker: generated text, from token ids."""
+        return self.job in (ChatJob, CompletionJob)
+
+    def job_request(self, request: OpenAIRequest, resume: Resume | None = None) -> JobRequest:
+        """The typed request of the job for `request` (continuing an answer, with `resume`)."""
+        return self.job(body=request) if resume is None else self.job(body=request, resume=resume)
 
 
 CHAT_COMPLETIONS = Endpoint(
@@ -177,6 +188,18 @@ class Attempt:
     stream: RequestStream
     first: Chunk | Result
     first_at: float
+    relayed_tokens: int = 0
+    """Completion tokens relayed from this worker (what a worker replaced mid-answer is credited)."""
+
+
+@dataclass(frozen=True)
+class Silent:
+    """The worker sent nothing for `seconds` within a stream: taken as dead."""
+
+    seconds: float
+
+
+Failure = RequestEvent | Silent
 
 
 class RelayResponse(StreamingResponse):
@@ -238,6 +261,21 @@ class ForwardedCall:
     relayed_tokens: int = 0
     """Completion tokens whose text reached the client (as the chunks carried them, bounded)."""
     relayed_text_bytes: int = 0
+    resumes: int = 0
+    """Times the answer moved to another worker after output."""
+    segments: list[WorkerSegment] = field(default_factory=list)
+    """The workers the answer moved away from, with the tokens each is credited for."""
+    _tried: set[str] = field(default_factory=set)
+    """Identities of the workers tried: none is tried twice."""
+    _model_hash: str | None = None
+    """Content hash of the first worker's model file: resumes go only to the same file."""
+    _relayed_ids: dict[int, list[int]] = field(default_factory=dict)
+    """Per choice index, the ids of the tokens whose text reached the client."""
+    _finished: set[int] = field(default_factory=set)
+    """Choices whose finish_reason reached the client."""
+    _first_at: float | None = None
+    _resumable: bool = True
+    """False once a chunk carried tokens without their ids (such an answer cannot be continued)."""
     _recorded: bool = False
     _running: tuple[WorkerSession, RequestStream] | None = None
     _client_left: bool = False
@@ -299,7 +337,7 @@ class ForwardedCall:
         if task is not None:
             task.cancel()
 
-    def _exclusions(self, tried: set[str], job_bytes: int) -> frozenset[str]:
+    def _exclusions(self, job_bytes: int) -> frozenset[str]:
         """Workers this attempt may not use: ones tried before (by identity), ones the job is too big for."""
         serving = self.hive.serving(self.model)
         too_small = [worker for worker in serving if worker.max_job_bytes < job_bytes]
@@ -310,29 +348,36 @@ class ForwardedCall:
                 f"at most {largest} bytes. Send a shorter request.",
             )
         return frozenset(
-            worker.id for worker in serving if worker.identity in tried or worker.max_job_bytes < job_bytes
+            worker.id
+            for worker in serving
+            if worker.identity in self._tried or worker.max_job_bytes < job_bytes
         )
 
-    async def start(self) -> Attempt:
-        """Run the job on a worker until it produces its first event, retrying on worker failures."""
-        job = encode(Job(request_id=self.request_id, request=self.endpoint.job_request(self.request)))
+    async def start(self, resume: Resume | None = None) -> Attempt:
+        """Run the job on a worker until it produces its first event, retrying on worker failures.
+
+        With `resume`, the job continues the answer so far, and only workers with the same model file
+        qualify. Raises the last worker's failure when every attempt failed.
+        """
+        request = self.endpoint.job_request(self.request, resume)
+        job = encode(Job(request_id=self.request_id, request=request))
         job_bytes = encoded_size(job)
-        tried: set[str] = set()
         last_error: QueenError = UpstreamError("No worker could run the request.")
         for _ in range(self.settings.max_attempts):
             try:
                 worker, stream = await self.hive.acquire(
                     self.model,
                     self.request_id,
-                    exclude=self._exclusions(tried, job_bytes),
+                    exclude=self._exclusions(job_bytes),
                     embeddings=self.endpoint.embeddings,
+                    model_hash=self._model_hash if resume is not None else None,
                 )
             except QueenError:
-                if not tried:
+                if not self._tried:
                     raise
                 # Nowhere left to retry: the client should learn what went wrong, not that nobody is free.
                 raise last_error from None
-            tried.add(worker.identity)
+            self._tried.add(worker.identity)
             self.attempts += 1
             self._running = (worker, stream)
             await worker.send_job(job, self.request_id)
@@ -355,6 +400,9 @@ class ForwardedCall:
                     break
                 continue
             if isinstance(event, Chunk | Result):
+                if resume is None:
+                    self._model_hash = worker.model_hashes.get(self.model)
+                    self._first_at = time.monotonic()
                 return Attempt(worker, stream, event, time.monotonic())
             self._running = None
             if isinstance(event, JobError) and is_client_error(event.code):
@@ -372,13 +420,87 @@ class ForwardedCall:
             )
         raise last_error
 
+    def _resume_state(self) -> Resume | None:
+        """Where the answer stands, for another worker to continue it; None if it cannot be continued."""
+        if not (self._resumable and self.endpoint.resumable and self._model_hash is not None):
+            return None
+        request = self.request
+        if isinstance(request, ChatCompletionRequest):
+            n = request.n or 1
+        elif isinstance(request, CompletionRequest):
+            n = (request.n or 1) * len(request.prompts)
+        else:
+            return None
+        limit = request.token_limit
+        choices = []
+        for index in range(n):
+            if index in self._finished:
+                continue
+            ids = self._relayed_ids.get(index, [])
+            budget = None if limit is None else max(0, limit - len(ids))
+            choices.append(ResumedChoice(index=index, token_ids=ids, budget=budget))
+        return Resume(choices=choices) if choices else None
+
+    async def resume(self, attempt: Attempt, event: Failure) -> Attempt | None:
+        """Continue the answer on another worker with the same model file; None where that is not allowed
+        (a client error, no resumes left, no time left, an answer without token ids) or no worker took it.
+        """
+        if isinstance(event, JobError) and is_client_error(event.code):
+            return None
+        if self.resumes >= self.settings.max_resumes or self.remaining() <= 0:
+            return None
+        state = None  # a whole answer: nothing reached the client, the request simply runs again
+        if self.stream:
+            state = self._resume_state()
+            if state is None:
+                return None
+        attempt.worker.cancel(self.request_id)
+        log.warning(
+            "request %s: worker %s failed mid-answer (%s); %s on another worker",
+            self.request_id,
+            attempt.worker.id,
+            worker_failure(event).message,
+            "running it again" if state is None else f"resuming {len(state.choices)} choice(s)",
+        )
+        try:
+            resumed = await self.start(state)
+        except QueenError as exc:
+            log.warning("request %s: could not resume: %s", self.request_id, exc.message)
+            return None
+        attempt.worker.health.record_failure(time.monotonic())
+        self.resumes += 1
+        if attempt.relayed_tokens:
+            self.segments.append(
+                WorkerSegment(
+                    worker_id=attempt.worker.id,
+                    ln_url=attempt.worker.registration.ln_url,
+                    completion_tokens=attempt.relayed_tokens,
+                )
+            )
+        return resumed
+
     def chunk(self, event: Chunk) -> dict[str, Any]:
-        """A worker's chunk with the queen's identity fields; counts what it relays."""
+        """A worker's chunk with the queen's identity fields; counts what it relays, and the token ids."""
         payload = event.chunk
         size = text_bytes(payload)
         self.relayed_text_bytes += size
         self.relayed_tokens += min(event.tokens, size + 1)
         self.fingerprint = payload.get("system_fingerprint", self.fingerprint)
+        choices = payload.get("choices")
+        choices = choices if isinstance(choices, list) else []
+        if event.tokens and (
+            event.token_ids is None or len(event.token_ids) != event.tokens or len(choices) != 1
+        ):
+            self._resumable = False  # tokens that cannot be named cannot be continued from
+        for choice in choices:
+            index = choice.get("index", 0) if isinstance(choice, dict) else None
+            if not isinstance(index, int):
+                self._resumable = False
+                continue
+            if event.token_ids:
+                self._relayed_ids.setdefault(index, []).extend(event.token_ids)
+            if choice.get("finish_reason") is not None:
+                self._finished.add(index)
         chunk = {
             **payload,
             "id": self.request_id,
@@ -463,6 +585,8 @@ class ForwardedCall:
             worker_prompt_tokens=worker_prompt_tokens,
             worker_completion_tokens=worker_completion_tokens,
             usage_violation=usage_violation,
+            resumes=self.resumes,
+            segments=tuple(self.segments),
         )
         if self.lease is not None:
             self.lease.settle(prompt_tokens + completion_tokens)
@@ -476,8 +600,9 @@ class ForwardedCall:
             ) from exc
 
     def _ttft(self, attempt: Attempt) -> float | None:
-        """Time to the worker's first output; unknown for whole answers, which arrive in one piece."""
-        return attempt.first_at - self.started if self.stream else None
+        """Time to the first worker's first output; unknown for whole answers, which arrive in one piece."""
+        first_at = attempt.first_at if self._first_at is None else self._first_at
+        return first_at - self.started if self.stream else None
 
     def checked(
         self, attempt: Attempt, usage: Usage, generated_text_bytes: int | None
@@ -500,13 +625,23 @@ class ForwardedCall:
         )
         return fixed, checked.violation
 
-    async def succeeded(self, attempt: Attempt, usage: Usage, violation: str | None) -> None:
-        """Credit the worker with a good request and record it."""
+    async def succeeded(self, attempt: Attempt, usage: Usage, violation: str | None) -> Usage:
+        """Credit the worker with a good request and record it; returns what the client is billed.
+
+        The client pays for the prompt once and for every completion token once: the last worker's,
+        and those relayed from the workers the answer moved away from (credited to them, `segments`).
+        """
+        earlier = sum(segment.completion_tokens for segment in self.segments)
+        billed = Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens + earlier,
+            total_tokens=usage.total_tokens + earlier,
+        )
         if violation is None:
             attempt.worker.health.record_success()
         # An embedding or a token count has no first token nor generation speed: timing it would skew
         # the worker's.
-        if self.endpoint.generates:
+        if self.endpoint.generates and not self.segments:  # a resumed answer's timing is no one worker's
             self.hive.record_speed(
                 attempt.worker,
                 self.model,
@@ -519,12 +654,14 @@ class ForwardedCall:
             200,
             worker=attempt.worker,
             ttft=self._ttft(attempt),
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
+            prompt_tokens=billed.prompt_tokens,
+            completion_tokens=billed.completion_tokens,
+            worker_completion_tokens=usage.completion_tokens if self.segments else None,
             usage_violation=violation,
         )
+        return billed
 
-    async def failed(self, attempt: Attempt, event: RequestEvent, error: QueenError) -> None:
+    async def failed(self, attempt: Attempt, event: Failure, error: QueenError) -> None:
         """Hold a failure against the worker unless the client caused it, and record it."""
         if not (isinstance(event, JobError) and is_client_error(event.code)):
             attempt.worker.health.record_failure(time.monotonic())
@@ -533,22 +670,29 @@ class ForwardedCall:
         )
 
     async def relay(self, attempt: Attempt) -> AsyncIterator[bytes]:
-        """The SSE stream: the worker's chunks as they arrive, then usage and [DONE]; errors end it."""
-        event: RequestEvent = attempt.first
+        """The SSE stream: the worker's chunks as they arrive, then usage and [DONE].
+
+        A worker that fails mid-stream is replaced by one that resumes the answer (`resume`); only a
+        failure that cannot be resumed ends the stream with an error.
+        """
+        event: RequestEvent | Silent = attempt.first
         try:
             while True:
                 if isinstance(event, Chunk):
-                    for data in self.shown.chunk(self.chunk(event)):
+                    before = self.relayed_tokens
+                    chunk = self.chunk(event)
+                    attempt.relayed_tokens += self.relayed_tokens - before
+                    for data in self.shown.chunk(chunk):
                         yield data
                 elif isinstance(event, Result):
                     usage, violation = self.checked(attempt, event.usage, self.relayed_text_bytes)
                     try:
-                        await self.succeeded(attempt, usage, violation)
+                        billed = await self.succeeded(attempt, usage, violation)
                     except LedgerUnavailable as exc:
                         for data in self.shown.failed(exc):
                             yield data
                         return
-                    for data in await self.shown.done(usage):
+                    for data in await self.shown.done(billed):
                         yield data
                     return
                 elif isinstance(event, BufferOverflow):
@@ -558,6 +702,10 @@ class ForwardedCall:
                         yield data
                     return
                 else:
+                    resumed = await self.resume(attempt, event)
+                    if resumed is not None:
+                        attempt, event = resumed, resumed.first
+                        continue
                     error = worker_failure(event)
                     log.warning("request %s: stream ended with an error: %s", self.request_id, error.message)
                     await self._fail_quietly(attempt, event, error)
@@ -569,13 +717,7 @@ class ForwardedCall:
                     event = await attempt.stream.next(timeout)
                 except TimeoutError:
                     attempt.worker.cancel(self.request_id)
-                    error = UpstreamTimeout(f"The worker stopped sending output for {timeout:g} s.")
-                    event = WorkerGone(error.message)
-                    log.warning("request %s: %s", self.request_id, error.message)
-                    await self._fail_quietly(attempt, event, error)
-                    for data in self.shown.failed(error):
-                        yield data
-                    return
+                    event = Silent(timeout)
         finally:
             if not self._recorded:
                 # The client went away mid-stream: free the worker's slot, and record the cancellation
@@ -587,7 +729,7 @@ class ForwardedCall:
                 )
                 self._settle_cancelled(attempt.worker, attempt.stream, attempt, None)
 
-    async def _fail_quietly(self, attempt: Attempt, event: RequestEvent, error: QueenError) -> None:
+    async def _fail_quietly(self, attempt: Attempt, event: Failure, error: QueenError) -> None:
         # The stream is already failing: a ledger that cannot record it changes nothing for the client.
         try:
             await self.failed(attempt, event, error)
@@ -595,17 +737,24 @@ class ForwardedCall:
             log.error("request %s: its failure could not be recorded in the ledger", self.request_id)
 
     async def whole(self, attempt: Attempt, request: Request) -> Response:
-        """Wait for the worker's whole answer, cancelling it if the client disconnects first."""
-        event: RequestEvent = attempt.first
-        try:
-            while isinstance(event, Chunk):  # a worker may stream even a non-streamed request: skip on
-                event = await self._next_or_disconnect(attempt, request)
-        except asyncio.CancelledError:
-            self._settle_cancelled(attempt.worker, attempt.stream, attempt, None)
-            raise
-        except QueenError as exc:
-            await self.failed(attempt, WorkerGone(exc.message), exc)
-            raise
+        """Wait for the worker's whole answer, cancelling it if the client disconnects first.
+
+        A worker that fails on the way is replaced (`resume`: the request runs again elsewhere).
+        """
+        event: RequestEvent | Silent = attempt.first
+        while True:
+            try:
+                while isinstance(event, Chunk):  # a worker may stream even a non-streamed request: skip on
+                    event = await self._next_or_disconnect(attempt, request)
+            except asyncio.CancelledError:
+                self._settle_cancelled(attempt.worker, attempt.stream, attempt, None)
+                raise
+            if isinstance(event, Result | BufferOverflow):
+                break
+            rerun = await self.resume(attempt, event)
+            if rerun is None:
+                break
+            attempt, event = rerun, rerun.first
         if isinstance(event, Result):
             response = event.response
             if event.parts:
@@ -716,7 +865,7 @@ class ForwardedCall:
     def _record_soon(self, coroutine: Any) -> None:
         self.hive.spawn(coroutine)
 
-    async def _next_or_disconnect(self, attempt: Attempt, request: Request) -> RequestEvent:
+    async def _next_or_disconnect(self, attempt: Attempt, request: Request) -> RequestEvent | Silent:
         timeout = min(self.settings.token_timeout, self.remaining())
         next_event = asyncio.ensure_future(attempt.stream.next(timeout))
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
@@ -732,7 +881,7 @@ class ForwardedCall:
             return next_event.result()
         except TimeoutError:
             attempt.worker.cancel(self.request_id)
-            raise UpstreamTimeout(f"The worker stopped answering for {timeout:g} s.") from None
+            return Silent(timeout)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -742,8 +891,10 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def worker_failure(event: RequestEvent) -> QueenError:
+def worker_failure(event: Failure) -> QueenError:
     """The client-facing error for a worker's failure event."""
+    if isinstance(event, Silent):
+        return UpstreamTimeout(f"The worker stopped sending output for {event.seconds:g} s.")
     if isinstance(event, WorkerGone):
         return UpstreamError(f"The worker went away: {event.reason}.")
     if isinstance(event, BufferOverflow):

@@ -137,6 +137,7 @@ class Hive:
         *,
         exclude: frozenset[str] = frozenset(),
         embeddings: bool = False,
+        model_hash: str | None = None,
     ) -> tuple[WorkerSession, RequestStream]:
         """Reserve a slot on the best worker for `model`, waiting in line if every worker is busy.
 
@@ -144,7 +145,8 @@ class Hive:
         that is woken but cannot use the slot (its retry excludes that worker) passes the turn on.
         Raises ModelNotFound if no worker serves the model, NoCapacity if the line is full or the wait
         runs past the queue timeout. With `embeddings`, only workers that serve the model's embeddings
-        qualify (InvalidRequest if none does).
+        qualify (InvalidRequest if none does). With `model_hash`, only workers whose file for the model
+        has that content hash qualify: a resumed answer continues on the same weights or nowhere.
         """
         if self.draining:
             raise NoCapacity("The queen is shutting down.", retry_after=5)
@@ -170,6 +172,12 @@ class Hive:
                             code="embeddings_not_served",
                         )
                     exclude = exclude | without
+                if model_hash is not None:
+                    exclude = exclude | frozenset(
+                        worker_id
+                        for worker_id, worker in serving.items()
+                        if worker.model_hashes.get(model) != model_hash
+                    )
                 if waiter is not None or not queue:
                     worker = self._index.choose(model, now=time.monotonic(), exclude=exclude)
                     if worker is not None:

@@ -99,6 +99,10 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX responses_created_at ON responses (created_at)",
     ),
+    # 4: an answer that moved to another worker mid-stream has a row per worker it left ("segment"),
+    # crediting that worker what it generated; `segment_of` names the request, whose own row (NULL
+    # here) bills the client and credits the worker that finished it.
+    ("ALTER TABLE usage ADD COLUMN segment_of TEXT",),
 )
 """Every schema change, in order; never edit one that has shipped, append a new one."""
 
@@ -141,6 +145,31 @@ class Row(NamedTuple):
     """What the worker is credited with."""
     worker_completion_tokens: int
     usage_violation: str | None
+    segment_of: str | None = None
+    """For a worker segment (an answer that moved on), the request's id; None for a request's own row."""
+
+    @classmethod
+    def rows_for(cls, record: RequestRecord) -> list[Row]:
+        """The request's row, then one per worker it moved away from (billing nobody, crediting it)."""
+        rows = [cls.from_record(record)]
+        for number, segment in enumerate(record.segments, 1):
+            rows.append(
+                rows[0]._replace(
+                    request_id=f"{record.request_id}/{number}",
+                    worker_id=segment.worker_id,
+                    ln_url=segment.ln_url,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    ttft=None,
+                    outcome="error",
+                    error_code="resumed_elsewhere",
+                    worker_prompt_tokens=_tokens(record.prompt_tokens),
+                    worker_completion_tokens=_tokens(segment.completion_tokens),
+                    usage_violation=None,
+                    segment_of=record.request_id,
+                )
+            )
+        return rows
 
     @classmethod
     def from_record(cls, record: RequestRecord) -> Row:
@@ -170,6 +199,7 @@ class Row(NamedTuple):
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Row:
         """A row read back from the spool (fields it does not know are dropped); ValueError if it is none."""
+        obj = {"segment_of": None, **obj}  # spooled before segments existed
         missing = set(cls._fields) - set(obj)
         if missing:
             raise ValueError(f"no {', '.join(sorted(missing))}")
@@ -212,6 +242,7 @@ _FIELD_KINDS: Final[dict[str, tuple[type, ...]]] = {
     "attempts": (int,),
     "streamed": (int,),
     "usage_violation": _MAYBE_TEXT,
+    "segment_of": _MAYBE_TEXT,
     **dict.fromkeys(_TOKEN_FIELDS, (int,)),
 }
 
@@ -287,7 +318,7 @@ def migrate(connection: sqlite3.Connection, path: Path | str = "the ledger") -> 
 
 def insert(connection: sqlite3.Connection, record: RequestRecord) -> None:
     """Write one record (a request id already recorded is left as it was); durable when this returns."""
-    connection.execute(_INSERT, Row.from_record(record))
+    connection.executemany(_INSERT, Row.rows_for(record))
 
 
 def insert_rows(connection: sqlite3.Connection, rows: Sequence[Row]) -> int:
@@ -418,15 +449,18 @@ class Ledger:
         """
         if self._closing or self._task is None or self._task.done():
             raise LedgerUnavailable(f"the ledger at {self.path} is closed")
-        pending = _Pending(Row.from_record(record), asyncio.get_running_loop().create_future())
-        # Retrieved here too, so a caller that gave up leaves no "exception never retrieved" behind.
-        pending.committed.add_done_callback(lambda future: future.cancelled() or future.exception())
-        self._pending.append(pending)
+        loop = asyncio.get_running_loop()
+        pendings = [_Pending(row, loop.create_future()) for row in Row.rows_for(record)]
+        for pending in pendings:
+            # Retrieved here too, so a caller that gave up leaves no "exception never retrieved" behind.
+            pending.committed.add_done_callback(lambda future: future.cancelled() or future.exception())
+        self._pending.extend(pendings)
         self._wake.set()
         try:
             async with asyncio.timeout(self.commit_timeout):
-                # Shielded: the row is written whatever happens to the caller.
-                await asyncio.shield(pending.committed)
+                # Shielded: the rows are written whatever happens to the caller.
+                for pending in pendings:
+                    await asyncio.shield(pending.committed)
         except TimeoutError:
             raise LedgerUnavailable(
                 f"the ledger did not store request {record.request_id} within {self.commit_timeout:g} s"

@@ -132,6 +132,12 @@ class QueenMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.resumes = Counter(
+            "queenbee_resumes",
+            "Answers continued on another worker after output, by how the request then ended.",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
         self.worker_failures = Counter(
             "queenbee_worker_failures",
             "Attempts that failed through a worker's fault (errors, timeouts, disconnects).",
@@ -167,6 +173,8 @@ class QueenMetrics:
         self.completion_tokens.labels(model).inc(record.completion_tokens)
         if record.attempts > 1:
             self.retries.labels(model).inc(record.attempts - 1)
+        if record.resumes:
+            self.resumes.labels(model, record.outcome).inc(record.resumes)
         failures = worker_failures(record)
         if failures:
             self.worker_failures.labels(model).inc(failures)

@@ -16,6 +16,15 @@ Outcome = Literal["success", "error", "cancelled"]
 
 
 @dataclass(frozen=True)
+class WorkerSegment:
+    """A worker an answer moved away from mid-stream, and the completion tokens it is credited with."""
+
+    worker_id: str
+    ln_url: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
 class RequestRecord:
     """One finished client request: who asked, who served, what it cost, how it ended."""
 
@@ -46,6 +55,10 @@ class RequestRecord:
     it was relayed); None: the same as `completion_tokens`, what the client is billed."""
     usage_violation: str | None = None
     """Why the worker's reported usage was not believed (the figures were bounded), or None."""
+    resumes: int = 0
+    """Times the answer moved to another worker after output."""
+    segments: tuple[WorkerSegment, ...] = ()
+    """The workers it moved away from, in order; `worker_id` is the one that finished it."""
 
     @property
     def credited_prompt_tokens(self) -> int:
@@ -74,7 +87,7 @@ class RequestLog:
         """Log the record."""
         log.info(
             "request %s %s model=%s worker=%s outcome=%s status=%d prompt_tokens=%d completion_tokens=%d "
-            "ttft=%s duration=%.3fs attempts=%d",
+            "ttft=%s duration=%.3fs attempts=%d resumes=%d",
             record.request_id,
             record.path,
             record.model,
@@ -86,6 +99,7 @@ class RequestLog:
             f"{record.ttft:.3f}s" if record.ttft is not None else "-",
             record.duration,
             record.attempts,
+            record.resumes,
             # The same facts as fields, for --log-json; never the prompt or the answer.
             extra={
                 "request_id": record.request_id,
@@ -99,6 +113,7 @@ class RequestLog:
                 "ttft": record.ttft,
                 "duration": record.duration,
                 "attempts": record.attempts,
+                "resumes": record.resumes,
             },
         )
 

@@ -57,6 +57,12 @@ class QueenSettings(BaseSettings):
     max_attempts: int = Field(
         default=3, ge=1, description="Workers tried for one request when a worker fails before answering."
     )
+    max_resumes: int = Field(
+        default=3,
+        ge=0,
+        description="Times an answer may move to another worker serving the same model file after its "
+        "worker died, went silent or failed mid-answer (0: never; the stream then ends with an error).",
+    )
     register_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a new worker connection has to send its registration."
     )

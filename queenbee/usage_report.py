@@ -120,8 +120,13 @@ _WORKER_TOTALS: Final = _TOTALS.format(
     completion="COALESCE(worker_completion_tokens, completion_tokens)",
     where="AND worker_id IS NOT NULL",
 )
+# A worker segment (an answer that moved to another worker) credits its worker and bills no one: it is
+# counted for workers, not for keys.
 _KEY_TOTALS: Final = _TOTALS.format(
-    group="COALESCE(api_key_id, '')", prompt="prompt_tokens", completion="completion_tokens", where=""
+    group="COALESCE(api_key_id, '')",
+    prompt="prompt_tokens",
+    completion="completion_tokens",
+    where="AND segment_of IS NULL",
 )
 _IDS_PER_QUERY: Final = 500
 
@@ -156,7 +161,7 @@ def usage_totals(
         if row.request_id not in recorded:
             unique.setdefault(row.request_id, row)
     workers = _add(by_worker, (_worker_tally(row) for row in unique.values() if row.worker_id is not None))
-    keys = _add(by_key, (_key_tally(row) for row in unique.values()))
+    keys = _add(by_key, (_key_tally(row) for row in unique.values() if row.segment_of is None))
     return workers, keys
 
 

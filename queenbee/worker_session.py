@@ -166,6 +166,8 @@ class WorkerSession:
         """Who the worker is across reconnections: retries and health records go by this, not `id`."""
         self.models = frozenset(model.id for model in registration.models)
         self.n_ctx = {model.id: model.n_ctx for model in registration.models}
+        self.model_hashes = {model.id: model.sha256 for model in registration.models}
+        """Each model's content hash as the worker reported it (None: unknown, never resumed onto)."""
         self.parallel = registration.parallel
         self.connected_at = time.time()
         self.speed: dict[str, ModelSpeed] = {}

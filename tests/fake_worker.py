@@ -147,8 +147,11 @@ class FakeWorker:
         instance_id: str | None = None,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         n_ctx: int = 2048,
+        sha256: str | None = None,
     ) -> None:
         self.url = url
+        self.sha256 = sha256
+        """The content hash it reports for its models (None: none, so its answers are never resumed)."""
         self.instance_id = instance_id or "fake-" + uuid.uuid4().hex[:12]
         self.max_frame_bytes = max_frame_bytes
         self.n_ctx = n_ctx
@@ -179,7 +182,7 @@ class FakeWorker:
             cpu_count=1,
             disk_space=1,
             vram=0,
-            models=[ModelInfo(id=model, n_ctx=self.n_ctx) for model in self.models],
+            models=[ModelInfo(id=model, n_ctx=self.n_ctx, sha256=self.sha256) for model in self.models],
             parallel=self.parallel,
         )
 

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from protocol import ErrorCode, ModelInfo, Usage
+from protocol import ErrorCode, ModelInfo, Resume, Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from workerbee.choices import ChatChoice, CompletionChoice
 from workerbee.decoding import Generation, Piece, Sampling, choice_seeds
+from workerbee.detokenize import TextAssembler
 from workerbee.embeddings import Embedder, EmbeddingJob, Vector
 from workerbee.engine import ChunkSink
 from workerbee.errors import Cancelled, EngineError, ModelLoadError
@@ -158,6 +159,7 @@ class BatchedModel:
             size_bytes=self.config.size_bytes,
             n_gpu_layers=self.config.n_gpu_layers,
             embeddings=self.embedder is not None,
+            sha256=self.config.sha256,
         )
 
     def _samplers(self, sampling: Sampling, seeds: Sequence[int], param: str | None) -> list[SamplerChain]:
@@ -187,9 +189,13 @@ class BatchedModel:
         return prompt, limit, sampling, self._samplers(sampling, choice_seeds(chat.seed, chat.n or 1), param)
 
     async def chat(
-        self, chat: ChatCompletionRequest, cancel: threading.Event, on_chunk: ChunkSink
+        self,
+        chat: ChatCompletionRequest,
+        cancel: threading.Event,
+        on_chunk: ChunkSink,
+        resume: Resume | None = None,
     ) -> tuple[Usage, dict[str, Any] | None]:
-        """Run a chat completion in the batch; streamed chunks go to `on_chunk`.
+        """Run a chat completion in the batch; streamed chunks go to `on_chunk`; `resume`: continue it.
 
         Everything that can be refused is checked before the request joins the batch. Raises Cancelled,
         with the usage so far, if `cancel` is set before it ends; if this coroutine is cancelled, its
@@ -199,17 +205,25 @@ class BatchedModel:
         prompt, limit, sampling, samplers = await asyncio.to_thread(self._prepare_chat, chat)
         n = len(samplers)
 
-        def make(index: int, emit: Callable[[dict[str, Any], int], None] | None) -> AnyChoice:
+        def make(index: int, emit: Callable[[dict[str, Any], int], None] | None, resumed: bool) -> AnyChoice:
             return ChatChoice(
                 index=index,
                 tool_mode=chat.tool_mode,
                 logprobs=bool(chat.logprobs),
                 fingerprint=self.fingerprint,
                 emit=emit,
+                resumed=resumed,
             )
 
         choices, completion_tokens = await self._run(
-            [(prompt, limit, samplers)], sampling, make, chat.stream, cancel, on_chunk, n_prompt=len(prompt)
+            [(prompt, limit, samplers)],
+            sampling,
+            make,
+            chat.stream,
+            cancel,
+            on_chunk,
+            n_prompt=len(prompt),
+            resume=resume,
         )
         usage = Usage(
             prompt_tokens=len(prompt),
@@ -218,7 +232,7 @@ class BatchedModel:
         )
         if chat.stream:
             return usage, None
-        assert len(choices) == n
+        assert len(choices) == (n if resume is None else len(resume.choices))
         return usage, {
             "object": "chat.completion",
             "choices": choices,
@@ -247,14 +261,18 @@ class BatchedModel:
         return runs, [prompt.text for prompt in prompts], sampling
 
     async def complete(
-        self, request: CompletionRequest, cancel: threading.Event, on_chunk: ChunkSink
+        self,
+        request: CompletionRequest,
+        cancel: threading.Event,
+        on_chunk: ChunkSink,
+        resume: Resume | None = None,
     ) -> tuple[Usage, dict[str, Any] | None]:
-        """Complete each prompt n times in the batch; streamed chunks go to `on_chunk`."""
+        """Complete each prompt n times in the batch; streamed chunks go to `on_chunk`; `resume`: continue."""
         runs, texts, sampling = await asyncio.to_thread(self._prepare_completion, request)
         n = request.n or 1
         prompt_tokens = sum(len(tokens) for tokens, _, _ in runs)
 
-        def make(index: int, emit: Callable[[dict[str, Any], int], None] | None) -> AnyChoice:
+        def make(index: int, emit: Callable[[dict[str, Any], int], None] | None, resumed: bool) -> AnyChoice:
             return CompletionChoice(
                 index=index,
                 logprobs=request.logprobs is not None,
@@ -262,10 +280,11 @@ class BatchedModel:
                 prompt=texts[index // n],
                 echo=request.echo,
                 emit=emit,
+                resumed=resumed,
             )
 
         choices, completion_tokens = await self._run(
-            runs, sampling, make, request.stream, cancel, on_chunk, n_prompt=prompt_tokens
+            runs, sampling, make, request.stream, cancel, on_chunk, n_prompt=prompt_tokens, resume=resume
         )
         usage = Usage(
             prompt_tokens=prompt_tokens,
@@ -284,16 +303,19 @@ class BatchedModel:
         self,
         runs: list[tuple[list[int], int, list[SamplerChain]]],
         sampling: Sampling,
-        make: Callable[[int, Callable[[dict[str, Any], int], None] | None], AnyChoice],
+        make: Callable[[int, Callable[[dict[str, Any], int], None] | None, bool], AnyChoice],
         stream: bool,
         cancel: threading.Event,
         on_chunk: ChunkSink,
         *,
         n_prompt: int,
+        resume: Resume | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
         """Generate every choice of every prompt (runs: tokens, limit, one sampler per choice).
 
-        Returns the whole choices in index order and the completion tokens of all of them.
+        With `resume`, only its choices run, each as a job of its own whose prompt ends with the tokens
+        already relayed (see `_resumed_jobs`). Returns the whole choices in index order and the
+        completion tokens of all of them (generated here, not the relayed ones).
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Job, RequestEvent]] = asyncio.Queue()
@@ -304,42 +326,39 @@ class BatchedModel:
 
         jobs: list[Job] = []
         choices: dict[int, AnyChoice] = {}
-        index = 0
-        for prompt, limit, samplers in runs:
-            for start in range(0, len(samplers), self.parallel):
-                group = [
-                    JobChoice(index + offset, sampler)
-                    for offset, sampler in enumerate(samplers[start : start + self.parallel])
-                ]
-                index += len(group)
-                job = Job(
-                    prompt=prompt,
-                    choices=group,
-                    stop=sampling.stop,
-                    top_logprobs=sampling.top_logprobs,
-                    limit=limit,
-                    stream=stream,
-                    cancel=cancel,
-                    post=lambda event: None,
-                )
+        groups = self._groups(runs) if resume is None else self._resumed_jobs(runs, resume)
+        for prompt, limit, group in groups:
+            job = Job(
+                prompt=prompt,
+                choices=group,
+                stop=sampling.stop,
+                top_logprobs=sampling.top_logprobs,
+                limit=limit,
+                stream=stream,
+                cancel=cancel,
+                post=lambda event: None,
+            )
 
-                def post(event: RequestEvent, job: Job = job) -> None:
-                    # A closed loop refuses the call: nobody waits for this request any more.
-                    with contextlib.suppress(RuntimeError):
-                        loop.call_soon_threadsafe(events.put_nowait, (job, event))
+            def post(event: RequestEvent, job: Job = job) -> None:
+                # A closed loop refuses the call: nobody waits for this request any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(events.put_nowait, (job, event))
 
-                job.post = post
-                jobs.append(job)
+            job.post = post
+            jobs.append(job)
         for job in jobs:
             for job_choice in job.choices:
-                choices[job_choice.index] = make(job_choice.index, collect if stream else None)
+                choice = make(job_choice.index, collect if stream else None, resume is not None)
+                if job_choice.replay:
+                    choice.replay(Piece(self._text_of(job_choice.replay, sampling.stop), []))
+                choices[job_choice.index] = choice
         whole: dict[int, dict[str, Any]] = {}
         generated: dict[int, int] = {}
         open_jobs = len(jobs)
         submitted: list[Job] = []
         try:
             for job in jobs:
-                if job.limit <= 0:
+                if job.limit <= len(job.choices[0].replay):
                     job.close()
                     for job_choice in job.choices:
                         job.post(Finished(job_choice.index, "", "", "length", 0))
@@ -373,11 +392,13 @@ class BatchedModel:
                     choice = choices[event.choice]
                     if isinstance(event, TextReady):
                         generated[event.choice] = generated.get(event.choice, 0) + event.tokens
-                        choice.on_piece(Piece(event.text, event.logprobs, event.tokens))
+                        choice.on_piece(Piece(event.text, event.logprobs, event.tokens, event.ids))
                     else:
                         generated[event.choice] = event.completion_tokens
                         if event.tail or event.tail_logprobs:
-                            choice.on_piece(Piece(event.tail, event.tail_logprobs, event.tail_tokens))
+                            choice.on_piece(
+                                Piece(event.tail, event.tail_logprobs, event.tail_tokens, event.tail_ids)
+                            )
                         whole[event.choice] = choice.finish(
                             Generation(
                                 event.text, event.finish_reason, event.completion_tokens, event.logprobs
@@ -393,7 +414,58 @@ class BatchedModel:
                 # Jobs still in the scheduler's hands: it stops them at the next step, and frees them.
                 cancel.set()
                 self.scheduler.poke()
-        return [whole[i] for i in range(len(choices))], sum(generated.values())
+        return [whole[i] for i in sorted(whole)], sum(generated.values())
+
+    def _groups(
+        self, runs: list[tuple[list[int], int, list[SamplerChain]]]
+    ) -> list[tuple[list[int], int, list[JobChoice]]]:
+        """The jobs of a request: each prompt's choices, at most `parallel` to a job, indexed in order."""
+        groups: list[tuple[list[int], int, list[JobChoice]]] = []
+        index = 0
+        for prompt, limit, samplers in runs:
+            for start in range(0, len(samplers), self.parallel):
+                group = [
+                    JobChoice(index + offset, sampler)
+                    for offset, sampler in enumerate(samplers[start : start + self.parallel])
+                ]
+                index += len(group)
+                groups.append((prompt, limit, group))
+        return groups
+
+    def _resumed_jobs(
+        self, runs: list[tuple[list[int], int, list[SamplerChain]]], resume: Resume
+    ) -> list[tuple[list[int], int, list[JobChoice]]]:
+        """A job for each resumed choice: its prompt and relayed tokens, its sampler advanced over them.
+
+        The limit stays the request's (the relayed tokens count towards it), lowered to what the queen
+        says is left; the samplers of choices that are not resumed (finished ones) are freed.
+        """
+        wanted = {choice.index: choice for choice in resume.choices}
+        groups: list[tuple[list[int], int, list[JobChoice]]] = []
+        index = 0
+        for prompt, limit, samplers in runs:
+            for sampler in samplers:
+                resumed = wanted.pop(index, None)
+                if resumed is None:
+                    sampler.close()
+                else:
+                    self.prompts.check_token_ids(resumed.token_ids, "resume")
+                    replay = list(resumed.token_ids)
+                    sampler.advance(replay)
+                    if resumed.budget is not None:
+                        limit = min(limit, len(replay) + resumed.budget)
+                    groups.append((prompt + replay, limit, [JobChoice(index, sampler, replay)]))
+                index += 1
+        if wanted:
+            for _, _, group in groups:
+                group[0].sampler.close()
+            raise EngineError(ErrorCode.INVALID_REQUEST, f"no choice {min(wanted)} to resume", "resume")
+        return groups
+
+    def _text_of(self, tokens: list[int], stop: tuple[str, ...]) -> str:
+        """The text the client was sent for a choice's first `tokens`."""
+        assembler = TextAssembler(stop)
+        return "".join(assembler.feed(self.weights.vocab.piece(token)) for token in tokens)
 
     def _prepare_embedding(self, request: EmbeddingRequest) -> list[list[int]]:
         if self.embedder is None:
@@ -494,6 +566,7 @@ def _merge_text(events: list[tuple[Job, RequestEvent]]) -> list[tuple[Job, Reque
                         last.text + event.text,
                         last.tokens + event.tokens,
                         last.logprobs + event.logprobs,
+                        last.ids + event.ids,
                     ),
                 )
                 continue

@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workerbee.decoding import Generation, Piece, TokenLogprob
+from workerbee.decoding import Generation, Piece, TokenLogprob, token_ids
 from workerbee.tool_calls import ToolCallParser
 
 ChunkEmitter = Callable[[dict[str, Any], int], None]
-"""Takes a chunk and the number of generated tokens whose text it carries (see Piece.tokens)."""
+"""Takes a chunk and the number of generated tokens whose text it carries (see Piece.tokens): a
+`TokenIds` naming them when the pieces did."""
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
@@ -71,18 +72,33 @@ class ChatChoice:
     _content: list[dict[str, Any]] = field(default_factory=list, init=False)
     _tokens: int = field(default=0, init=False)
     """Tokens of pieces taken but not yet counted in a chunk."""
+    _ids: list[int] = field(default_factory=list, init=False)
+    """Their ids, as far as the pieces gave them."""
+    resumed: bool = False
+    """The choice continues another worker's: its first chunk (the role) was sent already."""
 
     def __post_init__(self) -> None:
         self._deciding = self.tool_mode == "auto"
         if self.tool_mode not in {"none", "auto"}:
             self.parser = ToolCallParser()
-        if self.emit is not None:
+        if self.emit is not None and not self.resumed:
             first = {"role": "assistant", "content": None if self.parser is not None else ""}
             self._chunk(first)
+
+    def replay(self, piece: Piece) -> None:
+        """Take text the client already has (a resumed choice's relayed tokens): parsed, never sent."""
+        emit, self.emit = self.emit, None
+        try:
+            self.on_piece(piece)
+        finally:
+            self.emit = emit
+            self._tokens = 0
+            self._ids = []
 
     def on_piece(self, piece: Piece) -> None:
         """Take the next piece of generated text."""
         self._tokens += piece.tokens
+        self._ids.extend(piece.ids)
         if self._deciding:
             piece = Piece(self._pending.text + piece.text, self._pending.logprobs + piece.logprobs, 0)
             if not piece.text.strip():
@@ -136,7 +152,8 @@ class ChatChoice:
         self.emit({"choices": [choice], "system_fingerprint": self.fingerprint}, tokens)
 
     def _take_tokens(self) -> int:
-        tokens, self._tokens = self._tokens, 0
+        tokens = token_ids(self._tokens, self._ids)
+        self._tokens, self._ids = 0, []
         return tokens
 
 
@@ -152,11 +169,17 @@ class CompletionChoice:
     echo: bool = False
     """Whether the prompt comes back before the completion."""
     emit: ChunkEmitter | None = None
+    resumed: bool = False
+    """The choice continues another worker's: the echoed prompt was sent already."""
     _sent: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if self.emit is not None and self.echo and self.prompt:
+        if self.emit is not None and self.echo and self.prompt and not self.resumed:
             self._chunk(self.prompt, None)
+
+    def replay(self, piece: Piece) -> None:
+        """Take text the client already has (a resumed choice's relayed tokens): counted, never sent."""
+        self._sent += len(piece.text)
 
     def on_piece(self, piece: Piece) -> None:
         """Take the next piece of generated text."""
@@ -166,7 +189,7 @@ class CompletionChoice:
             completion_logprobs(piece.logprobs, len(self.prompt) + self._sent) if self.logprobs else None
         )
         self._sent += len(piece.text)
-        self._chunk(piece.text, logprobs, tokens=piece.tokens)
+        self._chunk(piece.text, logprobs, tokens=token_ids(piece.tokens, piece.ids))
 
     def finish(self, generation: Generation) -> dict[str, Any]:
         """End the choice: the last chunk if streaming, and the whole choice in text_completion's shape."""

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from pydantic_settings import CliApp
 from protocol import PROTOCOL_VERSION, ModelInfo, Register
 from workerbee import __version__
 from workerbee.errors import ModelLoadError
+from workerbee.file_hash import model_sha256
 from workerbee.gguf_info import GGUFInfoError, ModelShape, read_model_shape
 from workerbee.hardware import HardwareReport, detect_hardware
 from workerbee.identity import IdentityError, default_instance_id_file, load_instance_id, read_secret_file
@@ -226,9 +227,13 @@ async def serve(
     """Load the models and serve the queen until SIGTERM or Ctrl-C; returns the exit code."""
     from workerbee.connection import QueenRefused, WorkerConnection
 
-    engine = await LlamaEngine.load(
-        [model.config(settings.embeddings) for model in planned], threads=threads, parallel=settings.parallel
-    )
+    # The content hashes let the queen resume an answer on another worker with the same file.
+    hashes = await asyncio.to_thread(lambda: [model_sha256(model.resolved.parts) for model in planned])
+    configs = [
+        replace(model.config(settings.embeddings), sha256=digest)
+        for model, digest in zip(planned, hashes, strict=True)
+    ]
+    engine = await LlamaEngine.load(configs, threads=threads, parallel=settings.parallel)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -46,6 +46,7 @@ from protocol import (
     result_frames,
 )
 from protocol.messages import Frame
+from workerbee.decoding import TokenIds
 from workerbee.engine import Cancelled, Engine, EngineError
 from workerbee.tokens import count_tokens
 from workerbee.transport import ssl_context
@@ -60,12 +61,21 @@ ChunkSink = Callable[[dict[str, Any], int], Awaitable[None]]
 Runner = Callable[[Engine, Any, threading.Event, ChunkSink], Awaitable[tuple[Usage, dict[str, Any] | None]]]
 
 RUNNERS: dict[str, Runner] = {
-    "chat": lambda engine, body, cancel, on_chunk: engine.chat(body, cancel, on_chunk),
-    "completion": lambda engine, body, cancel, on_chunk: engine.complete(body, cancel, on_chunk),
-    "embedding": lambda engine, body, cancel, on_chunk: engine.embed(body, cancel),
-    "count_tokens": lambda engine, body, cancel, on_chunk: count_tokens(engine, body),
+    "chat": lambda engine, request, cancel, on_chunk: (
+        engine.chat(request.body, cancel, on_chunk, request.resume)
+        if request.resume is not None
+        else engine.chat(request.body, cancel, on_chunk)
+    ),
+    "completion": lambda engine, request, cancel, on_chunk: (
+        engine.complete(request.body, cancel, on_chunk, request.resume)
+        if request.resume is not None
+        else engine.complete(request.body, cancel, on_chunk)
+    ),
+    "embedding": lambda engine, request, cancel, on_chunk: engine.embed(request.body, cancel),
+    "count_tokens": lambda engine, request, cancel, on_chunk: count_tokens(engine, request.body),
 }
-"""How each kind of job runs on the engine: the request kind is the key, its validated body the argument."""
+"""How each kind of job runs on the engine: the request kind is the key, the typed request the argument
+(a resume is passed on only when there is one)."""
 
 
 class QueenRefused(Exception):
@@ -257,9 +267,11 @@ class WorkerConnection:
                 raise EngineError(ErrorCode.OVERLOADED, "the worker is shutting down")
 
             async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
-                await self._send_output(websocket, Chunk(request_id=request_id, chunk=chunk, tokens=tokens))
+                ids = list(tokens.ids) if isinstance(tokens, TokenIds) else None
+                frame = Chunk(request_id=request_id, chunk=chunk, tokens=tokens, token_ids=ids)
+                await self._send_output(websocket, frame)
 
-            usage, response = await RUNNERS[job.request.kind](self.engine, job.request.body, cancel, on_chunk)
+            usage, response = await RUNNERS[job.request.kind](self.engine, job.request, cancel, on_chunk)
             result = Result(request_id=request_id, usage=usage, response=response)
             for frame in result_frames(result, self.send_limit):
                 await self._send_output(websocket, frame)

@@ -70,6 +70,26 @@ class TokenLogprob:
     top_logprobs: list[TopLogprob]
 
 
+class TokenIds(int):
+    """A count of generated tokens that also names them: the number a chunk carries, and their ids.
+
+    An int, so that whoever only counts tokens counts them as before; `ids` is what a resume needs.
+    """
+
+    ids: tuple[int, ...]
+
+    def __new__(cls, ids: tuple[int, ...] | list[int] = ()) -> TokenIds:
+        """The count of `ids`, carrying them."""
+        self = super().__new__(cls, len(ids))
+        self.ids = tuple(ids)
+        return self
+
+
+def token_ids(count: int, ids: list[int] | tuple[int, ...]) -> int:
+    """`count` as a TokenIds when `ids` are exactly those tokens, else the bare count."""
+    return TokenIds(ids) if len(ids) == count else count
+
+
 @dataclass(frozen=True)
 class Piece:
     """Text ready to be sent, the log probabilities of the tokens it completes, and how many tokens it took.
@@ -82,6 +102,8 @@ class Piece:
     text: str
     logprobs: list[TokenLogprob]
     tokens: int = 0
+    ids: tuple[int, ...] = ()
+    """The ids of those tokens, when known (they are, from the scheduler)."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from protocol import ModelInfo, Usage
+from protocol import ModelInfo, Resume, Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from workerbee.errors import Cancelled, EngineError, ModelLoadError
 
@@ -31,15 +31,30 @@ class Engine(Protocol):
         ...
 
     async def chat(
-        self, chat: ChatCompletionRequest, cancel: threading.Event, on_chunk: ChunkSink
+        self,
+        chat: ChatCompletionRequest,
+        cancel: threading.Event,
+        on_chunk: ChunkSink,
+        resume: Resume | None = None,
     ) -> tuple[Usage, dict[str, Any] | None]:
-        """Run a chat completion: streamed chunks go to `on_chunk`; the whole response (None if streamed)."""
+        """Run a chat completion: streamed chunks go to `on_chunk`; the whole response (None if streamed).
+
+        With `resume`, continue another worker's answer from the tokens it relayed; the connection
+        passes one only to jobs that carry it.
+        """
         ...
 
     async def complete(
-        self, request: CompletionRequest, cancel: threading.Event, on_chunk: ChunkSink
+        self,
+        request: CompletionRequest,
+        cancel: threading.Event,
+        on_chunk: ChunkSink,
+        resume: Resume | None = None,
     ) -> tuple[Usage, dict[str, Any] | None]:
-        """Run a text completion: streamed chunks go to `on_chunk`; the whole response (None if streamed)."""
+        """Run a text completion: streamed chunks go to `on_chunk`; the whole response (None if streamed).
+
+        `resume` as for `chat`.
+        """
         ...
 
     async def embed(self, request: EmbeddingRequest, cancel: threading.Event) -> tuple[Usage, dict[str, Any]]:

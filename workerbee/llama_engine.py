@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any
 
-from protocol import ErrorCode, ModelInfo, Usage
+from protocol import ErrorCode, ModelInfo, Resume, Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from workerbee.batching import BatchedModel
 from workerbee.engine import ChunkSink
@@ -63,16 +63,24 @@ class LlamaEngine:
         return model
 
     async def chat(
-        self, chat: ChatCompletionRequest, cancel: threading.Event, on_chunk: ChunkSink
+        self,
+        chat: ChatCompletionRequest,
+        cancel: threading.Event,
+        on_chunk: ChunkSink,
+        resume: Resume | None = None,
     ) -> tuple[Usage, dict[str, Any] | None]:
-        """Run a chat completion; streamed chunks go to `on_chunk` as they are produced."""
-        return await self.model(chat.model).chat(chat, cancel, on_chunk)
+        """Run (or, with `resume`, continue) a chat completion; streamed chunks go to `on_chunk`."""
+        return await self.model(chat.model).chat(chat, cancel, on_chunk, resume)
 
     async def complete(
-        self, request: CompletionRequest, cancel: threading.Event, on_chunk: ChunkSink
+        self,
+        request: CompletionRequest,
+        cancel: threading.Event,
+        on_chunk: ChunkSink,
+        resume: Resume | None = None,
     ) -> tuple[Usage, dict[str, Any] | None]:
-        """Run a text completion; streamed chunks go to `on_chunk` as they are produced."""
-        return await self.model(request.model).complete(request, cancel, on_chunk)
+        """Run (or, with `resume`, continue) a text completion; streamed chunks go to `on_chunk`."""
+        return await self.model(request.model).complete(request, cancel, on_chunk, resume)
 
     async def embed(self, request: EmbeddingRequest, cancel: threading.Event) -> tuple[Usage, dict[str, Any]]:
         """Compute embeddings for every input of the request."""

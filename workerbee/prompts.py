@@ -40,6 +40,8 @@ class ModelConfig:
     main_gpu: int = 0
     embeddings: bool = False
     size_bytes: int | None = None
+    sha256: str | None = None
+    """The GGUF's content hash (file_hash.py): resumes go only between workers with the same one."""
 
 
 @dataclass(frozen=True)

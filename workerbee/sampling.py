@@ -5,6 +5,10 @@ The chain is the one llama-cpp-python builds for `Llama.generate`: logit bias an
 repetition penalties, then greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded
 draw. Each sequence owns its chain: penalties and the random state are per sequence.
 
+A resumed choice (another worker relayed its first tokens) advances its chain over those tokens with
+`advance`: the penalties and the grammar accept each, and a seeded draw consumes one random number per
+token, as the original sampling did, so a seeded answer continues with the draws it would have made.
+
 A grammar is checked the way llama.cpp's own server does it: the chain picks a token from the raw
 logits; only if the grammar refuses it is the grammar applied to the whole vocabulary and the token
 picked again. Most steps then cost one grammar check of one token instead of one per vocabulary entry.
@@ -67,6 +71,8 @@ class SamplerChain:
     ) -> None:
         self._chain: Any = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._grammar: Any = None
+        self._dist: Any = None
+        """The chain's seeded draw (owned by the chain); None when greedy."""
         self._all: _Candidates | None = None
         self._one: _Candidates | None = None
         try:
@@ -120,6 +126,9 @@ class SamplerChain:
         self._add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
         self._add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
         self._add(llama_cpp.llama_sampler_init_dist(seed))
+        self._dist = llama_cpp.llama_sampler_chain_get(
+            self._chain, llama_cpp.llama_sampler_chain_n(self._chain) - 1
+        )
 
     def sample(self, context: MultiSequenceContext, index: int) -> int:
         """Sample the token for the logits at `index` of the last decoded batch (and remember it)."""
@@ -144,6 +153,22 @@ class SamplerChain:
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self._chain, token)
         return token
+
+    def advance(self, tokens: Iterable[int]) -> None:
+        """Take tokens as if this chain had sampled them: a resumed choice's relayed tokens.
+
+        Each seeded draw is consumed on a two-way tie, so that the random state moves as it did when the
+        tokens were drawn (exact unless a grammar made that step draw twice).
+        """
+        tie = _Candidates(2) if self._dist is not None else None
+        for token in tokens:
+            if tie is not None:
+                tie.fill(np.zeros(2, dtype=np.float32))
+                tie.data["p"] = 0.5
+                llama_cpp.llama_sampler_apply(self._dist, tie.pointer)
+            if self._grammar is not None:
+                llama_cpp.llama_sampler_accept(self._grammar, token)
+            llama_cpp.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
         """Free the chain, the grammar and their samplers (idempotent)."""

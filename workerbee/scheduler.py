@@ -69,6 +69,8 @@ class TextReady:
     text: str
     tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    ids: tuple[int, ...] = ()
+    """The ids of those tokens."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Finished:
     tail_tokens: int = 0
     tail_logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    tail_ids: tuple[int, ...] = ()
+    """The ids of the `tail_tokens`."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ class JobChoice:
 
     index: int
     sampler: SamplerChain
+    replay: list[int] = field(default_factory=list)
+    """A resumed choice's tokens that another worker generated and the client has: they end the job's
+    prompt, their text is taken as sent, and they count towards the limit but not as generated here."""
 
 
 @dataclass
@@ -166,6 +173,22 @@ class _Sequence:
     reported: int = 0
     """Generated tokens already counted in a TextReady."""
     spans: TokenSpans[TokenLogprob] = field(default_factory=TokenSpans)
+    ids: list[int] = field(default_factory=list)
+    """Every generated token (a resumed choice's replayed ones first)."""
+    replayed: int = 0
+    """Tokens of `ids` another worker generated (JobChoice.replay)."""
+
+    def resume(self, vocab: Vocabulary) -> None:
+        """Take the choice's replayed tokens as generated and their text as sent."""
+        replay = self.choice.replay
+        for token in replay:
+            self.assembler.feed(vocab.piece(token))
+        self.ids = list(replay)
+        self.generated = self.reported = self.replayed = len(replay)
+
+    def fresh_ids(self) -> tuple[int, ...]:
+        """The ids generated since the last TextReady."""
+        return tuple(self.ids[self.reported :])
 
 
 @dataclass(frozen=True)
@@ -329,6 +352,7 @@ class Scheduler:
             slot.busy = True
             slot.last_used = next(self._clock)
             follower = _Sequence(job, choice, slot, TextAssembler(job.stop), position=0, leader=leader)
+            follower.resume(self.vocab)
             leader.followers.append(follower)
             self._running.append(follower)
         job.running = len(job.choices)
@@ -363,6 +387,7 @@ class Scheduler:
         slot.busy = True
         slot.last_used = next(self._clock)
         leader = _Sequence(job, job.choices[0], slot, TextAssembler(job.stop), position=keep)
+        leader.resume(self.vocab)
         self._running.append(leader)
         self.stats.reused_tokens += keep
         return leader
@@ -458,6 +483,7 @@ class Scheduler:
             self._finish(seq, "stop", "")
             return
         seq.generated += 1
+        seq.ids.append(token)
         seq.job.generated += 1
         self.stats.generated_tokens += 1
         assembler = seq.assembler
@@ -476,7 +502,11 @@ class Scheduler:
             if seq.job.stream and (text or top is not None):
                 logprobs = seq.spans.release(assembler.sent) if top is not None else []
                 if text or logprobs:
-                    seq.job.post(TextReady(seq.choice.index, text, seq.generated - seq.reported, logprobs))
+                    seq.job.post(
+                        TextReady(
+                            seq.choice.index, text, seq.generated - seq.reported, logprobs, seq.fresh_ids()
+                        )
+                    )
                     seq.reported = seq.generated
 
     def _finish(self, seq: _Sequence, finish_reason: FinishReason, text: str) -> None:
@@ -497,10 +527,11 @@ class Scheduler:
                 tail,
                 assembler.text,
                 finish_reason,
-                seq.generated,
+                seq.generated - seq.replayed,
                 seq.generated - seq.reported,
                 tail_logprobs,
                 logprobs,
+                seq.fresh_ids(),
             )
         )
 

@@ -24,6 +24,8 @@ from protocol import (
     ProtocolError,
     Register,
     Result,
+    Resume,
+    ResumedChoice,
     Usage,
     Welcome,
     check_registration,
@@ -62,6 +64,13 @@ USAGE = Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
 WORKER_FRAMES = [
     registration(),
     Chunk(request_id="r1", chunk={"choices": [{"index": 0, "delta": {"content": "hi"}}]}),
+    Chunk(
+        request_id="r1",
+        chunk={"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+        tokens=1,
+        token_ids=[7],
+    ),
+    registration(models=[ModelInfo(id="m", n_ctx=4096, sha256="0f" * 32)]),
     Result(request_id="r1", usage=USAGE),
     Result(request_id="r1", usage=USAGE, response={"choices": []}),
     JobError(request_id="r1", code=ErrorCode.CONTEXT_LENGTH_EXCEEDED, message="too long", param="messages"),
@@ -71,6 +80,13 @@ QUEEN_FRAMES = [
     Welcome(worker_id="w1", max_frame_bytes=MAX_FRAME_BYTES),
     Job(request_id="r1", request=ChatJob(body=ChatCompletionRequest(model="m", messages=[CHAT_MESSAGE]))),
     Job(request_id="r2", request=EmbeddingJob(body=EmbeddingRequest(model="m", input="hi"))),
+    Job(
+        request_id="r3",
+        request=ChatJob(
+            body=ChatCompletionRequest(model="m", messages=[CHAT_MESSAGE]),
+            resume=Resume(choices=[ResumedChoice(index=0, token_ids=[1, 2], budget=5)]),
+        ),
+    ),
     Cancel(request_id="r1"),
     ProtocolError(code=ErrorCode.UNAUTHORIZED, message="no"),
 ]
@@ -177,3 +193,9 @@ def test_public_names_are_curated() -> None:
             "openai",
         }
     )
+
+
+def test_a_model_hash_is_sha256_hex() -> None:
+    """A content hash is 64 lowercase hex digits, or absent: nothing else can match another worker's."""
+    with pytest.raises(pydantic.ValidationError):
+        ModelInfo(id="m", n_ctx=1, sha256="ABC")
