@@ -194,3 +194,39 @@ def start_instant_worker(queen: Service, *, parallel: int, logs: Path, cpus: set
     worker = _start("instant-worker", command, queen.base_url, logs, cpus)
     wait_until(worker, lambda: "instant" in served_models(queen), 30)
     return worker
+
+
+def start_llama_cpp_server(
+    binary: Path, model: Path, *, threads: int, parallel: int, n_ctx_seq: int, logs: Path
+) -> Service:
+    """llama.cpp's own llama-server on `model`: `parallel` slots of `n_ctx_seq` tokens, `threads` threads.
+
+    Flash attention is off, as in the worker; everything else is llama-server's default (continuous
+    batching, its unified KV cache).
+    """
+    port = free_port()
+    command = [
+        str(binary),
+        "--model",
+        str(model),
+        "--alias",
+        model.stem,
+        "--threads",
+        str(threads),
+        "--threads-batch",
+        str(threads),
+        "--parallel",
+        str(parallel),
+        "--ctx-size",
+        str(parallel * n_ctx_seq),
+        "--flash-attn",
+        "off",
+        "--no-webui",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = _start("llama-server", command, f"http://127.0.0.1:{port}", logs, None)
+    wait_until(server, lambda: httpx.get(f"{server.base_url}/health").status_code == 200, 120)
+    return server
