@@ -98,6 +98,7 @@ def test_dry_run_resolves_downloads_and_prints_the_plan(tiny_hub: FakeHub, tmp_p
             "size_bytes": model["size_bytes"],
             "n_gpu_layers": 0,
             "embeddings": False,
+            "sha256": None,  # a dry run does not hash the file
         }
     ]
 
