@@ -17,6 +17,7 @@ picked again. Most steps then cost one grammar check of one token instead of one
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -180,27 +181,31 @@ class SamplerChain:
             self._grammar = None
 
 
-def log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    """The log probabilities of a logits row (in float64: small probabilities keep their digits)."""
-    raw = logits.astype(np.float64)
-    peak = raw.max()
-    result: npt.NDArray[np.float64] = raw - (peak + np.log(np.exp(raw - peak).sum()))
-    return result
-
-
 def token_logprob(vocab: Vocabulary, logits: npt.NDArray[np.float32], token: int, top: int) -> TokenLogprob:
     """A sampled token's log probability in the model's own distribution (before bias, bans, grammar),
-    and the `top` most likely tokens at its position."""
-    logprobs = log_softmax(logits)
+    and the `top` most likely tokens at its position.
+
+    Only the normalizer is computed over the whole row (one exp of float32s, summed in float64); the
+    log probabilities themselves only for the tokens reported: a full log-softmax in float64 per token
+    cost three times as much.
+    """
+    peak = float(logits.max())
+    shifted = logits - peak
+    np.exp(shifted, out=shifted)
+    normalizer = peak + math.log(float(shifted.sum(dtype=np.float64)))
     alternatives: list[TopLogprob] = []
     if top > 0:
-        best = np.argpartition(-logprobs, top)[:top]
-        for candidate in best[np.argsort(-logprobs[best], kind="stable")]:
+        best = np.argpartition(logits, -top)[-top:]
+        for candidate in best[np.argsort(-logits[best], kind="stable")]:
             piece = vocab.piece(int(candidate))
             alternatives.append(
-                TopLogprob(piece.decode("utf-8", errors="replace"), float(logprobs[candidate]), list(piece))
+                TopLogprob(
+                    piece.decode("utf-8", errors="replace"),
+                    float(logits[candidate]) - normalizer,
+                    list(piece),
+                )
             )
     piece = vocab.piece(token)
     return TokenLogprob(
-        piece.decode("utf-8", errors="replace"), float(logprobs[token]), list(piece), alternatives
+        piece.decode("utf-8", errors="replace"), float(logits[token]) - normalizer, list(piece), alternatives
     )

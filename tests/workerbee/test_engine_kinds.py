@@ -24,7 +24,6 @@ from workerbee.batching import BatchedModel
 from workerbee.errors import EngineError
 from workerbee.llama_context import MultiSequenceContext, TokenBatch
 from workerbee.prompts import ModelConfig
-from workerbee.sampling import log_softmax
 
 N_CTX = 2048
 PARALLEL = 4
@@ -127,6 +126,14 @@ async def test_every_kind_answers_the_same_alone_and_beside_other_kinds(model: B
             *(whole(model, KINDS[name]) for _ in range(PARALLEL)), whole(model, KINDS["plain"])
         )
         assert [answer_of(response) for response in batch] == [alone[name]] * PARALLEL + [alone["plain"]]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """The log probabilities of a logits row, in float64."""
+    raw = logits.astype(np.float64)
+    peak = raw.max()
+    result: np.ndarray = raw - (peak + np.log(np.exp(raw - peak).sum()))
+    return result
 
 
 def reference_logprobs(model: BatchedModel, prompt: list[int], steps: int) -> list[tuple[int, np.ndarray]]:
