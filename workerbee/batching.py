@@ -313,9 +313,9 @@ class BatchedModel:
     ) -> tuple[list[dict[str, Any]], int]:
         """Generate every choice of every prompt (runs: tokens, limit, one sampler per choice).
 
-        With `resume`, only its choices run, each as a job of its own whose prompt ends with the tokens
-        already relayed (see `_resumed_jobs`). Returns the whole choices in index order and the
-        completion tokens of all of them (generated here, not the relayed ones).
+        With `resume`, only its choices run, each as a job of its own that decodes the tokens already
+        relayed after its prompt before it samples (see `_resumed_jobs`). Returns the whole choices in
+        index order and the completion tokens of all of them (generated here, not the relayed ones).
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Job, RequestEvent]] = asyncio.Queue()
@@ -435,7 +435,7 @@ class BatchedModel:
     def _resumed_jobs(
         self, runs: list[tuple[list[int], int, list[SamplerChain]]], resume: Resume
     ) -> list[tuple[list[int], int, list[JobChoice]]]:
-        """A job for each resumed choice: its prompt and relayed tokens, its sampler advanced over them.
+        """A job for each resumed choice: its prompt, the relayed tokens to replay, its sampler advanced.
 
         The limit stays the request's (the relayed tokens count towards it), lowered to what the queen
         says is left; the samplers of choices that are not resumed (finished ones) are freed.
@@ -454,7 +454,7 @@ class BatchedModel:
                     sampler.advance(replay)
                     if resumed.budget is not None:
                         limit = min(limit, len(replay) + resumed.budget)
-                    groups.append((prompt + replay, limit, [JobChoice(index, sampler, replay)]))
+                    groups.append((prompt, limit, [JobChoice(index, sampler, replay)]))
                 index += 1
         if wanted:
             for _, _, group in groups:

@@ -112,8 +112,9 @@ class JobChoice:
     index: int
     sampler: SamplerChain
     replay: list[int] = field(default_factory=list)
-    """A resumed choice's tokens that another worker generated and the client has: they end the job's
-    prompt, their text is taken as sent, and they count towards the limit but not as generated here."""
+    """A resumed choice's tokens that another worker generated and the client has: decoded after the
+    prompt one a step, as they were generated (see `_Sequence.forced`), their text taken as sent; they
+    count towards the limit but not as generated here."""
 
 
 @dataclass
@@ -177,6 +178,11 @@ class _Sequence:
     """Every generated token (a resumed choice's replayed ones first)."""
     replayed: int = 0
     """Tokens of `ids` another worker generated (JobChoice.replay)."""
+    forced: deque[int] = field(default_factory=deque)
+    """Replayed tokens still to decode. Each goes through a generating step of its own, not with the
+    prompt: llama.cpp's CPU kernels give a token's cells slightly different numbers in a long prompt
+    batch than in a one-token step, enough to change a near-tie later, and the original worker decoded
+    them one a step."""
 
     def resume(self, vocab: Vocabulary) -> None:
         """Take the choice's replayed tokens as generated and their text as sent."""
@@ -184,6 +190,7 @@ class _Sequence:
         for token in replay:
             self.assembler.feed(vocab.piece(token))
         self.ids = list(replay)
+        self.forced = deque(replay)
         self.generated = self.reported = self.replayed = len(replay)
 
     def fresh_ids(self) -> tuple[int, ...]:
@@ -474,7 +481,9 @@ class Scheduler:
                 follower.leader = None
             followers, seq.followers = seq.followers, []
             for sampled in [seq, *followers]:
-                if sampled in self._running:
+                if sampled.forced:
+                    sampled.next_token = sampled.forced.popleft()  # its sampler advanced over it already
+                elif sampled in self._running:
                     self._accept(sampled, sampled.choice.sampler.sample(self.context, index), index)
 
     def _accept(self, seq: _Sequence, token: int, index: int) -> None:

@@ -1,7 +1,9 @@
 """Resuming an answer on the real SmolLM2 model: a resumed choice continues from the relayed token ids.
 
 The reference is the same engine's uninterrupted answer; the resume starts from the ids behind the
-first chunks of that answer, as the queen would send them after a worker's death.
+first chunks of that answer, as the queen would send them after a worker's death. Both decode their
+prompt the same way (from the slot cache the request itself left: `reference` runs it twice), since a
+prompt decoded cold and one decoded from a cache can differ at a near-tie (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ async def run(backend: BatchedModel, request: Any, resume: Resume | None = None)
     return chunks, usage
 
 
+async def reference(backend: BatchedModel, request: Any) -> tuple[Streamed, Any]:
+    """The uninterrupted answer, its prompt decoded from the cache its first run left, as a resume's is."""
+    await run(backend, request)
+    return await run(backend, request)
+
+
 def text_of(chunks: Streamed, index: int = 0) -> str:
     """A choice's streamed content, tool-call arguments or completion text."""
     text = ""
@@ -101,7 +109,7 @@ async def test_every_chunk_names_its_tokens(batched: BatchedModel) -> None:
 @pytest.mark.parametrize("cut", [1, 5, 17])
 async def test_greedy_resume_continues_token_for_token(batched: BatchedModel, cut: int) -> None:
     """Resumed after `cut` chunks, the rest is exactly what the uninterrupted answer went on with."""
-    whole, usage = await run(batched, chat())
+    whole, usage = await reference(batched, chat())
     sent, ids = relayed(whole, cut)
     rest, rest_usage = await run(batched, chat(), Resume(choices=[ResumedChoice(index=0, token_ids=ids)]))
     assert sent + text_of(rest) == text_of(whole)
@@ -112,7 +120,7 @@ async def test_greedy_resume_continues_token_for_token(batched: BatchedModel, cu
 
 async def test_resume_respects_the_budget_left(batched: BatchedModel) -> None:
     """The relayed tokens count towards max_tokens: the resumed choice stops where the whole one did."""
-    whole, _ = await run(batched, chat(max_tokens=12))
+    whole, _ = await reference(batched, chat(max_tokens=12))
     _, ids = relayed(whole, 4)
     rest, usage = await run(
         batched, chat(max_tokens=12), Resume(choices=[ResumedChoice(index=0, token_ids=ids)])
@@ -129,7 +137,7 @@ async def test_tool_call_resumes_mid_arguments(batched: BatchedModel) -> None:
         tool_choice="required",
         max_tokens=60,
     )
-    whole, _ = await run(batched, request)
+    whole, _ = await reference(batched, request)
     arguments = text_of(whole)
     assert json.loads(arguments)["unit"] in {"c", "f"}
     sent, ids = relayed(whole, 4)
@@ -142,7 +150,7 @@ async def test_tool_call_resumes_mid_arguments(batched: BatchedModel) -> None:
 async def test_each_unfinished_choice_resumes(batched: BatchedModel) -> None:
     """With n=2 both choices resume, each from its own tokens, into the seeded uninterrupted answer."""
     request = chat(n=2, temperature=0.8, seed=7, max_tokens=24)
-    whole, _ = await run(batched, request)
+    whole, _ = await reference(batched, request)
     resume = []
     sent = {}
     for index in (0, 1):
@@ -156,7 +164,7 @@ async def test_each_unfinished_choice_resumes(batched: BatchedModel) -> None:
 async def test_logprobs_continue(batched: BatchedModel) -> None:
     """A resumed choice reports log probabilities for its new tokens only, the same as the whole one's."""
     request = chat(logprobs=True, top_logprobs=2, max_tokens=16)
-    whole, _ = await run(batched, request)
+    whole, _ = await reference(batched, request)
     _, ids = relayed(whole, 3)
 
     def entries(chunks: Streamed) -> list[Any]:
@@ -183,7 +191,7 @@ async def test_text_completion_resumes(batched: BatchedModel) -> None:
             "stream": True,
         }
     )
-    whole, _ = await run(batched, request)
+    whole, _ = await reference(batched, request)
     sent, ids = relayed(whole, 6)
     rest, _ = await run(batched, request, Resume(choices=[ResumedChoice(index=0, token_ids=ids)]))
     assert sent + text_of(rest) == text_of(whole)
