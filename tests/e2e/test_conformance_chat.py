@@ -478,6 +478,31 @@ def test_ignore_eos_generates_max_tokens(client: openai.OpenAI) -> None:
             {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
             "response_format.json_schema.name",
         ),
+        (
+            # A schema the grammar cannot express is the client's error, refused by the worker.
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "tools": [
+                    *TOOLS,
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "endless",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"x": {"$ref": "#"}},
+                                "required": ["x"],
+                            },
+                        },
+                    },
+                ],
+                "tool_choice": "required",
+            },
+            f"tools[{len(TOOLS)}].function.parameters",
+        ),
         ({"n": 0}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
