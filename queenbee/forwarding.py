@@ -44,7 +44,6 @@ from protocol import (
     JobRequest,
     Result,
     Resume,
-    ResumedChoice,
     TokenCountJob,
     Usage,
     assemble_response,
@@ -65,6 +64,7 @@ from queenbee.hive import Hive
 from queenbee.ledger import LedgerError
 from queenbee.observer import Outcome, RequestObserver, RequestRecord, WorkerSegment
 from queenbee.ratelimit import Lease
+from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
 from queenbee.streaming import SSE_DONE, SSE_HEADERS, sse_event
 from queenbee.usage_check import UsageBounds, check_usage, text_bytes
@@ -199,7 +199,12 @@ class Silent:
     seconds: float
 
 
-Failure = RequestEvent | Silent
+@dataclass(frozen=True)
+class Handover:
+    """The worker is shutting down and its grace for this stream is over: the stream moves on."""
+
+
+Failure = RequestEvent | Silent | Handover
 
 
 class RelayResponse(StreamingResponse):
@@ -269,13 +274,11 @@ class ForwardedCall:
     """Identities of the workers tried: none is tried twice."""
     _model_hash: str | None = None
     """Content hash of the first worker's model file: resumes go only to the same file."""
-    _relayed_ids: dict[int, list[int]] = field(default_factory=dict)
-    """Per choice index, the ids of the tokens whose text reached the client."""
-    _finished: set[int] = field(default_factory=set)
-    """Choices whose finish_reason reached the client."""
+    _so_far: AnswerSoFar = field(default_factory=AnswerSoFar)
+    """The token ids the client has, per choice: where a resume starts."""
     _first_at: float | None = None
-    _resumable: bool = True
-    """False once a chunk carried tokens without their ids (such an answer cannot be continued)."""
+    _handed_over: bool = False
+    """A draining worker's stream was offered to others once (it stays if none took it)."""
     _recorded: bool = False
     _running: tuple[WorkerSession, RequestStream] | None = None
     _client_left: bool = False
@@ -420,27 +423,6 @@ class ForwardedCall:
             )
         raise last_error
 
-    def _resume_state(self) -> Resume | None:
-        """Where the answer stands, for another worker to continue it; None if it cannot be continued."""
-        if not (self._resumable and self.endpoint.resumable and self._model_hash is not None):
-            return None
-        request = self.request
-        if isinstance(request, ChatCompletionRequest):
-            n = request.n or 1
-        elif isinstance(request, CompletionRequest):
-            n = (request.n or 1) * len(request.prompts)
-        else:
-            return None
-        limit = request.token_limit
-        choices = []
-        for index in range(n):
-            if index in self._finished:
-                continue
-            ids = self._relayed_ids.get(index, [])
-            budget = None if limit is None else max(0, limit - len(ids))
-            choices.append(ResumedChoice(index=index, token_ids=ids, budget=budget))
-        return Resume(choices=choices) if choices else None
-
     async def resume(self, attempt: Attempt, event: Failure) -> Attempt | None:
         """Continue the answer on another worker with the same model file; None where that is not allowed
         (a client error, no resumes left, no time left, an answer without token ids) or no worker took it.
@@ -451,15 +433,23 @@ class ForwardedCall:
             return None
         state = None  # a whole answer: nothing reached the client, the request simply runs again
         if self.stream:
-            state = self._resume_state()
+            request = self.request
+            if not (
+                self.endpoint.resumable
+                and self._model_hash is not None
+                and isinstance(request, ChatCompletionRequest | CompletionRequest)
+            ):
+                return None
+            state = self._so_far.resume(request)
             if state is None:
                 return None
-        attempt.worker.cancel(self.request_id)
         log.warning(
-            "request %s: worker %s failed mid-answer (%s); %s on another worker",
+            "request %s: worker %s %s; %s on another worker",
             self.request_id,
             attempt.worker.id,
-            worker_failure(event).message,
+            "is shutting down"
+            if isinstance(event, Handover)
+            else f"failed mid-answer ({worker_failure(event).message})",
             "running it again" if state is None else f"resuming {len(state.choices)} choice(s)",
         )
         try:
@@ -467,7 +457,10 @@ class ForwardedCall:
         except QueenError as exc:
             log.warning("request %s: could not resume: %s", self.request_id, exc.message)
             return None
-        attempt.worker.health.record_failure(time.monotonic())
+        # Only now: a draining worker whose stream nobody else could take goes on with it.
+        attempt.worker.cancel(self.request_id)
+        if not isinstance(event, Handover):
+            attempt.worker.health.record_failure(time.monotonic())
         self.resumes += 1
         if attempt.relayed_tokens:
             self.segments.append(
@@ -486,21 +479,7 @@ class ForwardedCall:
         self.relayed_text_bytes += size
         self.relayed_tokens += min(event.tokens, size + 1)
         self.fingerprint = payload.get("system_fingerprint", self.fingerprint)
-        choices = payload.get("choices")
-        choices = choices if isinstance(choices, list) else []
-        if event.tokens and (
-            event.token_ids is None or len(event.token_ids) != event.tokens or len(choices) != 1
-        ):
-            self._resumable = False  # tokens that cannot be named cannot be continued from
-        for choice in choices:
-            index = choice.get("index", 0) if isinstance(choice, dict) else None
-            if not isinstance(index, int):
-                self._resumable = False
-                continue
-            if event.token_ids:
-                self._relayed_ids.setdefault(index, []).extend(event.token_ids)
-            if choice.get("finish_reason") is not None:
-                self._finished.add(index)
+        self._so_far.relayed(event)
         chunk = {
             **payload,
             "id": self.request_id,
@@ -712,12 +691,7 @@ class ForwardedCall:
                     for data in self.shown.failed(error):
                         yield data
                     return
-                timeout = min(self.settings.token_timeout, self.remaining())
-                try:
-                    event = await attempt.stream.next(timeout)
-                except TimeoutError:
-                    attempt.worker.cancel(self.request_id)
-                    event = Silent(timeout)
+                attempt, event = await self._next(attempt)
         finally:
             if not self._recorded:
                 # The client went away mid-stream: free the worker's slot, and record the cancellation
@@ -728,6 +702,28 @@ class ForwardedCall:
                     attempt.worker.id,
                 )
                 self._settle_cancelled(attempt.worker, attempt.stream, attempt, None)
+
+    async def _next(self, attempt: Attempt) -> tuple[Attempt, RequestEvent | Silent]:
+        """The stream's next event, within the token deadline; a draining worker's stream moves on to
+        another worker once its grace is over (and stays, if none takes it)."""
+        while True:
+            timeout = min(self.settings.token_timeout, self.remaining())
+            since = attempt.worker.draining_since
+            handover = None
+            if since is not None and not self._handed_over:
+                handover = max(0.0, since + self.settings.drain_handover - time.monotonic())
+                timeout = min(timeout, handover)
+            try:
+                return attempt, await attempt.stream.next(timeout)
+            except TimeoutError:
+                if handover is not None and handover <= timeout:
+                    self._handed_over = True
+                    resumed = await self.resume(attempt, Handover())
+                    if resumed is not None:
+                        return resumed, resumed.first
+                    continue
+                attempt.worker.cancel(self.request_id)
+                return attempt, Silent(timeout)
 
     async def _fail_quietly(self, attempt: Attempt, event: Failure, error: QueenError) -> None:
         # The stream is already failing: a ledger that cannot record it changes nothing for the client.
@@ -895,6 +891,8 @@ def worker_failure(event: Failure) -> QueenError:
     """The client-facing error for a worker's failure event."""
     if isinstance(event, Silent):
         return UpstreamTimeout(f"The worker stopped sending output for {event.seconds:g} s.")
+    if isinstance(event, Handover):
+        return UpstreamError("The worker shut down.")
     if isinstance(event, WorkerGone):
         return UpstreamError(f"The worker went away: {event.reason}.")
     if isinstance(event, BufferOverflow):

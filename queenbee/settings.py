@@ -63,6 +63,13 @@ class QueenSettings(BaseSettings):
         description="Times an answer may move to another worker serving the same model file after its "
         "worker died, went silent or failed mid-answer (0: never; the stream then ends with an error).",
     )
+    drain_handover: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds a draining worker (one shutting down) keeps its streams before they are "
+        "resumed on other workers with the same model file, so that the volunteer need not wait for long "
+        "answers; a stream that no other worker can take stays where it is.",
+    )
     register_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a new worker connection has to send its registration."
     )

@@ -174,6 +174,8 @@ class WorkerSession:
         self.health = health if health is not None else WorkerHealth()
         self.closed = False
         self.draining = False
+        self.draining_since: float | None = None
+        """Monotonic time the worker said it is shutting down: its streams move on after a grace."""
         self._websocket = websocket
         self._send_lock = asyncio.Lock()
         self._pending: dict[str, RequestStream] = {}
@@ -306,6 +308,8 @@ class WorkerSession:
         elif isinstance(frame, Draining):
             log.info("worker %s is shutting down: no new requests go to it", self.id)
             self.draining = True
+            if self.draining_since is None:
+                self.draining_since = time.monotonic()
         elif isinstance(frame, ProtocolError):
             log.warning("worker %s reports a protocol error: %s: %s", self.id, frame.code, frame.message)
         else:

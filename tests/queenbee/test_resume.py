@@ -15,7 +15,7 @@ import pytest
 from fake_worker import FakeWorker, content_chunk
 from servers import QueenServer, eventually
 
-from protocol import ChatJob, Chunk, CompletionJob, Job, Result, Usage
+from protocol import ChatJob, Chunk, CompletionJob, Draining, Job, Result, Usage
 from queenbee.settings import QueenSettings
 from queenbee.usage_report import usage_totals
 
@@ -240,3 +240,56 @@ async def test_a_whole_answer_survives_its_worker(queen: QueenServer) -> None:
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "Hello there"
     await second.close()
+
+
+def slow_speaker(drain_after: int | None = None) -> Any:
+    """Speak WORDS from where the resume stands, a word every 50 ms; say Draining after `drain_after`."""
+
+    async def behaviour(worker: FakeWorker, job: Job) -> None:
+        request = job.request
+        assert isinstance(request, ChatJob)
+        start = len(request.resume.choices[0].token_ids) if request.resume is not None else 0
+        if request.resume is None:
+            await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", role=True)))
+        for number, word in enumerate(WORDS[start:], start):
+            if job.request_id in worker.cancels:
+                return
+            if number == drain_after:
+                await worker.send(Draining())
+            chunk = Chunk(
+                request_id=job.request_id, chunk=content_chunk(word), tokens=1, token_ids=[100 + number]
+            )
+            await worker.send(chunk)
+            await asyncio.sleep(0.05)
+        await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", finish_reason="stop")))
+        generated = len(WORDS) - start
+        usage = Usage(prompt_tokens=3, completion_tokens=generated, total_tokens=3 + generated)
+        await worker.send(Result(request_id=job.request_id, usage=usage))
+
+    return behaviour
+
+
+@pytest.mark.parametrize("queen_settings", [QueenSettings(queue_timeout=2.0, drain_handover=0.1)])
+async def test_a_draining_worker_hands_its_stream_over(queen: QueenServer) -> None:
+    """A worker shutting down keeps a stream only for the grace; then another worker continues it."""
+    first = FakeWorker(queen.worker_url, behaviour=slow_speaker(drain_after=3), sha256=HASH)
+    second = FakeWorker(queen.worker_url, behaviour=slow_speaker(), sha256=HASH)
+    response = await stream_with_failover(queen, first, second, proceed=asyncio.Event())
+    assert unbroken(events_of(response)) == "".join(WORDS)
+    assert first.cancels == [first.jobs[0].request_id]
+    resumed = second.jobs[0].request
+    assert isinstance(resumed, ChatJob)
+    assert resumed.resume is not None
+    assert len(resumed.resume.choices[0].token_ids) < len(WORDS)
+    await first.close()
+    await second.close()
+
+
+@pytest.mark.parametrize("queen_settings", [QueenSettings(queue_timeout=2.0, drain_handover=0.1)])
+async def test_a_draining_worker_keeps_a_stream_nobody_else_can_take(queen: QueenServer) -> None:
+    """With no other worker for the file, the draining worker finishes the stream itself."""
+    first = FakeWorker(queen.worker_url, behaviour=slow_speaker(drain_after=3), sha256=HASH)
+    response = await stream_with_failover(queen, first, proceed=asyncio.Event())
+    assert unbroken(events_of(response)) == "".join(WORDS)
+    assert not first.cancels
+    await first.close()
