@@ -16,6 +16,10 @@ from fake_worker import FakeWorker, content_chunk
 from servers import QueenServer, eventually
 
 from protocol import ChatJob, Chunk, CompletionJob, Draining, Job, Result, Usage
+from protocol.openai import ChatCompletionRequest
+from queenbee.ledger import Row
+from queenbee.observer import RequestRecord
+from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
 from queenbee.usage_report import usage_totals
 
@@ -293,3 +297,40 @@ async def test_a_draining_worker_keeps_a_stream_nobody_else_can_take(queen: Quee
     assert unbroken(events_of(response)) == "".join(WORDS)
     assert not first.cancels
     await first.close()
+
+
+def test_what_the_client_has_becomes_the_resume() -> None:
+    """Relayed ids per choice, finished choices left out, the budget left of max_tokens."""
+    so_far = AnswerSoFar()
+    for index, ids in [(0, [1, 2]), (1, [5]), (0, [3])]:
+        chunk = {"choices": [{"index": index, "delta": {"content": "x"}, "finish_reason": None}]}
+        so_far.relayed(Chunk(request_id="r", chunk=chunk, tokens=len(ids), token_ids=ids))
+    so_far.relayed(Chunk(request_id="r", chunk=content_chunk("", finish_reason="stop")))
+    request = ChatCompletionRequest.model_validate({**CHAT, "n": 3, "max_tokens": 10})
+    resume = so_far.resume(request)
+    assert resume is not None
+    assert [(c.index, c.token_ids, c.budget) for c in resume.choices] == [(1, [5], 9), (2, [], 10)]
+
+
+def test_tokens_without_ids_cannot_be_resumed() -> None:
+    """A worker that counts tokens but does not name them makes an answer nobody can continue."""
+    so_far = AnswerSoFar()
+    so_far.relayed(Chunk(request_id="r", chunk=content_chunk("Hel"), tokens=1))
+    assert so_far.resume(ChatCompletionRequest.model_validate(CHAT)) is None
+
+
+def test_a_spooled_row_from_before_segments_still_reads() -> None:
+    """Spool lines written before segment rows existed read back as requests' own rows."""
+    row = Row.rows_for(
+        RequestRecord(
+            request_id="r",
+            path="/v1/chat/completions",
+            model="m",
+            started_at=1.0,
+            outcome="success",
+            status=200,
+        )
+    )[0]
+    old = row.to_json()
+    del old["segment_of"]
+    assert Row.from_json(old) == row
