@@ -334,3 +334,39 @@ def test_a_spooled_row_from_before_segments_still_reads() -> None:
     old = row.to_json()
     del old["segment_of"]
     assert Row.from_json(old) == row
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "delta_type", "field"),
+    [
+        ("/v1/messages", {"max_tokens": 50}, "content_block_delta", "delta"),
+        ("/v1/responses", {"input": "hi"}, "response.output_text.delta", None),
+    ],
+    ids=["messages", "responses"],
+)
+async def test_the_other_apis_resume_too(
+    queen: QueenServer, path: str, body: dict[str, Any], delta_type: str, field: str | None
+) -> None:
+    """The Messages and Responses streams go through the same loop: their text survives the worker."""
+    proceed = asyncio.Event()
+    first = FakeWorker(queen.worker_url, behaviour=speaker(4, "abort", proceed), sha256=HASH)
+    second = FakeWorker(queen.worker_url, behaviour=speaker(), sha256=HASH)
+    await first.connect()
+    request = {"model": "fake-model", "stream": True, **body}
+    if path == "/v1/messages":
+        request["messages"] = [{"role": "user", "content": "hi"}]
+    async with httpx.AsyncClient(base_url=queen.base_url, timeout=30) as client:
+        task = asyncio.create_task(client.post(path, json=request))
+        await eventually(lambda: bool(first.jobs))
+        await second.connect()
+        proceed.set()
+        response = await task
+    events = [
+        json.loads(line[len("data: ") :]) for line in response.text.splitlines() if line.startswith("data: {")
+    ]
+    assert not [event for event in events if event.get("type") in {"error", "response.failed"}]
+    deltas = [event for event in events if event.get("type") == delta_type]
+    text = "".join(event[field]["text"] if field else event["delta"] for event in deltas)
+    assert text == "".join(WORDS)
+    await first.close()
+    await second.close()
