@@ -12,10 +12,14 @@ sampler, so the prompt is decoded once for all n.
 
 - Requests join at the next step and leave when they finish. While others are generating, a newcomer's
   prompt is fed in chunks sized so that a step stays near STEP_TARGET_SECONDS; when nobody is waiting
-  for a token, a whole batch of it.
+  for a token, a whole batch of it; a short one (WHOLE_PROMPT_TOKENS) always in one step, so that its
+  numbers do not depend on the load.
 - Slots keep the cells of their last sequence as a prompt cache: a newcomer takes the free slot whose
   cache shares the longest prefix with its prompt, or copies the stream of another slot that shares at
-  least COPY_MIN_TOKENS more, and decodes only the rest. A cancelled sequence's cells are freed at once.
+  least COPY_MIN_TOKENS more, and decodes only the rest (a shared prefix under MIN_REUSE_TOKENS is
+  decoded again). A cancelled sequence's cells are freed at once.
+- A resumed choice (JobChoice.replay) decodes its prompt, then the relayed tokens one a step, as they
+  were generated, and only then samples: its answer goes on as the interrupted one would have.
 
 Everything here but `submit`, `poke`, `slot_states` and `close` runs on the scheduler's own thread, the
 only one that touches the llama.cpp context; events reach the requests through their `post` callback.
@@ -51,6 +55,10 @@ STEP_TARGET_SECONDS = 0.25
 """How long a step with prompt tokens may take while other sequences wait for their next token."""
 MIN_PROMPT_CHUNK = 32
 """Prompt tokens a step takes at least, so that a long prompt still makes progress on a slow machine."""
+WHOLE_PROMPT_TOKENS = 128
+"""Prompts (what is left of them past the cache) this short are decoded in one step, never split."""
+MIN_REUSE_TOKENS = 16
+"""Cached prefix tokens a slot must share with a prompt before they are reused rather than decoded."""
 COPY_MIN_TOKENS = 16
 """Prefix tokens another slot must have beyond a slot's own before its whole KV stream is copied over."""
 
@@ -388,7 +396,11 @@ class Scheduler:
             slot.cached = donor.cached[:shared]
             keep = shared
             self.stats.copies += 1
-        # At least the last prompt token is decoded again: its logits give the first token.
+        # At least the last prompt token is decoded again: its logits give the first token. A prefix too
+        # short to save anything (the chat template's first tokens) is decoded again too, so that prompts
+        # that share only that decode exactly as they would cold (see WHOLE_PROMPT_TOKENS).
+        if keep < MIN_REUSE_TOKENS:
+            keep = 0
         keep = self.context.remove(slot.seq_id, min(keep, len(prompt) - 1))
         del slot.cached[keep:]
         slot.busy = True
@@ -423,12 +435,19 @@ class Scheduler:
             assert seq.next_token is not None
             outputs.append((seq, batch.add(seq.next_token, seq.position, seq.slot.seq_id, True)))
         budget = self._prompt_budget(len(generating))
+        room = self.context.n_batch - len(generating)
         fed: list[tuple[_Sequence, int]] = []
         for seq in self._running:
-            if seq.next_token is not None or seq.leader is not None or budget <= 0:
+            if seq.next_token is not None or seq.leader is not None:
                 continue
             start = seq.position
-            take = min(budget, len(seq.job.prompt) - start)
+            left = len(seq.job.prompt) - start
+            # A short prompt is never split across steps, however busy the worker: llama.cpp's CPU kernels
+            # give a position slightly different numbers in a batch of 8 than of 40, and a greedy answer
+            # (a resumed one included) should not depend on the load when its prompt came.
+            take = left if left <= WHOLE_PROMPT_TOKENS else min(budget, left)
+            if take <= 0 or take > room:
+                continue
             complete = start + take == len(seq.job.prompt)
             for position in range(start, start + take):
                 index = batch.add(
@@ -441,6 +460,7 @@ class Scheduler:
                 outputs.append((seq, index))
             fed.append((seq, take))
             budget -= take
+            room -= take
         threads = self.context.threads
         if self.tuner is not None:
             threads = self.tuner.threads_for(len(batch))

