@@ -392,6 +392,11 @@ class Ledger:
         self._replay_offset = 0
         self._failing = False  # the last write to the database failed
         self._pending: list[_Pending] = []
+        self._writes_in_flight = 0
+        self._replay_not_before = 0.0
+        """Loop time before which no replay is tried: set when a direct write finds the database refusing."""
+        """Transactions submitted to the writer thread and not finished: while none is, a record is
+        written at once rather than through the batching task (group commit only pays under load)."""
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -449,6 +454,9 @@ class Ledger:
         """
         if self._closing or self._task is None or self._task.done():
             raise LedgerUnavailable(f"the ledger at {self.path} is closed")
+        if not self._pending and self._writes_in_flight == 0 and not self._spool_dirty:
+            await self._write_now(record)
+            return
         loop = asyncio.get_running_loop()
         pendings = [_Pending(row, loop.create_future()) for row in Row.rows_for(record)]
         for pending in pendings:
@@ -465,6 +473,23 @@ class Ledger:
             raise LedgerUnavailable(
                 f"the ledger did not store request {record.request_id} within {self.commit_timeout:g} s"
             ) from None
+
+    async def _write_now(self, record: RequestRecord) -> None:
+        """Store one record straight on the writer thread, the writer being idle (the same durability)."""
+        rows = Row.rows_for(record)
+        self._writes_in_flight += 1
+        try:
+            async with asyncio.timeout(self.commit_timeout):
+                await self._in_writer(lambda: self._store(rows))
+            if self._spool_dirty:  # the database just refused: give it a replay interval to recover
+                self._replay_not_before = asyncio.get_running_loop().time() + self.replay_interval
+                self._wake.set()
+        except TimeoutError:
+            raise LedgerUnavailable(
+                f"the ledger did not store request {record.request_id} within {self.commit_timeout:g} s"
+            ) from None
+        finally:
+            self._writes_in_flight -= 1
 
     async def read(self, function: Callable[[sqlite3.Connection], T]) -> T:
         """Run `function` on a connection of the reports' own, never queued behind a write."""
@@ -501,6 +526,7 @@ class Ledger:
         next_replay = loop.time()
         try:
             while True:
+                next_replay = max(next_replay, self._replay_not_before)
                 if self._spool_dirty and loop.time() >= next_replay:
                     outcome = await self._in_writer(self._replay_step)
                     next_replay = loop.time() + (self.replay_interval if outcome is _Replay.FAILED else 0)
@@ -523,6 +549,7 @@ class Ledger:
 
     async def _write_pending(self) -> None:
         batch, self._pending = self._pending, []
+        self._writes_in_flight += 1
         try:
             await self._in_writer(lambda: self._store([pending.row for pending in batch]))
         except BaseException as exc:
@@ -538,6 +565,8 @@ class Ledger:
             for pending in batch:
                 if not pending.committed.done():
                     pending.committed.set_result(None)
+        finally:
+            self._writes_in_flight -= 1
 
     async def _last_replay(self) -> None:
         while self._spool_dirty and await self._in_writer(self._replay_step) is _Replay.MORE:
