@@ -401,7 +401,11 @@ class BatchedModel:
                             )
                         whole[event.choice] = choice.finish(
                             Generation(
-                                event.text, event.finish_reason, event.completion_tokens, event.logprobs
+                                event.text,
+                                event.finish_reason,
+                                event.completion_tokens,
+                                event.logprobs,
+                                event.stop_sequence,
                             )
                         )
                         if all(c.index in whole for c in job.choices) and job in submitted:

@@ -135,9 +135,18 @@ class ChatChoice:
         if self.logprobs:
             # Log probabilities describe message content; a tool call has none.
             logprobs = {"content": None if call is not None else self._content, "refusal": None}
+        stop = generation.stop_sequence if finish_reason == "stop" else None
         if self.emit is not None:
-            self._chunk({}, finish_reason=finish_reason)
-        return {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+            self._chunk({}, finish_reason=finish_reason, stop_reason=stop)
+        whole = {
+            "index": self.index,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
+        if stop is not None:
+            whole["stop_reason"] = stop
+        return whole
 
     def _chunk(
         self,
@@ -146,9 +155,13 @@ class ChatChoice:
         logprobs: dict[str, Any] | None = None,
         finish_reason: str | None = None,
         tokens: int = 0,
+        stop_reason: str | None = None,
     ) -> None:
         assert self.emit is not None
         choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        if stop_reason is not None:
+            # As vLLM does: the stop sequence that ended the choice (Anthropic's API reports it).
+            choice["stop_reason"] = stop_reason
         self.emit({"choices": [choice], "system_fingerprint": self.fingerprint}, tokens)
 
     def _take_tokens(self) -> int:

@@ -114,3 +114,5 @@ class Generation:
     finish_reason: FinishReason
     completion_tokens: int
     logprobs: list[TokenLogprob] | None
+    stop_sequence: str | None = None
+    """The stop sequence that ended the choice, if one did."""

@@ -28,6 +28,8 @@ class TextAssembler:
         # An empty stop sequence would match before any text; OpenAI clients do not mean that.
         self.stops = tuple(stop for stop in stops if stop)
         self.stopped = False
+        self.stop_sequence: str | None = None
+        """The stop sequence that ended the text, once `stopped`."""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text = ""
         self._sent = 0
@@ -67,8 +69,11 @@ class TextAssembler:
     def _first_stop(self) -> int | None:
         # Text already sent never ends with the start of a stop sequence (it was held back), so a stop
         # sequence can only begin in the unsent part.
-        found = [at for stop in self.stops if (at := self._text.find(stop, self._sent)) != -1]
-        return min(found) if found else None
+        found = [(at, stop) for stop in self.stops if (at := self._text.find(stop, self._sent)) != -1]
+        if not found:
+            return None
+        at, self.stop_sequence = min(found)
+        return at
 
     def _held_back(self) -> int:
         """Length of the longest end of the unsent text that is the start of some stop sequence."""

@@ -99,6 +99,8 @@ class Finished:
     tail_logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     tail_ids: tuple[int, ...] = ()
+    stop_sequence: str | None = None
+    """The stop sequence that ended the choice (finish_reason "stop" without the end token)."""
     """The ids of the `tail_tokens`."""
 
 
@@ -561,6 +563,7 @@ class Scheduler:
                 tail_logprobs,
                 logprobs,
                 seq.fresh_ids(),
+                assembler.stop_sequence if finish_reason == "stop" else None,
             )
         )
 

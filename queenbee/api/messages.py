@@ -8,8 +8,8 @@ text blocks message content, `tool_use` blocks assistant tool calls, `tool_resul
 `message_stop`). Errors take Anthropic's shape (`queenbee.errors.anthropic_error`), statuses stay those of
 chat completions. The translations are pure; the presenters and handlers at the end are thin.
 
-A worker reports a stop sequence and the end of the turn alike (finish_reason "stop"), so a message
-that ended on a stop sequence says `end_turn`.
+A worker names the stop sequence that ended a choice (`stop_reason` on the chat choice, as vLLM does),
+so a message says `stop_sequence` with the sequence, or `end_turn`.
 """
 
 from __future__ import annotations
@@ -256,13 +256,23 @@ def message_object(completion: dict[str, Any]) -> dict[str, Any]:
         "role": "assistant",
         "model": completion["model"],
         "content": content,
-        "stop_reason": STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
-        "stop_sequence": None,
+        **stop_fields(choice.get("finish_reason"), choice.get("stop_reason")),
         "usage": {
             "input_tokens": usage.get("prompt_tokens", 0),
             "output_tokens": usage.get("completion_tokens", 0),
         },
     }
+
+
+def stop_fields(finish_reason: str | None, stop_sequence: Any) -> dict[str, Any]:
+    """Anthropic's `stop_reason` and `stop_sequence` for how a chat choice ended.
+
+    The worker names the stop sequence that ended a choice (`stop_reason` on the chat choice, as vLLM
+    does); a choice that stopped without one ended its turn.
+    """
+    if finish_reason in (None, "stop") and isinstance(stop_sequence, str):
+        return {"stop_reason": "stop_sequence", "stop_sequence": stop_sequence}
+    return {"stop_reason": STOP_REASONS.get(finish_reason or "stop", "end_turn"), "stop_sequence": None}
 
 
 class MessageEvents:
@@ -278,6 +288,7 @@ class MessageEvents:
         self._calls: set[int] = set()
         """Chat tool call indexes that have a block."""
         self._finish_reason: str | None = None
+        self._stop_sequence: str | None = None
 
     def start(self) -> list[dict[str, Any]]:
         """message_start and a ping (once)."""
@@ -341,16 +352,17 @@ class MessageEvents:
                     )
             if choice.get("finish_reason"):
                 self._finish_reason = choice["finish_reason"]
+                stop = choice.get("stop_reason")
+                self._stop_sequence = stop if isinstance(stop, str) else None
         return events
 
     def finish(self, usage: dict[str, Any]) -> list[dict[str, Any]]:
         """Close the open block, then message_delta (stop reason, usage) and message_stop."""
         events = self.start() + self._close()
-        stop_reason = STOP_REASONS.get(self._finish_reason or "stop", "end_turn")
         events.append(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "delta": stop_fields(self._finish_reason, self._stop_sequence),
                 "usage": {
                     "input_tokens": usage.get("prompt_tokens", 0),
                     "output_tokens": usage.get("completion_tokens", 0),

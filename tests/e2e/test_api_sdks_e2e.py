@@ -128,6 +128,24 @@ async def test_anthropic_messages_stream_tool_and_count(hive: QueenServer) -> No
     )
     assert message.content[0].type == "text"
     assert message.stop_reason in ("end_turn", "max_tokens")
+    hello = [{"role": "user", "content": "Say hello."}]
+    # This SDK's create() has no temperature argument; the queen takes Anthropic's field all the same.
+    greedy = await client.messages.create(
+        model=BUNDLED_MODEL_ID,
+        max_tokens=12,
+        extra_body={"temperature": 0},
+        messages=hello,  # type: ignore[arg-type]
+    )
+    said = greedy.content[0].text  # type: ignore[union-attr]
+    stop = said[len(said) // 2 : len(said) // 2 + 3]
+    cut = await client.messages.create(
+        model=BUNDLED_MODEL_ID,
+        max_tokens=12,
+        extra_body={"temperature": 0},
+        stop_sequences=[stop],
+        messages=hello,  # type: ignore[arg-type]
+    )
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
     tool = {"name": "get_weather", "input_schema": WEATHER_TOOL["parameters"]}
     async with client.messages.stream(
         model=BUNDLED_MODEL_ID,

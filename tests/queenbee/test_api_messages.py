@@ -173,6 +173,25 @@ def test_a_whole_answer_becomes_a_message(finish_reason: str, stop_reason: str) 
     assert message["usage"] == {"input_tokens": 4, "output_tokens": 2}
 
 
+def test_a_stop_sequence_that_ended_the_answer_is_named() -> None:
+    """The worker's `stop_reason` on the chat choice becomes Anthropic's stop_sequence, whole and streamed."""
+    completion = _completion({"role": "assistant", "content": "One, two"}, "stop")
+    completion["choices"][0]["stop_reason"] = "three"
+    message = messages.message_object(completion)
+    validate("AnthropicMessage", message)
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "three")
+    translator = messages.MessageEvents("msg_2", "m")
+    finish = _chunk({}, "stop")
+    finish["choices"][0]["stop_reason"] = "three"
+    events = translator.chunk(_chunk({"content": "One"})) + translator.chunk(finish)
+    events += translator.finish({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    [delta] = [event for event in events if event["type"] == "message_delta"]
+    validate("AnthropicStreamEvent", delta)
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "three"}
+    plain = messages.message_object(_completion({"role": "assistant", "content": "Hi"}, "stop"))
+    assert (plain["stop_reason"], plain["stop_sequence"]) == ("end_turn", None)
+
+
 def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
     return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 

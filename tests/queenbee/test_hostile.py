@@ -677,6 +677,25 @@ def slow_body_settings(db: Path) -> QueenSettings:
     return QueenSettings(queue_timeout=2.0, db=db, body_timeout=0.5 * TIME_UNIT)
 
 
+def read_response(raw: socket.socket) -> bytes:
+    """One whole HTTP response with a Content-Length (its head and body may come in several reads)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+        piece = raw.recv(65536)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def _content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return 0
+
+
 async def test_a_body_that_never_arrives_is_a_408(slow_body_settings: QueenSettings) -> None:
     """Headers promise 100 bytes, ten come: the queen answers 408 in OpenAI's shape and moves on."""
     queen = QueenServer(slow_body_settings).start()
@@ -687,7 +706,7 @@ async def test_a_body_that_never_arrives_is_a_408(slow_body_settings: QueenSetti
                 b'Content-Length: 100\r\n\r\n{"model": '
             )
             raw.settimeout(10 * TIME_UNIT)
-            reply = await asyncio.to_thread(raw.recv, 65536)
+            reply = await asyncio.to_thread(read_response, raw)
     finally:
         queen.stop()
     head, _, body = reply.partition(b"\r\n\r\n")

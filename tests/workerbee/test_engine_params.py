@@ -262,6 +262,22 @@ async def test_stop_split_across_tokens_is_held_back(model: BatchedModel) -> Non
     assert all(stop not in piece for piece in contents(cut_chunks))
 
 
+async def test_the_stop_sequence_that_ended_a_choice_is_named(model: BatchedModel) -> None:
+    """Streamed and whole, a choice cut by a stop sequence says which (vLLM's `stop_reason`)."""
+    _, _, chunks = await run_chat(model, colors())
+    text = "".join(contents(chunks))
+    stop = text[3:6]
+    _, _, cut = await run_chat(model, colors(stop=["never-there", stop]))
+    [last] = [chunk["choices"][0] for chunk, _ in cut if chunk["choices"][0]["finish_reason"]]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", stop)
+    _, response, _ = await run_chat(model, colors(stop=[stop], stream=False))
+    assert response is not None
+    assert response["choices"][0]["stop_reason"] == stop
+    _, untouched, _ = await run_chat(model, colors(max_tokens=2, stream=False))
+    assert untouched is not None
+    assert "stop_reason" not in untouched["choices"][0]
+
+
 async def test_logprobs_match_the_text(model: BatchedModel) -> None:
     """Every token of the text is reported once, with the chunk that completes it."""
     _, _, chunks = await run_chat(model, colors(max_tokens=8, logprobs=True, top_logprobs=2, ignore_eos=True))
