@@ -80,8 +80,14 @@ def test_responses_create_and_stream(client: openai.OpenAI) -> None:
 
 def test_responses_parse_and_a_named_function_call(client: openai.OpenAI) -> None:
     """A pydantic text_format and a forced function both come back well-formed from the grammar."""
+    # Greedy, so the answer is the same every run: sampled, a small model may ramble in a string until
+    # the budget cuts the JSON short.
     parsed = client.responses.parse(
-        model=BUNDLED_MODEL_ID, input="Name a primary color as JSON.", text_format=Color, max_output_tokens=40
+        model=BUNDLED_MODEL_ID,
+        input="Name a primary color as JSON.",
+        text_format=Color,
+        max_output_tokens=64,
+        temperature=0,
     )
     assert isinstance(parsed.output_parsed, Color)
     called = client.responses.create(
@@ -89,7 +95,8 @@ def test_responses_parse_and_a_named_function_call(client: openai.OpenAI) -> Non
         input="What is the weather in Paris?",
         tools=[WEATHER_TOOL],  # type: ignore[list-item]
         tool_choice={"type": "function", "name": "get_weather"},
-        max_output_tokens=40,
+        max_output_tokens=64,
+        temperature=0,
     )
     calls = [item for item in called.output if item.type == "function_call"]
     assert [call.name for call in calls] == ["get_weather"]
@@ -149,7 +156,8 @@ async def test_anthropic_messages_stream_tool_and_count(hive: QueenServer) -> No
     tool = {"name": "get_weather", "input_schema": WEATHER_TOOL["parameters"]}
     async with client.messages.stream(
         model=BUNDLED_MODEL_ID,
-        max_tokens=40,
+        max_tokens=64,
+        extra_body={"temperature": 0},  # greedy: a sampled small model may outrun the budget mid-JSON
         tools=[tool],  # type: ignore[list-item]
         tool_choice={"type": "tool", "name": "get_weather"},
         messages=question,  # type: ignore[arg-type]
