@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from protocol import Usage
-from protocol.openai import ChatCompletionRequest, unsupported_parameter
+from protocol.openai import ChatCompletionRequest
+from queenbee.api.chat_body import translated_chat
 from queenbee.errors import InvalidRequest, QueenError
 from queenbee.forwarding import COUNT_TOKENS, MESSAGES, ForwardedCall
 from queenbee.openai_api import forward, read_json
@@ -212,16 +213,7 @@ def chat_request(body: _Conversation) -> ChatCompletionRequest:
         user = (body.metadata or {}).get("user_id")
         if isinstance(user, str):
             chat["user"] = user
-    try:
-        parsed = ChatCompletionRequest.model_validate(chat)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise InvalidRequest(f"the request cannot be served: {where}: {error['msg']}") from None
-    refused = unsupported_parameter(parsed)
-    if refused is not None:
-        raise InvalidRequest(f"{refused[0]}: {refused[1]}", param=refused[0])
-    return parsed
+    return translated_chat(chat)
 
 
 def _arguments(text: str) -> Any:

@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from protocol import Usage
-from protocol.openai import ChatCompletionRequest, unsupported_parameter
+from protocol.openai import ChatCompletionRequest
+from queenbee.api.chat_body import translated_chat
 from queenbee.errors import InvalidRequest, NotFound, QueenError
 from queenbee.forwarding import RESPONSES, ForwardedCall
 from queenbee.openai_api import forward, read_json
@@ -295,17 +296,7 @@ def chat_request(
         choice = _tool_choice(body.tool_choice)
         if choice is not None:
             chat["tool_choice"] = choice
-    try:
-        parsed = ChatCompletionRequest.model_validate(chat)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise InvalidRequest(f"The request cannot be served: {where}: {error['msg']}") from None
-    refused = unsupported_parameter(parsed)
-    if refused is not None:
-        name = "text.format" if refused[0] == "response_format" else refused[0]
-        raise InvalidRequest(f"Unsupported parameter '{name}': {refused[1]}.", param=name)
-    return parsed
+    return translated_chat(chat, {"response_format": "text.format"})
 
 
 def usage_object(usage: dict[str, Any]) -> dict[str, Any]:
