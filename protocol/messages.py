@@ -24,6 +24,8 @@ the validated request model, where version 1 sent a path (`openai_url`) and a di
 also in 2, resumable answers: the token ids behind every chunk (`Chunk.token_ids`), each model's content
 hash (`ModelInfo.sha256`), and `resume` on chat and completion jobs, which continue an answer another
 worker began from the token ids it relayed.
+3 adds, without changing any frame of 2: worker verification (possession challenges and audit jobs
+for auditors), cache summaries for cache-aware routing, and training jobs for fine-tuning.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from protocol.errors import ErrorCode
 from protocol.lnurl import check_ln_url
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped on every incompatible change to the frames below."""
 
 MIN_FRAME_BYTES = 64 * 2**10

@@ -103,6 +103,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # crediting that worker what it generated; `segment_of` names the request, whose own row (NULL
     # here) bills the client and credits the worker that finished it.
     ("ALTER TABLE usage ADD COLUMN segment_of TEXT",),
+    # 5: reserved for audits and escrow (verified workers).
+    (),
+    # 6: reserved for files and fine-tuning jobs.
+    (),
+    # 7: reserved for cached prompt tokens (cache-aware routing).
+    (),
 )
 """Every schema change, in order; never edit one that has shipped, append a new one."""
 
