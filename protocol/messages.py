@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from protocol.errors import ErrorCode
 from protocol.lnurl import check_ln_url
@@ -110,6 +110,11 @@ class Register(Frame):
         description="Where payouts go: a Lightning address (user@domain) or a bech32 LNURL; empty for none.",
     )
     auth_key: str = Field(default="", max_length=1024, description="Worker token the queen may require.")
+    auditor_token: str = Field(
+        default="",
+        max_length=1024,
+        description="The queen's auditor token, from a worker its operator trusts: it is sent audit jobs.",
+    )
     cpu_count: int = Field(ge=0, description="Logical CPUs.")
     memory: int = Field(default=0, ge=0, description="Total system memory, MiB.")
     disk_space: int = Field(ge=0, description="Free disk where models are cached, MiB.")
@@ -134,6 +139,13 @@ class Welcome(Frame):
         ge=MIN_FRAME_BYTES,
         description="Largest frame the queen accepts, bytes: the worker splits or refuses anything bigger.",
     )
+    refused_models: dict[str, PrintableStr] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Models of the registration the queen will not route to, with why (a pinned id whose "
+        "file hash differs): the worker serves the others.",
+    )
+
 
 
 class _JobKind(Frame):
@@ -201,7 +213,59 @@ class TokenCountJob(_JobKind):
     body: ChatCompletionRequest
 
 
-JobRequest = Annotated[ChatJob | CompletionJob | EmbeddingJob | TokenCountJob, Field(discriminator="kind")]
+class AuditedChoice(Frame):
+    """One choice of a delivered answer, as the worker returned it: what an auditor scores."""
+
+    index: int = Field(ge=0, le=127, description="The choice's index in the answer.")
+    token_ids: list[int] = Field(max_length=2**16, description="The completion's token ids, in order.")
+    finished: bool = Field(
+        description="Whether the worker ended the choice itself (end of generation or a stop sequence), "
+        "rather than at the token limit: an ended choice must be one the model would end there."
+    )
+
+
+class AuditJob(Frame):
+    """For auditors only: score a delivered answer with one teacher-forced prefill on a trusted copy.
+
+    The auditor renders the prompt of `chat` or `completion` itself (its own prompt count), appends
+    each choice's ids and reads the logits at every completion position (a fixed batch size, no prompt
+    cache). Answered by a `Result` whose response is a `protocol.verification.AuditReport`.
+    """
+
+    kind: Literal["audit"] = "audit"
+    model: PrintableStr = Field(min_length=1, max_length=256, description="The model id to score with.")
+    chat: ChatCompletionRequest | None = Field(default=None, description="The request, if a chat.")
+    completion: CompletionRequest | None = Field(default=None, description="The request, if a completion.")
+    choices: list[AuditedChoice] = Field(min_length=1, max_length=128)
+
+    @field_serializer("chat", "completion")
+    def _body(self, body: BaseModel | None) -> dict[str, Any] | None:
+        return None if body is None else body.model_dump(mode="json", exclude_unset=True, by_alias=True)
+
+    @model_validator(mode="after")
+    def _one_request(self) -> AuditJob:
+        if (self.chat is None) == (self.completion is None):
+            raise ValueError("an audit carries exactly one of chat and completion")
+        return self
+
+
+class ChallengeJob(Frame):
+    """A possession challenge: the SHA-256 of `length` bytes of the model's GGUF from `offset` on.
+
+    For a split GGUF the range is over its parts in order. Answered by a `Result` whose response is a
+    `protocol.verification.ChallengeReport`; a worker without the bytes cannot answer it.
+    """
+
+    kind: Literal["challenge"] = "challenge"
+    model: PrintableStr = Field(min_length=1, max_length=256)
+    offset: int = Field(ge=0)
+    length: int = Field(ge=1, le=2**24, description="Bytes to hash, at most 16 MiB.")
+
+
+JobRequest = Annotated[
+    ChatJob | CompletionJob | EmbeddingJob | TokenCountJob | AuditJob | ChallengeJob,
+    Field(discriminator="kind"),
+]
 """What a job asks the worker to do, tagged by `kind`."""
 
 
