@@ -5,7 +5,7 @@ closes the socket with a `ProtocolError` frame and a close reason. After that, e
 belongs to a request carries its `request_id`, so one connection carries many requests at once:
 
     queen -> worker:  Welcome, Job, Cancel, ProtocolError
-    worker -> queen:  Register, Chunk, ResultPart, Result, JobError, Draining, ProtocolError
+    worker -> queen:  Register, Chunk, ResultPart, Result, JobError, Draining, CacheSummary, ProtocolError
 
 Frame limits are agreed, not assumed: the worker states the largest frame it accepts in `Register`, the
 queen states its own in `Welcome`, and neither side sends a frame larger than the other accepts. A whole
@@ -145,7 +145,6 @@ class Welcome(Frame):
         description="Models of the registration the queen will not route to, with why (a pinned id whose "
         "file hash differs): the worker serves the others.",
     )
-
 
 
 class _JobKind(Frame):
@@ -290,12 +289,26 @@ class Cancel(Frame):
     request_id: RequestId
 
 
+class PromptTokensDetails(Frame):
+    """What of the prompt the worker did not compute again (OpenAI's `prompt_tokens_details`)."""
+
+    cached_tokens: int = Field(
+        default=0, ge=0, description="Prompt tokens taken from a cache (a slot's or host RAM's), not decoded."
+    )
+
+
 class Usage(Frame):
     """Token counts of one request."""
 
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the worker reused (0 when it did not say)."""
+        return self.prompt_tokens_details.cached_tokens if self.prompt_tokens_details is not None else 0
 
 
 class Chunk(Frame):
@@ -355,6 +368,30 @@ class JobError(Frame):
     )
 
 
+PrefixHash = Annotated[int, Field(ge=0, lt=2**63)]
+"""A chained prefix hash (protocol/prefix.py)."""
+
+MAX_CACHED_PREFIXES = 2048
+"""Prefixes one CacheSummary may list: a summary stays within the smallest frame limit (64 KiB)."""
+
+
+class CacheSummary(Frame):
+    """The prefixes a worker's caches hold for one model, replacing the summary it sent before.
+
+    Each entry is a prefix hash (protocol/prefix.py) and the prompt tokens that prefix covers in the
+    worker's cache (its slots and, with --cache-ram, host RAM). Sent whenever what is cached changes,
+    before the Result of the request that changed it.
+    """
+
+    type: Literal["cache_summary"] = "cache_summary"
+    model: PrintableStr = Field(min_length=1, max_length=256)
+    prefixes: list[tuple[PrefixHash, Annotated[int, Field(ge=1, le=2**31 - 1)]]] = Field(
+        default_factory=list,
+        max_length=MAX_CACHED_PREFIXES,
+        description="(prefix hash, prompt tokens it covers) pairs, longest first.",
+    )
+
+
 class Draining(Frame):
     """The worker is shutting down: it finishes what it runs but takes no new jobs."""
 
@@ -370,7 +407,8 @@ class ProtocolError(Frame):
 
 
 WorkerFrame = Annotated[
-    Register | Chunk | ResultPart | Result | JobError | Draining | ProtocolError, Field(discriminator="type")
+    Register | Chunk | ResultPart | Result | JobError | Draining | CacheSummary | ProtocolError,
+    Field(discriminator="type"),
 ]
 """Any frame a worker sends."""
 

@@ -240,6 +240,8 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # A choice makes at most one call, which both values allow: true permits parallel calls, not requires.
     parallel_tool_calls: bool | None = None
+    # OpenAI's cache routing hint: requests with the same key go to the worker that has their prefix.
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import ErrorCode, ModelInfo, Resume, Usage
+from protocol import ErrorCode, ModelInfo, PromptTokensDetails, Resume, Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from workerbee.choices import ChatChoice, CompletionChoice
 from workerbee.decoding import Generation, Piece, Sampling, choice_seeds
@@ -37,6 +37,7 @@ from workerbee.embeddings import Embedder, EmbeddingJob, Vector
 from workerbee.engine import ChunkSink
 from workerbee.errors import Cancelled, EngineError, ModelLoadError
 from workerbee.llama_context import EmbeddingContext, ModelWeights, MultiSequenceContext, TokenBatch
+from workerbee.prefix_cache import Block, PromptBlocks, chat_blocks, text_blocks
 from workerbee.prompts import ModelConfig, Prompts, request_sampling
 from workerbee.sampling import GrammarRefused, SamplerChain
 from workerbee.scheduler import (
@@ -81,6 +82,15 @@ class BatchedModel:
         self.embedder = embedder
         self.parallel = scheduler.context.n_seq
         self.fingerprint = self.prompts.fingerprint
+
+    @property
+    def cache_version(self) -> int:
+        """Bumped whenever `cached_prefixes` changes."""
+        return self.scheduler.cache_version
+
+    def cached_prefixes(self) -> list[Block]:
+        """The prefixes this model's caches hold, as the queen names them (any thread)."""
+        return self.scheduler.cached_prefixes()
 
     @classmethod
     def load(cls, config: ModelConfig, *, parallel: int, threads: int | None) -> BatchedModel:
@@ -180,13 +190,15 @@ class BatchedModel:
 
     def _prepare_chat(
         self, chat: ChatCompletionRequest
-    ) -> tuple[list[int], int, Sampling, list[SamplerChain]]:
+    ) -> tuple[list[int], int, Sampling, list[SamplerChain], PromptBlocks]:
         prompt = self.prompts.chat_prompt(chat)
         limit = self.prompts.check_fits(len(prompt), chat)
         self.prompts.check_token_ids([int(token) for token in chat.logit_bias or ()], "logit_bias")
         grammar, param = self.prompts.chat_grammar(chat)
         sampling = request_sampling(chat, grammar)
-        return prompt, limit, sampling, self._samplers(sampling, choice_seeds(chat.seed, chat.n or 1), param)
+        blocks = chat_blocks(self.prompts, chat, prompt)
+        samplers = self._samplers(sampling, choice_seeds(chat.seed, chat.n or 1), param)
+        return prompt, limit, sampling, samplers, blocks
 
     async def chat(
         self,
@@ -202,7 +214,7 @@ class BatchedModel:
         sequences leave the batch at the next step.
         """
         # The template, the tokenizer and the grammar are CPU work: off the event loop.
-        prompt, limit, sampling, samplers = await asyncio.to_thread(self._prepare_chat, chat)
+        prompt, limit, sampling, samplers, blocks = await asyncio.to_thread(self._prepare_chat, chat)
         n = len(samplers)
 
         def make(index: int, emit: Callable[[dict[str, Any], int], None] | None, resumed: bool) -> AnyChoice:
@@ -215,7 +227,7 @@ class BatchedModel:
                 resumed=resumed,
             )
 
-        choices, completion_tokens = await self._run(
+        choices, completion_tokens, cached = await self._run(
             [(prompt, limit, samplers)],
             sampling,
             make,
@@ -224,11 +236,13 @@ class BatchedModel:
             on_chunk,
             n_prompt=len(prompt),
             resume=resume,
+            blocks=[blocks],
         )
         usage = Usage(
             prompt_tokens=len(prompt),
             completion_tokens=completion_tokens,
             total_tokens=len(prompt) + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
         if chat.stream:
             return usage, None
@@ -241,7 +255,7 @@ class BatchedModel:
 
     def _prepare_completion(
         self, request: CompletionRequest
-    ) -> tuple[list[tuple[list[int], int, list[SamplerChain]]], list[str], Sampling]:
+    ) -> tuple[list[tuple[list[int], int, list[SamplerChain]]], list[str], Sampling, list[PromptBlocks]]:
         prompts = self.prompts.completion_prompts(request)
         limits = [self.prompts.check_fits(len(prompt.tokens), request) for prompt in prompts]
         self.prompts.check_token_ids([int(token) for token in request.logit_bias or ()], "logit_bias")
@@ -258,7 +272,14 @@ class BatchedModel:
                 for sampler in samplers:
                     sampler.close()
             raise
-        return runs, [prompt.text for prompt in prompts], sampling
+        blocks = [
+            text_blocks(self.weights, text, prompt.tokens)
+            for text, prompt in zip(request.prompts, prompts, strict=True)
+            if isinstance(text, str)
+        ]
+        if len(blocks) != len(prompts):
+            blocks = [PromptBlocks() for _ in prompts]  # token-id prompts: nothing the queen can name
+        return runs, [prompt.text for prompt in prompts], sampling, blocks
 
     async def complete(
         self,
@@ -268,7 +289,7 @@ class BatchedModel:
         resume: Resume | None = None,
     ) -> tuple[Usage, dict[str, Any] | None]:
         """Complete each prompt n times in the batch; streamed chunks go to `on_chunk`; `resume`: continue."""
-        runs, texts, sampling = await asyncio.to_thread(self._prepare_completion, request)
+        runs, texts, sampling, blocks = await asyncio.to_thread(self._prepare_completion, request)
         n = request.n or 1
         prompt_tokens = sum(len(tokens) for tokens, _, _ in runs)
 
@@ -283,13 +304,22 @@ class BatchedModel:
                 resumed=resumed,
             )
 
-        choices, completion_tokens = await self._run(
-            runs, sampling, make, request.stream, cancel, on_chunk, n_prompt=prompt_tokens, resume=resume
+        choices, completion_tokens, cached = await self._run(
+            runs,
+            sampling,
+            make,
+            request.stream,
+            cancel,
+            on_chunk,
+            n_prompt=prompt_tokens,
+            resume=resume,
+            blocks=blocks,
         )
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
         if request.stream:
             return usage, None
@@ -310,12 +340,15 @@ class BatchedModel:
         *,
         n_prompt: int,
         resume: Resume | None = None,
-    ) -> tuple[list[dict[str, Any]], int]:
+        blocks: list[PromptBlocks] | None = None,
+    ) -> tuple[list[dict[str, Any]], int, int]:
         """Generate every choice of every prompt (runs: tokens, limit, one sampler per choice).
 
         With `resume`, only its choices run, each as a job of its own that decodes the tokens already
-        relayed after its prompt before it samples (see `_resumed_jobs`). Returns the whole choices in
-        index order and the completion tokens of all of them (generated here, not the relayed ones).
+        relayed after its prompt before it samples (see `_resumed_jobs`). `blocks` name each run's
+        prompt prefixes for the cache summary. Returns the whole choices in index order, the completion
+        tokens of all of them (generated here, not the relayed ones) and the prompt tokens every job
+        took from a cache instead of decoding them.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Job, RequestEvent]] = asyncio.Queue()
@@ -327,6 +360,8 @@ class BatchedModel:
         jobs: list[Job] = []
         choices: dict[int, AnyChoice] = {}
         groups = self._groups(runs) if resume is None else self._resumed_jobs(runs, resume)
+        named = {id(run[0]): prompt_blocks for run, prompt_blocks in zip(runs, blocks or (), strict=False)}
+        cached = 0
         for prompt, limit, group in groups:
             job = Job(
                 prompt=prompt,
@@ -337,6 +372,7 @@ class BatchedModel:
                 stream=stream,
                 cancel=cancel,
                 post=lambda event: None,
+                blocks=named.get(id(prompt), PromptBlocks()),
             )
 
             def post(event: RequestEvent, job: Job = job) -> None:
@@ -372,6 +408,7 @@ class BatchedModel:
                     ready.append(events.get_nowait())
                 for job, event in _merge_text(ready):
                     if isinstance(event, Started):
+                        cached += event.cached
                         continue
                     if isinstance(event, Failed):
                         open_jobs -= 1
@@ -418,7 +455,8 @@ class BatchedModel:
                 # Jobs still in the scheduler's hands: it stops them at the next step, and frees them.
                 cancel.set()
                 self.scheduler.poke()
-        return [whole[i] for i in sorted(whole)], sum(generated.values())
+        # A prompt split into several jobs (n beyond --parallel) is billed once: so is its cache.
+        return [whole[i] for i in sorted(whole)], sum(generated.values()), min(cached, n_prompt)
 
     def _groups(
         self, runs: list[tuple[list[int], int, list[SamplerChain]]]

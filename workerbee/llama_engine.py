@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from protocol import ErrorCode, ModelInfo, Resume, Usage
@@ -17,6 +18,7 @@ from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingR
 from workerbee.batching import BatchedModel
 from workerbee.engine import ChunkSink
 from workerbee.errors import EngineError
+from workerbee.prefix_cache import Block
 from workerbee.prompts import ModelConfig
 
 __all__ = ["LlamaEngine", "ModelConfig"]
@@ -50,6 +52,18 @@ class LlamaEngine:
                 model.close()
             raise
         return cls(models)
+
+    def cache_state(self) -> dict[str, tuple[int, list[Block]]]:
+        """Per model, the version of what its caches hold and the prefixes they hold (any thread)."""
+        return {
+            model_id: (model.cache_version, model.cached_prefixes())
+            for model_id, model in self.models.items()
+        }
+
+    def watch_cache(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from a decoding thread) whenever a model's cached prefixes change."""
+        for model in self.models.values():
+            model.scheduler.on_cache_change = callback
 
     def model_infos(self) -> list[ModelInfo]:
         """What the worker advertises."""
