@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection
 from protocol import (
     MAX_FRAME_BYTES,
     MIN_FRAME_BYTES,
+    CacheSummary,
     Cancel,
     Chunk,
     Draining,
@@ -46,6 +47,7 @@ from protocol import (
     result_frames,
 )
 from protocol.messages import Frame
+from workerbee.cache_reports import REFRESH_SECONDS, CacheReporter, CacheReports
 from workerbee.decoding import TokenIds
 from workerbee.engine import Cancelled, Engine, EngineError
 from workerbee.tokens import count_tokens
@@ -142,6 +144,9 @@ class WorkerConnection:
         self.send_limit = MIN_FRAME_BYTES
         """Largest frame the queen accepts, from its Welcome."""
         self.connected = asyncio.Event()
+        self.cache_refresh = REFRESH_SECONDS
+        """Seconds between summaries of caches that did not change."""
+        self._reports: CacheReports | None = None
         self._draining = False
         self._jobs: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
 
@@ -185,6 +190,7 @@ class WorkerConnection:
             self.connected.set()
             reader = asyncio.create_task(self._read(websocket))
             stopper = asyncio.create_task(stop.wait())
+            reporter = self._start_reports(websocket)
             try:
                 await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stop.is_set():
@@ -197,10 +203,25 @@ class WorkerConnection:
                 self.connected.clear()
                 stopper.cancel()
                 reader.cancel()
+                if reporter is not None:
+                    reporter.cancel()
                 for task, cancel in self._jobs.values():
                     cancel.set()
                     task.cancel()
                 self._jobs.clear()
+
+    def _start_reports(self, websocket: ClientConnection) -> asyncio.Task[None] | None:
+        """Start telling the queen what the engine's caches hold (engines that can say so)."""
+        if not isinstance(self.engine, CacheReporter):
+            return None
+        if self._reports is None:
+            self._reports = CacheReports(self.engine, asyncio.get_running_loop())
+        self._reports.reset()
+
+        async def send(frame: CacheSummary) -> None:
+            await self._send(websocket, frame)
+
+        return asyncio.create_task(self._reports.run(send, lambda: self.send_limit, self.cache_refresh))
 
     async def _register(self, websocket: ClientConnection) -> None:
         # Probing hardware can block (NVML, disk): keep it off the event loop.
@@ -272,6 +293,10 @@ class WorkerConnection:
                 await self._send_output(websocket, frame)
 
             usage, response = await RUNNERS[job.request.kind](self.engine, job.request, cancel, on_chunk)
+            if self._reports is not None:
+                # Before the Result: the client's next turn must find its prefix where it now is.
+                for summary in self._reports.pending(self.send_limit):
+                    await self._send(websocket, summary)
             result = Result(request_id=request_id, usage=usage, response=response)
             for frame in result_frames(result, self.send_limit):
                 await self._send_output(websocket, frame)
