@@ -186,6 +186,7 @@ class Credentials:
 
     instance_id: str
     auth_key: str
+    auditor_token: str = ""
 
 
 def auth_key(settings: WorkerSettings) -> str:
@@ -193,6 +194,13 @@ def auth_key(settings: WorkerSettings) -> str:
     if settings.auth_key_file is not None:
         return read_secret_file(settings.auth_key_file)
     return settings.auth_key
+
+
+def auditor_token(settings: WorkerSettings) -> str:
+    """The token from --auditor-token or the first line of --auditor-token-file (IdentityError if bad)."""
+    if settings.auditor_token_file is not None:
+        return read_secret_file(settings.auditor_token_file)
+    return settings.auditor_token
 
 
 def registration(
@@ -206,6 +214,7 @@ def registration(
         max_frame_bytes=settings.max_frame_bytes,
         ln_url=settings.ln_url,
         auth_key=credentials.auth_key,
+        auditor_token=credentials.auditor_token,
         models=models,
         parallel=settings.parallel,
         **hardware.registration_fields(),
@@ -225,7 +234,9 @@ async def serve(
     settings: WorkerSettings, credentials: Credentials, planned: list[PlannedModel], threads: int | None
 ) -> int:
     """Load the models and serve the queen until SIGTERM or Ctrl-C; returns the exit code."""
-    from workerbee.connection import QueenRefused, WorkerConnection
+    from workerbee.auditor import Auditor
+    from workerbee.connection import QueenRefused, SideJob, WorkerConnection
+    from workerbee.possession import Possession
 
     # The content hashes let the queen resume an answer on another worker with the same file.
     hashes = await asyncio.to_thread(lambda: [model_sha256(model.resolved.parts) for model in planned])
@@ -234,6 +245,13 @@ async def serve(
         for model, digest in zip(planned, hashes, strict=True)
     ]
     engine = await LlamaEngine.load(configs, threads=threads, parallel=settings.parallel)
+    files = {model.id: list(model.resolved.parts) for model in planned}
+    side_jobs: dict[str, SideJob] = {"challenge": Possession(files).answer}
+    auditor: Auditor | None = None
+    if credentials.auditor_token:
+        auditor = await asyncio.to_thread(Auditor.for_models, engine.models, threads or 1)
+        side_jobs["audit"] = auditor.audit
+        log.info("auditor mode: scoring other workers' answers for %s", ", ".join(engine.models))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -247,6 +265,7 @@ async def serve(
         reconnect_max_delay=settings.reconnect_max_delay,
         shutdown_grace=settings.shutdown_grace,
         max_frame_bytes=settings.max_frame_bytes,
+        side_jobs=side_jobs,
     )
     try:
         await connection.run(stop)
@@ -254,6 +273,8 @@ async def serve(
         log.error("%s", exc)
         return 1
     finally:
+        if auditor is not None:
+            await asyncio.to_thread(auditor.close)
         await asyncio.to_thread(engine.close)
     log.info("stopped")
     return 0
@@ -287,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         key = auth_key(settings)
+        audit_key = auditor_token(settings)
         entries = resolve_models(settings)
         hardware = detect_hardware(hf_cache_dir(settings))
         planned = plan_models(settings, entries, hardware)
@@ -296,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     # Kept (and locked) for the whole run: the id is this process's while it serves.
     instance_id = load_instance_id(settings.instance_id_file or default_instance_id_file())
     try:
-        return run(settings, Credentials(instance_id.value, key), planned, hardware)
+        return run(settings, Credentials(instance_id.value, key, audit_key), planned, hardware)
     finally:
         instance_id.release()
 
@@ -314,7 +336,8 @@ def run(
         )
         report = {
             "registration": frame.model_dump(mode="json", exclude={"type"})
-            | {"auth_key": "***" if credentials.auth_key else ""},
+            | {"auth_key": "***" if credentials.auth_key else ""}
+            | {"auditor_token": "***" if credentials.auditor_token else ""},
             "threads": threads
             if threads is not None
             else f"measured among {thread_candidates()}, then tuned",

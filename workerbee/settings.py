@@ -52,6 +52,15 @@ class WorkerSettings(BaseSettings):
     auth_key_file: Path | None = Field(
         default=None, description="A file whose first line is the token (instead of --auth-key)."
     )
+    auditor_token: str = Field(
+        default="",
+        description="The queen's auditor token: this worker is one its operator trusts, and also scores "
+        "other workers' answers (an extra context per model). Prefer --auditor-token-file or "
+        "WORKERBEE_AUDITOR_TOKEN.",
+    )
+    auditor_token_file: Path | None = Field(
+        default=None, description="A file whose first line is the auditor token (instead of --auditor-token)."
+    )
     instance_id_file: Path | None = Field(
         default=None,
         description="Where the worker keeps the id it is known by across restarts "
@@ -105,6 +114,12 @@ class WorkerSettings(BaseSettings):
     def _aliases_match_models(self) -> WorkerSettings:
         if len(self.alias) > max(1, len(self.model)):
             raise ValueError("more --alias values than --model values")
+        return self
+
+    @model_validator(mode="after")
+    def _one_auditor_token_source(self) -> WorkerSettings:
+        if self.auditor_token and self.auditor_token_file is not None:
+            raise ValueError("give the auditor token with --auditor-token or --auditor-token-file, not both")
         return self
 
     @model_validator(mode="after")
