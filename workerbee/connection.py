@@ -79,6 +79,10 @@ RUNNERS: dict[str, Runner] = {
 """How each kind of job runs on the engine: the request kind is the key, the typed request the argument
 (a resume is passed on only when there is one)."""
 
+SideJob = Callable[[Any], Awaitable[tuple[Usage, dict[str, Any]]]]
+"""A job kind that does not run on the engine's batch (an audit, a possession challenge): its request
+in, the Result's usage and response out."""
+
 
 class QueenRefused(Exception):
     """The queen refused this worker for a reason that retrying will not fix."""
@@ -131,8 +135,11 @@ class WorkerConnection:
         shutdown_grace: float = 30.0,
         handshake_timeout: float = 10.0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        side_jobs: dict[str, SideJob] | None = None,
     ) -> None:
         self.queen_url = queen_url
+        self.side_jobs = side_jobs or {}
+        """Job kinds beside the engine's, by kind: `challenge` on every worker, `audit` on auditors."""
         self.engine = engine
         self.registration = registration
         self.backoff = Backoff(cap=reconnect_max_delay)
@@ -242,6 +249,8 @@ class WorkerConnection:
             raise FrameError(ErrorCode.INVALID_FRAME, f"expected 'welcome', got {reply.type!r}")
         self.worker_id = reply.worker_id
         self.send_limit = reply.max_frame_bytes
+        for model_id, why in reply.refused_models.items():
+            log.warning("the queen will not route '%s' to this worker: %s", model_id, why)
         log.info(
             "registered with the queen at %s as %s, serving %s",
             self.queen_url,
@@ -292,7 +301,14 @@ class WorkerConnection:
                 frame = Chunk(request_id=request_id, chunk=chunk, tokens=tokens, token_ids=ids)
                 await self._send_output(websocket, frame)
 
-            usage, response = await RUNNERS[job.request.kind](self.engine, job.request, cancel, on_chunk)
+            kind = job.request.kind
+            side = self.side_jobs.get(kind)
+            if kind in RUNNERS:
+                usage, response = await RUNNERS[kind](self.engine, job.request, cancel, on_chunk)
+            elif side is not None:
+                usage, response = await side(job.request)
+            else:
+                raise EngineError(ErrorCode.INVALID_REQUEST, f"this worker does not run {kind} jobs", "kind")
             if self._reports is not None:
                 # Before the Result: the client's next turn must find its prefix where it now is.
                 for summary in self._reports.pending(self.send_limit):
