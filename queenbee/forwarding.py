@@ -42,6 +42,7 @@ from protocol import (
     Job,
     JobError,
     JobRequest,
+    PromptTokensDetails,
     Result,
     Resume,
     TokenCountJob,
@@ -63,6 +64,7 @@ from queenbee.errors import (
 from queenbee.hive import Hive
 from queenbee.ledger import LedgerError
 from queenbee.observer import Outcome, RequestObserver, RequestRecord, WorkerSegment
+from queenbee.prefix_index import PrefixQuery, prefix_query
 from queenbee.ratelimit import Lease
 from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
@@ -282,6 +284,8 @@ class ForwardedCall:
     _recorded: bool = False
     _running: tuple[WorkerSession, RequestStream] | None = None
     _client_left: bool = False
+    _prefix: PrefixQuery | None = None
+    """The request's prefix chain and session, for cache-aware routing (made at the first attempt)."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -374,6 +378,7 @@ class ForwardedCall:
                     exclude=self._exclusions(job_bytes),
                     embeddings=self.endpoint.embeddings,
                     model_hash=self._model_hash if resume is not None else None,
+                    prefix=self._prefix_query(),
                 )
             except QueenError:
                 if not self._tried:
@@ -422,6 +427,18 @@ class ForwardedCall:
                 last_error.message,
             )
         raise last_error
+
+    def _prefix_query(self) -> PrefixQuery | None:
+        """What cache-aware routing needs of the request; hashed only when some worker holds a prefix
+        of the model, or the request names a session."""
+        if self._prefix is None and self.endpoint.generates and not self.endpoint.embeddings:
+            request = self.request
+            named = isinstance(request, ChatCompletionRequest | CompletionRequest) and bool(
+                getattr(request, "prompt_cache_key", None) or request.user
+            )
+            if named or self.hive.cache.index.holds_any(self.model):
+                self._prefix = prefix_query(request, self.bounds.prompt_estimate, self.api_key_id)
+        return self._prefix
 
     async def resume(self, attempt: Attempt, event: Failure) -> Attempt | None:
         """Continue the answer on another worker with the same model file; None where that is not allowed
@@ -500,7 +517,7 @@ class ForwardedCall:
             "model": self.model,
             "system_fingerprint": self.fingerprint,
             "choices": [],
-            "usage": usage.model_dump(),
+            "usage": usage.model_dump(exclude_none=True),
         }
 
     def completion(self, response: dict[str, Any], usage: Usage) -> dict[str, Any]:
@@ -518,7 +535,7 @@ class ForwardedCall:
             "object": self.endpoint.object_name,
             "created": self.created,
             "model": self.model,
-            "usage": usage.model_dump(),
+            "usage": usage.model_dump(exclude_none=True),
         }
 
     async def record(
@@ -534,6 +551,7 @@ class ForwardedCall:
         worker_completion_tokens: int | None = None,
         usage_violation: str | None = None,
         error_code: str | None = None,
+        cached_tokens: int = 0,
     ) -> None:
         """Tell the observers how the request ended (once), and settle the key's lease.
 
@@ -566,6 +584,7 @@ class ForwardedCall:
             usage_violation=usage_violation,
             resumes=self.resumes,
             segments=tuple(self.segments),
+            cached_tokens=cached_tokens,
         )
         if self.lease is not None:
             self.lease.settle(prompt_tokens + completion_tokens)
@@ -601,6 +620,7 @@ class ForwardedCall:
             prompt_tokens=checked.prompt_tokens,
             completion_tokens=checked.completion_tokens,
             total_tokens=checked.prompt_tokens + checked.completion_tokens,
+            prompt_tokens_details=usage.prompt_tokens_details,
         )
         return fixed, checked.violation
 
@@ -611,10 +631,15 @@ class ForwardedCall:
         and those relayed from the workers the answer moved away from (credited to them, `segments`).
         """
         earlier = sum(segment.completion_tokens for segment in self.segments)
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
         billed = Usage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens + earlier,
             total_tokens=usage.total_tokens + earlier,
+            # Only from workers that say what they reused (a worker of protocol 2's time does not).
+            prompt_tokens_details=None
+            if usage.prompt_tokens_details is None
+            else PromptTokensDetails(cached_tokens=cached),
         )
         if violation is None:
             attempt.worker.health.record_success()
@@ -628,11 +653,15 @@ class ForwardedCall:
                 tokens=usage.completion_tokens,
                 duration=time.monotonic() - self.started,
             )
+            ttft = self._ttft(attempt)
+            if ttft is not None:
+                self.hive.cache.record_prefill(attempt.worker, self.model, usage.prompt_tokens - cached, ttft)
         await self.record(
             "success",
             200,
             worker=attempt.worker,
             ttft=self._ttft(attempt),
+            cached_tokens=cached,
             prompt_tokens=billed.prompt_tokens,
             completion_tokens=billed.completion_tokens,
             worker_completion_tokens=usage.completion_tokens if self.segments else None,

@@ -9,7 +9,9 @@ from collections import OrderedDict, deque
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
+from protocol import CacheSummary
 from queenbee.errors import InvalidRequest, ModelNotFound, NoCapacity
+from queenbee.prefix_index import CacheRouter, PrefixQuery
 from queenbee.scheduling import WorkerIndex
 from queenbee.settings import QueenSettings
 from queenbee.worker_session import ModelSpeed, RequestStream, WorkerHealth, WorkerSession
@@ -32,6 +34,8 @@ class Hive:
         self._by_model: dict[str, dict[str, WorkerSession]] = {}
         self._waiters: dict[str, deque[asyncio.Event]] = {}
         self._index = WorkerIndex()
+        self.cache = CacheRouter(ttl=settings.cache_summary_ttl, load_guard=settings.cache_load_guard)
+        """Which workers hold which prompt prefixes (cache-aware routing, prefix_index.py)."""
         self._health: OrderedDict[str, WorkerHealth] = OrderedDict()
         self._known_models: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -91,6 +95,7 @@ class Hive:
         self._activity.set()
         self.workers.pop(worker.id, None)
         self._index.remove(worker)
+        self.cache.remove_worker(worker)
         for model in worker.models:
             serving = self._by_model.get(model)
             if serving is None:
@@ -138,6 +143,7 @@ class Hive:
         exclude: frozenset[str] = frozenset(),
         embeddings: bool = False,
         model_hash: str | None = None,
+        prefix: PrefixQuery | None = None,
     ) -> tuple[WorkerSession, RequestStream]:
         """Reserve a slot on the best worker for `model`, waiting in line if every worker is busy.
 
@@ -146,7 +152,9 @@ class Hive:
         Raises ModelNotFound if no worker serves the model, NoCapacity if the line is full or the wait
         runs past the queue timeout. With `embeddings`, only workers that serve the model's embeddings
         qualify (InvalidRequest if none does). With `model_hash`, only workers whose file for the model
-        has that content hash qualify: a resumed answer continues on the same weights or nowhere.
+        has that content hash qualify: a resumed answer continues on the same weights or nowhere. With
+        `prefix` (and --routing cache-aware), a worker holding the request's prefix or session may be
+        chosen over the least loaded one (prefix_index.py).
         """
         if self.draining:
             raise NoCapacity("The queen is shutting down.", retry_after=5)
@@ -180,6 +188,8 @@ class Hive:
                     )
                 if waiter is not None or not queue:
                     worker = self._index.choose(model, now=time.monotonic(), exclude=exclude)
+                    if worker is not None and prefix is not None and self._settings.routing == "cache-aware":
+                        worker = self._cache_choice(model, prefix, worker, exclude)
                     if worker is not None:
                         stream = worker.reserve(request_id, model)
                         self._index.update(worker)
@@ -213,6 +223,29 @@ class Hive:
             if not queue and self._waiters.get(model) is queue:
                 del self._waiters[model]
             self._activity.set()
+
+    def _cache_choice(
+        self, model: str, prefix: PrefixQuery, least_loaded: WorkerSession, exclude: frozenset[str]
+    ) -> WorkerSession:
+        """The worker cache-aware routing prefers to the least loaded one (which it may be)."""
+        now = time.monotonic()
+
+        def usable(worker: WorkerSession) -> bool:
+            return (
+                worker.free_slots > 0
+                and worker.id not in exclude
+                and model in worker.models
+                and not worker.health.benched(now)
+            )
+
+        chosen = self.cache.choose(model, prefix, least_loaded, self.workers, usable, now).worker
+        self.cache.served(prefix, chosen, now)
+        return chosen
+
+    def cache_summary(self, worker: WorkerSession, summary: CacheSummary) -> None:
+        """A worker says what its caches hold of a model now (models it does not serve are ignored)."""
+        if worker.id in self.workers and summary.model in worker.models:
+            self.cache.index.update(worker.id, summary, time.monotonic())
 
     def slot_freed(self, worker: WorkerSession) -> None:
         """A slot opened on `worker`: wake the first request waiting for each model it serves."""

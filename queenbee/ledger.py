@@ -107,8 +107,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (),
     # 6: reserved for files and fine-tuning jobs.
     (),
-    # 7: reserved for cached prompt tokens (cache-aware routing).
-    (),
+    # 7: the prompt tokens the worker took from its cache, part of prompt_tokens (they may be priced
+    # differently); 0 for older rows, which did not say.
+    ("ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",),
 )
 """Every schema change, in order; never edit one that has shipped, append a new one."""
 
@@ -153,6 +154,8 @@ class Row(NamedTuple):
     usage_violation: str | None
     segment_of: str | None = None
     """For a worker segment (an answer that moved on), the request's id; None for a request's own row."""
+    cached_tokens: int = 0
+    """Of `prompt_tokens`, those the worker took from its cache."""
 
     @classmethod
     def rows_for(cls, record: RequestRecord) -> list[Row]:
@@ -173,6 +176,7 @@ class Row(NamedTuple):
                     worker_completion_tokens=_tokens(segment.completion_tokens),
                     usage_violation=None,
                     segment_of=record.request_id,
+                    cached_tokens=0,
                 )
             )
         return rows
@@ -200,12 +204,13 @@ class Row(NamedTuple):
             worker_prompt_tokens=_tokens(record.credited_prompt_tokens),
             worker_completion_tokens=_tokens(record.credited_completion_tokens),
             usage_violation=record.usage_violation,
+            cached_tokens=_tokens(record.cached_tokens),
         )
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Row:
         """A row read back from the spool (fields it does not know are dropped); ValueError if it is none."""
-        obj = {"segment_of": None, **obj}  # spooled before segments existed
+        obj = {"segment_of": None, "cached_tokens": 0, **obj}  # spooled before segments, cached tokens
         missing = set(cls._fields) - set(obj)
         if missing:
             raise ValueError(f"no {', '.join(sorted(missing))}")
@@ -228,6 +233,7 @@ _TOKEN_FIELDS: Final = (
     "completion_tokens",
     "worker_prompt_tokens",
     "worker_completion_tokens",
+    "cached_tokens",
 )
 _TEXT: Final = (str,)
 _MAYBE_TEXT: Final = (str, type(None))

@@ -59,6 +59,9 @@ class RequestRecord:
     """Times the answer moved to another worker after output."""
     segments: tuple[WorkerSegment, ...] = ()
     """The workers it moved away from, in order; `worker_id` is the one that finished it."""
+    cached_tokens: int = 0
+    """Prompt tokens the worker took from its cache rather than computing them (they may be priced
+    differently); part of `prompt_tokens`."""
 
     @property
     def credited_prompt_tokens(self) -> int:

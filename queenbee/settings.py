@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,23 @@ class QueenSettings(BaseSettings):
     )
     queue_timeout: float = Field(
         default=30.0, ge=0, description="Seconds a request may wait for a free worker before 503."
+    )
+    routing: Literal["cache-aware", "least-loaded"] = Field(
+        default="cache-aware",
+        description="How a worker is chosen: by predicted time to first token from the prefixes workers "
+        "hold (cache-aware), or the least loaded worker with a free slot, the fastest among equals.",
+    )
+    cache_load_guard: float = Field(
+        default=0.5,
+        ge=0,
+        description="Cache-aware routing sends a request to a worker holding its prefix only while that "
+        "worker is at most this fraction of its slots busier than the least loaded one.",
+    )
+    cache_summary_ttl: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds a worker's cache summary counts for routing after it came (workers refresh "
+        "theirs every minute).",
     )
     first_token_timeout: float = Field(
         default=120.0, gt=0, description="Seconds a worker may take to send the first token."

@@ -79,6 +79,7 @@ async def worker_endpoint(websocket: WebSocket) -> None:
         websocket,
         registration,
         on_slot_free=hive.slot_freed,
+        on_cache_summary=hive.cache_summary,
         cancel_grace=settings.cancel_grace,
         max_frame_bytes=settings.max_frame_bytes,
         max_buffer_bytes=settings.max_request_buffer_bytes,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import (
+    CacheSummary,
     Cancel,
     Chunk,
     Draining,
@@ -154,6 +155,7 @@ class WorkerSession:
         registration: Register,
         *,
         on_slot_free: Callable[[WorkerSession], None],
+        on_cache_summary: Callable[[WorkerSession, CacheSummary], None] | None = None,
         cancel_grace: float,
         max_frame_bytes: int,
         max_buffer_bytes: int = 4 * 2**20,
@@ -182,6 +184,7 @@ class WorkerSession:
         self._cancelling: dict[str, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._on_slot_free = on_slot_free
+        self._on_cache_summary = on_cache_summary
         self._cancel_grace = cancel_grace
         self._max_frame_bytes = max_frame_bytes
         self._max_buffer_bytes = max_buffer_bytes
@@ -305,6 +308,9 @@ class WorkerSession:
                     stream.parts.append(frame.data)
         elif isinstance(frame, Result | JobError):
             self._finish(frame.request_id, frame)
+        elif isinstance(frame, CacheSummary):
+            if self._on_cache_summary is not None:
+                self._on_cache_summary(self, frame)
         elif isinstance(frame, Draining):
             log.info("worker %s is shutting down: no new requests go to it", self.id)
             self.draining = True

@@ -74,11 +74,12 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = Field(default=None, max_length=256)
+    # Keeps a session on the worker that holds its prefix (cache-aware routing), as OpenAI routes on it.
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
     # Accepted because SDKs send them with values that change nothing here.
     include: list[str] | None = None
     truncation: Literal["disabled", "auto"] | None = None
     service_tier: str | None = None
-    prompt_cache_key: str | None = None
     stream_options: dict[str, Any] | None = None
     background: Literal[False] | None = None
     reasoning: dict[str, Any] | None = None
@@ -290,6 +291,7 @@ def chat_request(
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": _response_format(body),
         "user": body.safety_identifier or body.user,
+        "prompt_cache_key": body.prompt_cache_key,
     }
     chat.update({key: value for key, value in optional.items() if value is not None})
     if chat.get("tools"):
@@ -299,11 +301,17 @@ def chat_request(
     return translated_chat(chat, {"response_format": "text.format"})
 
 
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    return cached if isinstance(cached, int) else 0
+
+
 def usage_object(usage: dict[str, Any]) -> dict[str, Any]:
     """Responses usage from chat usage."""
     return {
         "input_tokens": usage.get("prompt_tokens", 0),
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": _cached_tokens(usage)},
         "output_tokens": usage.get("completion_tokens", 0),
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.get("total_tokens", 0),
