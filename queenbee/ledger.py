@@ -103,8 +103,44 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # crediting that worker what it generated; `segment_of` names the request, whose own row (NULL
     # here) bills the client and credits the worker that finished it.
     ("ALTER TABLE usage ADD COLUMN segment_of TEXT",),
-    # 5: reserved for audits and escrow (verified workers).
-    (),
+    # 5: verified workers (queenbee/escrow.py): every audit's outcome; escrow holds, under which an ln_url's
+    # earnings from `opened_at` on wait until `released_at`; and forfeited requests, paid to nobody.
+    (
+        """
+        CREATE TABLE audits (
+            id INTEGER PRIMARY KEY,
+            request_id TEXT NOT NULL,
+            audited_at REAL NOT NULL,
+            identity TEXT NOT NULL,
+            ln_url TEXT NOT NULL,
+            model TEXT NOT NULL,
+            auditor TEXT NOT NULL,
+            flagged INTEGER NOT NULL,
+            reasons TEXT,
+            tokens INTEGER NOT NULL,
+            seconds REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX audits_identity ON audits (identity, audited_at)",
+        """
+        CREATE TABLE escrow_holds (
+            id INTEGER PRIMARY KEY,
+            ln_url TEXT NOT NULL,
+            identity TEXT NOT NULL,
+            opened_at REAL NOT NULL,
+            released_at REAL
+        )
+        """,
+        "CREATE INDEX escrow_holds_ln_url ON escrow_holds (ln_url, released_at)",
+        """
+        CREATE TABLE forfeits (
+            request_id TEXT PRIMARY KEY,
+            ln_url TEXT NOT NULL,
+            forfeited_at REAL NOT NULL,
+            reason TEXT NOT NULL
+        )
+        """,
+    ),
     # 6: reserved for files and fine-tuning jobs.
     (),
     # 7: the prompt tokens the worker took from its cache, part of prompt_tokens (they may be priced
@@ -502,6 +538,27 @@ class Ledger:
             ) from None
         finally:
             self._writes_in_flight -= 1
+
+    async def write(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `function` in one transaction on the writer's thread (off the request path: no spool).
+
+        Raises sqlite3.Error if the database refuses it, LedgerError if the ledger is closed.
+        """
+
+        def transaction() -> T:
+            connection = self._require()
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = function(connection)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._in_writer(transaction)
 
     async def read(self, function: Callable[[sqlite3.Connection], T]) -> T:
         """Run `function` on a connection of the reports' own, never queued behind a write."""
