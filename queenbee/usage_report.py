@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import closing, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from queenbee import ledger_spool
 from queenbee.auth import require_admin
 from queenbee.errors import InvalidRequest
+from queenbee.escrow import escrow_split
 from queenbee.ledger import Ledger, LedgerError, Row, connect
 from queenbee.ledger_spool import spool_path
 from queenbee.settings import default_db_path
@@ -46,7 +47,7 @@ _COLUMNS = (
     "completion_tokens",
     "total_tokens",
 )
-_WORKER_COLUMNS = (*_COLUMNS, "violations")
+_WORKER_COLUMNS = (*_COLUMNS, "violations", "payable", "escrowed", "forfeited")
 
 Format = Literal["table", "json"]
 
@@ -64,6 +65,15 @@ class UsageRow:
     completion_tokens: int
     violations: int = 0
     """Requests whose worker's usage report was not believed (bounded before it was credited)."""
+    escrowed: int = 0
+    """Of a worker address's tokens, those waiting in escrow (queenbee/escrow.py)."""
+    forfeited: int = 0
+    """Of a worker address's tokens, those of flagged requests: owed to nobody."""
+
+    @property
+    def payable(self) -> int:
+        """A worker address's tokens that are owed now: the total less the escrowed and the forfeited."""
+        return self.total_tokens - self.escrowed - self.forfeited
 
     @property
     def total_tokens(self) -> int:
@@ -98,6 +108,8 @@ _COUNTS: Final = (
     "prompt_tokens",
     "completion_tokens",
     "violations",
+    "escrowed",
+    "forfeited",
 )
 
 # Every token figure is clamped to 0..2**31-1 when stored (migration 2 clamped the rows before it), so
@@ -154,13 +166,20 @@ def usage_totals(
         by_worker = [UsageRow(*row) for row in connection.execute(_WORKER_TOTALS, (low, high))]
         by_key = [UsageRow(*row) for row in connection.execute(_KEY_TOTALS, (low, high))]
         recorded = _recorded_ids(connection, [row.request_id for row in spooled])
+        unique: dict[str, Row] = {}
+        for row in spooled:
+            if row.request_id not in recorded:
+                unique.setdefault(row.request_id, row)
+        split = escrow_split(connection, low, high, unique.values())
     finally:
         connection.execute("COMMIT")
-    unique: dict[str, Row] = {}
-    for row in spooled:
-        if row.request_id not in recorded:
-            unique.setdefault(row.request_id, row)
     workers = _add(by_worker, (_worker_tally(row) for row in unique.values() if row.worker_id is not None))
+    workers = [
+        replace(row, escrowed=split[row.name].escrowed, forfeited=split[row.name].forfeited)
+        if row.name in split
+        else row
+        for row in workers
+    ]
     keys = _add(by_key, (_key_tally(row) for row in unique.values() if row.segment_of is None))
     return workers, keys
 
@@ -265,7 +284,15 @@ class UsageReport:
             "since": _iso(self.since),
             "until": _iso(self.until),
             "workers": [
-                {"ln_url": row.name, **row.to_json(), "violations": row.violations} for row in self.workers
+                {
+                    "ln_url": row.name,
+                    **row.to_json(),
+                    "violations": row.violations,
+                    "payable_tokens": row.payable,
+                    "escrowed_tokens": row.escrowed,
+                    "forfeited_tokens": row.forfeited,
+                }
+                for row in self.workers
             ],
             "api_keys": [{"api_key": row.name, **row.to_json()} for row in self.keys],
             "total": self.total().to_json(),
