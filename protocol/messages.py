@@ -73,6 +73,16 @@ class GpuInfo(Frame):
     index: int | None = Field(default=None, ge=0, description="Device index as the driver numbers it.")
 
 
+class TrainingCapability(Frame):
+    """What fine-tuning a worker started with --train takes on."""
+
+    methods: list[Literal["full"]] = Field(
+        min_length=1, max_length=4, description="Fine-tuning methods: `full` (every F32 weight, on CPU)."
+    )
+    max_parameters: int = Field(ge=0, description="The largest model it trains, parameters.")
+    memory_free: int = Field(ge=0, description="Memory free for training when it registered, MiB.")
+
+
 class ModelInfo(Frame):
     """A model a worker serves."""
 
@@ -127,6 +137,9 @@ class Register(Frame):
     cl_gpus: list[GpuInfo] = Field(default_factory=list, description="One entry per OpenCL GPU device.")
     models: list[ModelInfo] = Field(min_length=1, max_length=64, description="Models this worker serves.")
     parallel: int = Field(default=1, ge=1, le=256, description="Requests the worker runs at once.")
+    training: TrainingCapability | None = Field(
+        default=None, description="Set by a worker started with --train: it takes fine-tuning jobs."
+    )
 
 
 class Welcome(Frame):
@@ -261,8 +274,36 @@ class ChallengeJob(Frame):
     length: int = Field(ge=1, le=2**24, description="Bytes to hash, at most 16 MiB.")
 
 
+class TrainJob(Frame):
+    """Fine-tune one of the worker's models on chats (protocol 3; only for workers that registered
+    `training`).
+
+    Progress comes back as `Chunk` frames whose `chunk` is a `protocol.training.TrainingEvent`; a
+    success ends with a `Result` whose response is a `protocol.training.TrainingReport` and whose
+    usage counts the trained tokens as prompt tokens. From then on the worker serves the result as
+    `output_model`. Cancelling it kills the training process.
+    """
+
+    kind: Literal["train"] = "train"
+    model: PrintableStr = Field(min_length=1, max_length=256, description="The base model's id.")
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The base model's file hash.")
+    output_model: PrintableStr = Field(
+        min_length=1, max_length=256, description="The id the fine-tuned model is served as."
+    )
+    training: list[list[dict[str, Any]]] = Field(
+        min_length=1, max_length=100_000, description="Chats to train on, each a list of messages."
+    )
+    validation: list[list[dict[str, Any]]] = Field(
+        default_factory=list, max_length=100_000, description="Chats the validation loss is taken on."
+    )
+    n_epochs: int = Field(ge=1, le=50)
+    learning_rate: float = Field(gt=0, le=1)
+    seed: int = Field(ge=0, lt=2**31)
+    n_ctx: int = Field(ge=256, le=8192, multiple_of=256, description="Tokens per training window.")
+
+
 JobRequest = Annotated[
-    ChatJob | CompletionJob | EmbeddingJob | TokenCountJob | AuditJob | ChallengeJob,
+    ChatJob | CompletionJob | EmbeddingJob | TokenCountJob | AuditJob | ChallengeJob | TrainJob,
     Field(discriminator="kind"),
 ]
 """What a job asks the worker to do, tagged by `kind`."""

@@ -1,7 +1,8 @@
 """Full fine-tuning of a GGUF model with llama.cpp's training API, run inside the training subprocess.
 
 `python -m workerbee.trainer SPEC` reads a `TrainingSpec` (JSON), trains, and writes one JSON object a
-line to stdout: `progress` after every optimizer step, then `done` (or `error`, and a non-zero exit).
+line to stdout: `message` and `metrics` events (protocol.training.TrainingEvent) as it goes, a
+`metrics` one after every optimizer step, then `done` (or `error`, and a non-zero exit).
 It runs in a process of its own because a failed `GGML_ASSERT` aborts the whole process, and so that
 cancelling is a kill.
 
@@ -262,12 +263,11 @@ def train(spec: TrainingSpec) -> None:
         run.train_loss_sum = mean * ibatch
         emit(
             {
-                "type": "progress",
+                "type": "metrics",
                 "step": run.epoch * run.steps_per_epoch + int(ibatch),
                 "total_steps": run.total_steps,
                 "epoch": run.epoch + 1,
                 "train_loss": step_loss,
-                "train_mean_token_accuracy": None,
                 "valid_loss": run.last_valid_loss,
             }
         )
@@ -281,7 +281,12 @@ def train(spec: TrainingSpec) -> None:
     eval_callback = EPOCH_CALLBACK(on_eval)
     result_train = lib.ggml_opt_result_init()
     result_eval = lib.ggml_opt_result_init()
-    emit({"type": "message", "message": f"Training on {trained_tokens // spec.n_epochs} tokens a epoch."})
+    emit(
+        {
+            "type": "message",
+            "message": f"Training {len(train_windows)} windows of {spec.n_ctx} tokens an epoch.",
+        }
+    )
     for epoch in range(spec.n_epochs):
         run.epoch = epoch
         run.train_loss_sum = 0.0

@@ -1,0 +1,228 @@
+"""Fine-tuning jobs on a worker started with --train: run the trainer process, relay its progress, and
+serve what it made.
+
+The training itself runs in `python -m workerbee.trainer` (a failed GGML_ASSERT aborts a process, and
+cancelling is a kill). Its `message` and `metrics` lines go to the queen as `Chunk` frames of the job;
+when it is done the fine-tuned GGUF, named by its SHA-256, is loaded and served as the job's
+`output_model`, and the job's `Result` carries a `TrainingReport`.
+
+Full fine-tuning takes about `BYTES_PER_PARAMETER` bytes of memory a parameter (F32 weights, their
+gradients and AdamW's two moments, with the activations of a short context): a model that does not fit
+in the memory this worker has free, or is bigger than `--train-max-parameters`, is refused by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+import gguf
+import psutil
+
+from protocol import ErrorCode, TrainingCapability, TrainJob, Usage
+from protocol.training import TrainingEvent, TrainingReport
+from workerbee.engine import ChunkSink
+from workerbee.errors import Cancelled, EngineError
+from workerbee.file_hash import model_sha256
+from workerbee.prompts import ModelConfig
+from workerbee.trainer import TrainingSpec
+
+log = logging.getLogger("workerbee.training")
+
+BYTES_PER_PARAMETER: Final = 18.5
+"""Memory full fine-tuning needs per parameter, bytes (measured on SmolLM2-135M with 256-token windows)."""
+
+SILENCE_TIMEOUT: Final = 900.0
+"""Seconds the trainer may go without a line (one step, or the conversions) before it counts as hung."""
+
+
+def parameter_count(path: Path) -> int:
+    """Weights in a GGUF file, read from its tensor shapes (the header only)."""
+    reader = gguf.GGUFReader(path)
+    return sum(int(tensor.n_elements) for tensor in reader.tensors)
+
+
+def capability(max_parameters: int) -> TrainingCapability:
+    """What this worker can train now: full fine-tuning, up to what its free memory holds."""
+    free = int(psutil.virtual_memory().available // 2**20)
+    fits = int(free * 2**20 / BYTES_PER_PARAMETER)
+    return TrainingCapability(methods=["full"], max_parameters=min(max_parameters, fits), memory_free=free)
+
+
+def check_fits(parameters: int, max_parameters: int, memory_free: int) -> None:
+    """Refuse a model too big to fine-tune here, naming the limit (EngineError, the job's fault)."""
+    needed = int(parameters * BYTES_PER_PARAMETER / 2**20)
+    if parameters > max_parameters:
+        raise EngineError(
+            ErrorCode.INVALID_REQUEST,
+            f"the model has {parameters / 1e9:.2f} billion parameters; this worker fine-tunes at most "
+            f"{max_parameters / 1e9:.2f} billion (--train-max-parameters)",
+            "model",
+        )
+    if needed > memory_free:
+        raise EngineError(
+            ErrorCode.INVALID_REQUEST,
+            f"full fine-tuning of {parameters / 1e9:.2f} billion parameters needs about {needed} MiB "
+            f"({BYTES_PER_PARAMETER} bytes a parameter); this worker has {memory_free} MiB free",
+            "model",
+        )
+
+
+class Trainer:
+    """Runs `train` jobs for a worker: one at a time, each in a process of its own."""
+
+    def __init__(
+        self,
+        models: Callable[[], dict[str, ModelConfig]],
+        serve: Callable[[ModelConfig], Awaitable[None]],
+        output_dir: Path,
+        *,
+        threads: int,
+        max_parameters: int,
+    ) -> None:
+        self._models = models
+        """The configs of the models the worker serves, by id (the bases a job may name)."""
+        self._serve = serve
+        """Loads a fine-tuned model and serves it (the worker re-registers with it)."""
+        self.output_dir = output_dir
+        self.threads = threads
+        self.max_parameters = max_parameters
+        self._lock = asyncio.Lock()
+
+    async def run(
+        self, job: TrainJob, cancel: threading.Event, on_chunk: ChunkSink
+    ) -> tuple[Usage, dict[str, Any]]:
+        """Train as `job` says, relaying progress to `on_chunk`; raises EngineError when it cannot."""
+        base = self._models().get(job.model)
+        if base is None:
+            raise EngineError(ErrorCode.MODEL_NOT_FOUND, f"this worker does not serve '{job.model}'", "model")
+        if base.sha256 != job.model_sha256:
+            raise EngineError(
+                ErrorCode.INVALID_REQUEST,
+                f"this worker's file for '{job.model}' is not the one the job names (by its SHA-256)",
+                "model",
+            )
+        if self._lock.locked():
+            raise EngineError(ErrorCode.OVERLOADED, "this worker is already training")
+        async with self._lock:
+            parameters = await asyncio.to_thread(parameter_count, base.path)
+            now = capability(self.max_parameters)
+            check_fits(parameters, self.max_parameters, now.memory_free)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            work_dir = Path(tempfile.mkdtemp(prefix="train-", dir=self.output_dir))
+            try:
+                return await self._train(job, base, work_dir, cancel, on_chunk)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, work_dir, True)
+
+    async def _train(
+        self,
+        job: TrainJob,
+        base: ModelConfig,
+        work_dir: Path,
+        cancel: threading.Event,
+        on_chunk: ChunkSink,
+    ) -> tuple[Usage, dict[str, Any]]:
+        output = work_dir / "fine-tuned.gguf"
+        spec = TrainingSpec(
+            base=base.path,
+            work_dir=work_dir,
+            output=output,
+            training=job.training,
+            validation=job.validation,
+            n_epochs=job.n_epochs,
+            learning_rate=job.learning_rate,
+            seed=job.seed,
+            n_ctx=job.n_ctx,
+            threads=self.threads,
+        )
+        spec_file = work_dir / "spec.json"
+        spec_file.write_text(spec.model_dump_json())
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "workerbee.trainer",
+            str(spec_file),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        log.info("training %s on %d chats (process %d)", job.output_model, len(job.training), process.pid)
+        stderr_tail = asyncio.create_task(_tail(process))
+        done: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            assert process.stdout is not None
+            async with asyncio.timeout(None) as deadline:
+                loop = asyncio.get_running_loop()
+                while True:
+                    deadline.reschedule(loop.time() + SILENCE_TIMEOUT)
+                    line = await _next_line(process.stdout, cancel)
+                    if line is None:
+                        break
+                    event = json.loads(line)
+                    if event.get("type") == "done":
+                        done = event
+                    elif event.get("type") == "error":
+                        error = str(event.get("message", "training failed"))
+                    else:
+                        progress = TrainingEvent.model_validate(event)
+                        await on_chunk(progress.model_dump(mode="json", exclude_none=True), 0)
+            await process.wait()
+        except TimeoutError:
+            error = f"the training process said nothing for {SILENCE_TIMEOUT:g} s"
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+            tail = await stderr_tail
+        if cancel.is_set():
+            raise Cancelled()
+        if done is None or process.returncode != 0:
+            why = error or f"the training process ended with status {process.returncode}: {tail}"
+            raise EngineError(ErrorCode.INTERNAL_ERROR, f"training failed: {why}"[:4000])
+        digest = await asyncio.to_thread(model_sha256, [output])
+        final = self.output_dir / f"{digest}.gguf"
+        output.replace(final)
+        size = final.stat().st_size
+        await self._serve(
+            ModelConfig(id=job.output_model, path=final, n_ctx=base.n_ctx, size_bytes=size, sha256=digest)
+        )
+        trained = int(done["trained_tokens"])
+        report = TrainingReport(trained_tokens=trained, sha256=digest, size_bytes=size)
+        usage = Usage(prompt_tokens=trained, completion_tokens=0, total_tokens=trained)
+        return usage, report.model_dump(mode="json")
+
+
+async def _next_line(stream: asyncio.StreamReader, cancel: threading.Event) -> str | None:
+    """The trainer's next line; None at its end or once the job is cancelled."""
+    while not cancel.is_set():
+        try:
+            async with asyncio.timeout(0.25):
+                line = await stream.readline()
+        except TimeoutError:
+            continue
+        if not line:
+            return None
+        text = line.decode(errors="replace").strip()
+        if text.startswith("{"):
+            return text
+    return None
+
+
+async def _tail(process: asyncio.subprocess.Process, keep: int = 2000) -> str:
+    """The last `keep` characters the trainer wrote to stderr (llama.cpp's assert message, if any)."""
+    assert process.stderr is not None
+    tail = b""
+    while chunk := await process.stderr.read(65536):
+        tail = (tail + chunk)[-keep:]
+    return tail.decode(errors="replace").strip()
