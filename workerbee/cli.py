@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -15,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from protocol import PROTOCOL_VERSION, ModelInfo, Register
+from protocol import PROTOCOL_VERSION, ModelInfo, Register, TrainingCapability
 from workerbee import __version__
 from workerbee.errors import ModelLoadError
 from workerbee.file_hash import model_sha256
@@ -204,7 +205,11 @@ def auditor_token(settings: WorkerSettings) -> str:
 
 
 def registration(
-    settings: WorkerSettings, credentials: Credentials, models: list[ModelInfo], hardware: HardwareReport
+    settings: WorkerSettings,
+    credentials: Credentials,
+    models: list[ModelInfo],
+    hardware: HardwareReport,
+    training: TrainingCapability | None = None,
 ) -> Register:
     """The registration frame for these models and this hardware."""
     return Register(
@@ -217,8 +222,17 @@ def registration(
         auditor_token=credentials.auditor_token,
         models=models,
         parallel=settings.parallel,
+        training=training,
         **hardware.registration_fields(),
     )
+
+
+def train_dir(settings: WorkerSettings) -> Path:
+    """Where fine-tuned models are kept: --train-dir, else $XDG_DATA_HOME/workerbee/fine-tuned."""
+    if settings.train_dir is not None:
+        return settings.train_dir
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "workerbee" / "fine-tuned"
 
 
 def hf_cache_dir(settings: WorkerSettings) -> Path:
@@ -237,6 +251,8 @@ async def serve(
     from workerbee.auditor import Auditor
     from workerbee.connection import QueenRefused, SideJob, WorkerConnection
     from workerbee.possession import Possession
+    from workerbee.training import Trainer
+    from workerbee.training import capability as training_capability
 
     # The content hashes let the queen resume an answer on another worker with the same file.
     hashes = await asyncio.to_thread(lambda: [model_sha256(model.resolved.parts) for model in planned])
@@ -257,15 +273,35 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     cache_dir = hf_cache_dir(settings)
+    trainer: Trainer | None = None
+    if settings.train:
+
+        async def serve_trained(config: ModelConfig) -> None:
+            await engine.add(config, parallel=settings.parallel, threads=threads)
+
+        trainer = Trainer(
+            lambda: {model_id: model.config for model_id, model in engine.models.items()},
+            serve_trained,
+            train_dir(settings),
+            threads=threads or max(1, os.cpu_count() or 1),
+            max_parameters=settings.train_max_parameters,
+        )
+        log.info("training mode: fine-tuning jobs for %s", ", ".join(engine.models))
+
+    def registering() -> Register:
+        # Hardware is probed afresh on every (re)connection: free memory and disk change.
+        training = None if trainer is None else training_capability(settings.train_max_parameters)
+        return registration(settings, credentials, engine.model_infos(), detect_hardware(cache_dir), training)
+
     connection = WorkerConnection(
         settings.queen_url,
         engine,
-        # Hardware is probed afresh on every (re)connection: free memory and disk change.
-        lambda: registration(settings, credentials, engine.model_infos(), detect_hardware(cache_dir)),
+        registering,
         reconnect_max_delay=settings.reconnect_max_delay,
         shutdown_grace=settings.shutdown_grace,
         max_frame_bytes=settings.max_frame_bytes,
         side_jobs=side_jobs,
+        trainer=None if trainer is None else trainer.run,
     )
     try:
         await connection.run(stop)

@@ -83,6 +83,10 @@ SideJob = Callable[[Any], Awaitable[tuple[Usage, dict[str, Any]]]]
 """A job kind that does not run on the engine's batch (an audit, a possession challenge): its request
 in, the Result's usage and response out."""
 
+TrainingRunner = Callable[[Any, threading.Event, ChunkSink], Awaitable[tuple[Usage, dict[str, Any]]]]
+"""Runs a `train` job (workerbee/training.py): its progress goes out as chunks, and once it succeeds
+the worker serves a new model, so the connection registers again to say so."""
+
 
 class QueenRefused(Exception):
     """The queen refused this worker for a reason that retrying will not fix."""
@@ -136,7 +140,10 @@ class WorkerConnection:
         handshake_timeout: float = 10.0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         side_jobs: dict[str, SideJob] | None = None,
+        trainer: TrainingRunner | None = None,
     ) -> None:
+        self.trainer = trainer
+        """Runs `train` jobs on a worker started with --train; None elsewhere."""
         self.queen_url = queen_url
         self.side_jobs = side_jobs or {}
         """Job kinds beside the engine's, by kind: `challenge` on every worker, `audit` on auditors."""
@@ -292,6 +299,7 @@ class WorkerConnection:
 
     async def _run_job(self, websocket: ClientConnection, job: Job, cancel: threading.Event) -> None:
         request_id = job.request_id
+        renew = False
         try:
             if self._draining:
                 raise EngineError(ErrorCode.OVERLOADED, "the worker is shutting down")
@@ -307,6 +315,9 @@ class WorkerConnection:
                 usage, response = await RUNNERS[kind](self.engine, job.request, cancel, on_chunk)
             elif side is not None:
                 usage, response = await side(job.request)
+            elif kind == "train" and self.trainer is not None:
+                usage, response = await self.trainer(job.request, cancel, on_chunk)
+                renew = True
             else:
                 raise EngineError(ErrorCode.INVALID_REQUEST, f"this worker does not run {kind} jobs", "kind")
             if self._reports is not None:
@@ -316,6 +327,10 @@ class WorkerConnection:
             result = Result(request_id=request_id, usage=usage, response=response)
             for frame in result_frames(result, self.send_limit):
                 await self._send_output(websocket, frame)
+            if renew:
+                # A new model to serve: no new jobs on this registration, then register again with it.
+                await self._send(websocket, Draining())
+                await websocket.close(1012, "registering again with a fine-tuned model")
         except Cancelled as exc:
             cancelled = JobError(
                 request_id=request_id, code=ErrorCode.CANCELLED, message="cancelled", usage=exc.usage

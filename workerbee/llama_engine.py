@@ -65,6 +65,17 @@ class LlamaEngine:
         for model in self.models.values():
             model.scheduler.on_cache_change = callback
 
+    async def add(self, config: ModelConfig, *, parallel: int, threads: int | None) -> None:
+        """Load one more model off the event loop and serve it (a fine-tuned one, say)."""
+        if config.id in self.models:
+            raise ValueError(f"this worker already serves '{config.id}'")
+        log.info("loading model %s from %s", config.id, config.path)
+        model = await asyncio.to_thread(BatchedModel.load, config, parallel=parallel, threads=threads)
+        watching = next(iter(self.models.values()), None)
+        if watching is not None:
+            model.scheduler.on_cache_change = watching.scheduler.on_cache_change
+        self.models[config.id] = model
+
     def model_infos(self) -> list[ModelInfo]:
         """What the worker advertises."""
         return [model.info() for model in self.models.values()]

@@ -102,6 +102,21 @@ class WorkerSettings(BaseSettings):
         default=30.0, ge=0, description="Seconds requests in flight may take to finish on SIGTERM or Ctrl-C."
     )
     log_level: str = Field(default="info", description="Log level: debug, info, warning or error.")
+    train: bool = Field(
+        default=False,
+        description="Also take fine-tuning jobs: full fine-tuning of a served model on CPU, in a process "
+        "of its own, while this worker takes no inference; the result is served from then on.",
+    )
+    train_dir: Path | None = Field(
+        default=None,
+        description="Where fine-tuned models are kept (default: $XDG_DATA_HOME/workerbee/fine-tuned).",
+    )
+    train_max_parameters: int = Field(
+        default=3_000_000_000,
+        ge=1,
+        description="The largest model this worker fine-tunes, parameters (also bounded by free memory: "
+        "full fine-tuning takes about 18.5 bytes a parameter).",
+    )
 
     @field_validator("queen_url")
     @classmethod
