@@ -1,7 +1,8 @@
 """A scripted worker that answers every job at once: the queen's own cost, with no model behind it.
 
-`python -m bench.instant_worker WS_URL PARALLEL` registers model "instant" and answers each job with
-a role chunk, two content chunks and a final chunk (streamed) or a whole response, as soon as it comes.
+`python -m bench.instant_worker WS_URL PARALLEL [CHUNKS]` registers model "instant" and answers each job
+with a role chunk, CHUNKS content chunks (2 unless given) and a final chunk (streamed) or a whole response,
+as soon as it comes. The frames are encoded once, as templates, so the worker costs little per chunk.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ def _chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str,
     return {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
 
-def answer(job: Job) -> list[str]:
-    """The frames that answer `job`, encoded."""
-    request_id = job.request_id
-    if not job.stream:
+_REQUEST_ID = "instant-request-id-placeholder"
+
+
+def answer(request_id: str, stream: bool, chunks: int = 2) -> list[str]:
+    """The frames that answer a job, encoded."""
+    if not stream:
         message = {"role": "assistant", "content": "Hello there"}
         response = {
             "object": "chat.completion",
@@ -45,19 +48,35 @@ def answer(job: Job) -> list[str]:
         }
         return [encode(Result(request_id=request_id, usage=USAGE, response=response))]
     # With the generated tokens each chunk's text took (Chunk.tokens): one a word, none for role or finish.
-    chunks = [
+    words = [" there" if n % 2 else "Hello" for n in range(chunks)]
+    content = [(_chunk({"content": word}), 1) for word in words]
+    frames = [
         (_chunk({"role": "assistant", "content": ""}), 0),
-        (_chunk({"content": "Hello"}), 1),
-        (_chunk({"content": " there"}), 1),
+        *content,
         (_chunk({}, "stop"), 0),
     ]
-    frames = [encode(Chunk(request_id=request_id, chunk=chunk, tokens=tokens)) for chunk, tokens in chunks]
-    return [*frames, encode(Result(request_id=request_id, usage=USAGE))]
+    usage = Usage(prompt_tokens=3, completion_tokens=chunks, total_tokens=3 + chunks)
+    encoded = [encode(Chunk(request_id=request_id, chunk=chunk, tokens=tokens)) for chunk, tokens in frames]
+    return [*encoded, encode(Result(request_id=request_id, usage=usage))]
 
 
-async def serve(url: str, parallel: int) -> None:
+class Answers:
+    """The encoded answers, made once with a placeholder request id that each job's id replaces."""
+
+    def __init__(self, chunks: int) -> None:
+        self._streamed = answer(_REQUEST_ID, True, chunks)
+        self._whole = answer(_REQUEST_ID, False, chunks)
+
+    def frames(self, job: Job) -> list[str]:
+        """The frames that answer `job`."""
+        frames = self._streamed if job.stream else self._whole
+        return [frame.replace(_REQUEST_ID, job.request_id) for frame in frames]
+
+
+async def serve(url: str, parallel: int, chunks: int = 2) -> None:
     """Register and answer jobs until the connection closes."""
-    async with websockets.connect(url, max_size=None) as websocket:
+    answers = Answers(chunks)
+    async with websockets.connect(url, max_size=None, compression=None) as websocket:
         register = Register(
             protocol_version=PROTOCOL_VERSION,
             instance_id="bench-" + uuid.uuid4().hex[:12],
@@ -76,15 +95,16 @@ async def serve(url: str, parallel: int) -> None:
         async for message in websocket:
             frame = decode_queen_frame(message)
             if isinstance(frame, Job):
-                for data in answer(frame):
+                for data in answers.frames(frame):
                     await websocket.send(data)
 
 
 def main() -> None:
-    """Entry point: WS_URL PARALLEL."""
+    """Entry point: WS_URL PARALLEL [CHUNKS]."""
     url, parallel = sys.argv[1], int(sys.argv[2])
+    chunks = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     with contextlib.suppress(KeyboardInterrupt, websockets.ConnectionClosed):
-        asyncio.run(serve(url, parallel))
+        asyncio.run(serve(url, parallel, chunks))
 
 
 if __name__ == "__main__":

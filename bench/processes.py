@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,8 @@ class Service:
     process: subprocess.Popen[bytes]
     base_url: str
     log_path: Path
+    headers: dict[str, str] = field(default_factory=dict)
+    """What a client sends with every request (the API key)."""
 
     def cpu_seconds(self) -> float:
         """CPU time the process has used so far (user + system, threads included)."""
@@ -94,8 +96,9 @@ def wait_until(service: Service, ready: Callable[[], bool], timeout: float) -> N
         time.sleep(0.2)
 
 
-def start_queen(logs: Path, *, cpus: set[int] | None = None) -> Service:
-    """A queen on a free port with a throwaway ledger, logging warnings only."""
+def start_queen(logs: Path, *, cpus: set[int] | None = None, api_key: str | None = None) -> Service:
+    """A queen on a free port with a throwaway ledger (on disk), logging warnings only; with `api_key`,
+    clients must send it."""
     port = free_port()
     command = [
         sys.executable,
@@ -111,15 +114,23 @@ def start_queen(logs: Path, *, cpus: set[int] | None = None) -> Service:
         "600",
         "--first-token-timeout",
         "600",
+        "--max-connections",
+        "20000",
     ]
+    headers = {}
+    if api_key is not None:
+        command += ["--api-key", api_key]
+        headers["Authorization"] = f"Bearer {api_key}"
     queen = _start("queen", command, f"http://127.0.0.1:{port}", logs, cpus)
-    wait_until(queen, lambda: httpx.get(f"{queen.base_url}/v1/models").status_code == 200, 60)
+    url = f"{queen.base_url}/v1/models"
+    wait_until(queen, lambda: httpx.get(url, headers=headers).status_code == 200, 60)
+    queen.headers = headers
     return queen
 
 
 def served_models(queen: Service) -> list[str]:
     """Model ids the queen lists now."""
-    response = httpx.get(f"{queen.base_url}/v1/models")
+    response = httpx.get(f"{queen.base_url}/v1/models", headers=queen.headers)
     return [model["id"] for model in response.json()["data"]]
 
 
@@ -187,13 +198,34 @@ def start_llama_server(model: Path, *, threads: int, logs: Path) -> Service:
     return server
 
 
-def start_instant_worker(queen: Service, *, parallel: int, logs: Path, cpus: set[int] | None) -> Service:
-    """A scripted worker (bench/instant_worker.py) that answers every job at once."""
+def start_instant_worker(
+    queen: Service, *, parallel: int, logs: Path, cpus: set[int] | None, chunks: int = 2
+) -> Service:
+    """A scripted worker (bench/instant_worker.py) that answers every job at once, with `chunks`
+    content chunks when streamed."""
     queen_ws = queen.base_url.replace("http://", "ws://") + "/worker"
-    command = [sys.executable, "-m", "bench.instant_worker", queen_ws, str(parallel)]
-    worker = _start("instant-worker", command, queen.base_url, logs, cpus)
-    wait_until(worker, lambda: "instant" in served_models(queen), 30)
+    command = [sys.executable, "-m", "bench.instant_worker", queen_ws, str(parallel), str(chunks)]
+    worker = _start(f"instant-worker-{free_port()}", command, queen.base_url, logs, cpus)
+    if queen.name == "bare-relay":
+        time.sleep(1.5)  # the bare relay has no /v1/models to watch
+        worker.check_alive()
+    else:
+        wait_until(worker, lambda: "instant" in served_models(queen), 30)
     return worker
+
+
+def start_bare(mode: str, logs: Path, *, cpus: set[int] | None, chunks: int = 2) -> Service:
+    """bench/bare_relay.py in `mode` "instant" (answers at once) or "relay" (passes worker frames on)."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.bare_relay", mode, str(port), str(chunks)]
+    server = _start(f"bare-{mode}", command, f"http://127.0.0.1:{port}", logs, cpus)
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(server, listening, 30)
+    return server
 
 
 def start_llama_cpp_server(

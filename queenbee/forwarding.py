@@ -80,6 +80,9 @@ from queenbee.worker_session import (
 
 log = logging.getLogger("queenbee.forwarding")
 
+_COALESCE_EVENTS = 64
+"""At most this many SSE events that are already waiting are joined into one write to the client."""
+
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 """The validated request bodies a job carries."""
@@ -684,14 +687,25 @@ class ForwardedCall:
         failure that cannot be resumed ends the stream with an error.
         """
         event: RequestEvent | Silent = attempt.first
+        ready: list[bytes] = []
         try:
             while True:
+                if ready and not isinstance(event, Chunk):  # chunks coalesced so far go before the rest
+                    yield b"".join(ready)
+                    ready = []
                 if isinstance(event, Chunk):
                     before = self.relayed_tokens
                     chunk = self.chunk(event)
                     attempt.relayed_tokens += self.relayed_tokens - before
-                    for data in self.shown.chunk(chunk):
-                        yield data
+                    ready += self.shown.chunk(chunk)
+                    # Chunks that are already here go out in one write: a busy queen makes fewer, larger
+                    # writes instead of falling behind, and a chunk never waits for one that is not here.
+                    following = attempt.stream.next_nowait() if len(ready) < _COALESCE_EVENTS else None
+                    if following is not None:
+                        event = following
+                        continue
+                    yield b"".join(ready)
+                    ready = []
                 elif isinstance(event, Result):
                     usage, violation = self.checked(attempt, event.usage, self.relayed_text_bytes)
                     try:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final
+
+import pydantic_core
 
 SSE_DONE: Final = b"data: [DONE]\n\n"
 SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
-    """One `data:` event carrying a JSON object."""
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    """One `data:` event carrying a JSON object (compact UTF-8; pydantic-core's encoder is the fastest)."""
+    return b"data: " + pydantic_core.to_json(payload) + b"\n\n"
 
 
 def named_sse_event(name: str, payload: dict[str, Any]) -> bytes:

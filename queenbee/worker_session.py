@@ -79,8 +79,19 @@ class RequestStream:
 
     async def next(self, timeout: float) -> RequestEvent:
         """The next event; raises TimeoutError if none comes within `timeout` seconds."""
-        async with asyncio.timeout(timeout):
-            event, size = await self._queue.get()
+        if self._queue.empty():
+            async with asyncio.timeout(timeout):
+                event, size = await self._queue.get()
+        else:  # already here: no timer to arm
+            event, size = self._queue.get_nowait()
+        self.buffered_bytes -= size
+        return event
+
+    def next_nowait(self) -> RequestEvent | None:
+        """The next event if one is already here, else None."""
+        if self._queue.empty():
+            return None
+        event, size = self._queue.get_nowait()
         self.buffered_bytes -= size
         return event
 

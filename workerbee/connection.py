@@ -198,6 +198,7 @@ class WorkerConnection:
             open_timeout=self.handshake_timeout,
             ping_interval=15,
             ping_timeout=20,
+            compression=None,  # small frames as they come: deflate costs more CPU than it saves
         ) as websocket:
             await self._register(websocket)
             self.backoff.reset()
