@@ -93,9 +93,9 @@ class Hive:
     def remove(self, worker: WorkerSession) -> None:
         """Take a worker out of rotation (it disconnected or was dropped)."""
         self._activity.set()
+        self.cache.remove_worker(worker)  # first: a worker out of `workers` holds nothing
         self.workers.pop(worker.id, None)
         self._index.remove(worker)
-        self.cache.remove_worker(worker)
         for model in worker.models:
             serving = self._by_model.get(model)
             if serving is None:
@@ -246,6 +246,17 @@ class Hive:
         """A worker says what its caches hold of a model now (models it does not serve are ignored)."""
         if worker.id in self.workers and summary.model in worker.models:
             self.cache.index.update(worker.id, summary, time.monotonic())
+
+    def reserve_all(self, worker: WorkerSession, request_id: str, model: str) -> list[RequestStream]:
+        """Take every slot of an idle worker for one job (fine-tuning): no other request goes to it.
+
+        The first stream is the job's; the others only hold their slots (`{request_id}/hold{n}`) until
+        the caller releases them.
+        """
+        streams = [worker.reserve(request_id, model)]
+        streams += [worker.reserve(f"{request_id}/hold{n}", model) for n in range(1, worker.parallel)]
+        self._index.update(worker)
+        return streams
 
     def slot_freed(self, worker: WorkerSession) -> None:
         """A slot opened on `worker`: wake the first request waiting for each model it serves."""
