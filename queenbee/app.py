@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from queenbee.api.messages import count_tokens, create_message, is_messages_path
 from queenbee.api.responses import create_response, delete_response, list_input_items, retrieve_response
+from queenbee.auditing import AuditCollector, AuditService, auditor_secret
 from queenbee.auth import ClientKeys, Secrets, client_endpoint, stats_endpoint, warn_if_exposed
 from queenbee.dashboard import dashboard_routes
 from queenbee.errors import QueenError, anthropic_error
@@ -56,6 +57,7 @@ class QueenState(TypedDict):
     responses: ResponseStore
     metrics: QueenMetrics
     activity: RecentActivity
+    audits: AuditService
 
 
 # Each API's errors in its own shape: the Messages API's are Anthropic's, every other OpenAI's.
@@ -104,6 +106,7 @@ def create_app(settings: QueenSettings) -> Starlette:
     """
     clients = ClientKeys.from_settings(settings)
     secrets = Secrets.from_settings(settings)
+    auditor_secret(settings)  # an unusable --auditor-token-file fails here, not at startup
     check_host_patterns(settings.allowed_host)
 
     @asynccontextmanager
@@ -119,6 +122,10 @@ def create_app(settings: QueenSettings) -> Starlette:
         metrics = QueenMetrics(hive)
         metrics.watch_ledger(ledger)
         activity = RecentActivity(hive)
+        audits = AuditService(settings, hive, ledger)
+        app.state.audits = audits
+        metrics.registry.register(AuditCollector(audits))
+        audits.start()
         # The ledger first: a record is durable before anything else hears of it.
         observer = Observers([ledger, RequestLog(), metrics, activity])
         yield {
@@ -132,7 +139,9 @@ def create_app(settings: QueenSettings) -> Starlette:
             "responses": responses,
             "metrics": metrics,
             "activity": activity,
+            "audits": audits,
         }
+        await audits.close()
         for worker in list(hive.workers.values()):
             await worker.close(1001, "queen shutting down")
         await responses.close()

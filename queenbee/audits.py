@@ -183,6 +183,10 @@ class Standing:
     passed_since_flag: int = 0
     paused: bool = False
     pause_reason: str = ""
+    cleared: bool = False
+    paused_after: int = 0
+    """The audits it had had when it was paused."""
+    """Its escrow was released: it passed enough audits, connected long enough, since its last flag."""
 
     @property
     def on_probation(self) -> bool:
@@ -210,6 +214,7 @@ class Standing:
         self.probation_left = policy.probation_requests
         if not self.paused and sum(self.recent) >= policy.pause_flags:
             self.paused = True
+            self.paused_after = self.audits
             self.pause_reason = verdict.reasons[0] if verdict.reasons else "flagged"
             return True
         return False

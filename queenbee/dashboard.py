@@ -17,6 +17,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from queenbee.auditing import AuditService
 from queenbee.auth import stats_endpoint
 from queenbee.hive import Hive
 from queenbee.metrics import RecentActivity, Served
@@ -90,8 +91,10 @@ async def list_workers(request: Request) -> Response:
     hive: Hive = request.state.hive
     activity: RecentActivity = request.state.activity
     now, now_monotonic = time.time(), time.monotonic()
+    audits: AuditService | None = getattr(request.state, "audits", None)
     data = [
         worker_summary(worker, activity.served(worker.id), now=now, now_monotonic=now_monotonic)
+        | ({"audit": audits.worker_view(worker)} if audits is not None and audits.enabled else {})
         for worker in sorted(hive.workers.values(), key=lambda worker: worker.connected_at)
     ]
     return JSONResponse({"object": "list", "data": data})

@@ -69,7 +69,7 @@ from queenbee.ratelimit import Lease
 from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
 from queenbee.streaming import SSE_DONE, SSE_HEADERS, sse_event
-from queenbee.usage_check import UsageBounds, check_usage, text_bytes
+from queenbee.usage_check import UsageBounds, check_usage, counted_by_ids, text_bytes
 from queenbee.worker_session import (
     BufferOverflow,
     RequestEvent,
@@ -261,6 +261,8 @@ class ForwardedCall:
     """The key's hold on its limits, settled when the request is recorded."""
     presenter: Presenter | None = None
     """How the answer is shown to the client; None: a ChatPresenter."""
+    on_delivered: Callable[[ForwardedCall, WorkerSession, Usage, AnswerSoFar], None] | None = None
+    """Told of every answer that reached its client whole, after its record (audits sample them)."""
     request_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
@@ -670,6 +672,8 @@ class ForwardedCall:
             worker_completion_tokens=usage.completion_tokens if self.segments else None,
             usage_violation=violation,
         )
+        if self.on_delivered is not None:
+            self.on_delivered(self, attempt.worker, usage, self._so_far)
         return billed
 
     async def failed(self, attempt: Attempt, event: Failure, error: QueenError) -> None:
@@ -708,6 +712,8 @@ class ForwardedCall:
                     ready = []
                 elif isinstance(event, Result):
                     usage, violation = self.checked(attempt, event.usage, self.relayed_text_bytes)
+                    if not self.segments:
+                        usage = counted_by_ids(usage, self._so_far)
                     try:
                         billed = await self.succeeded(attempt, usage, violation)
                     except LedgerUnavailable as exc:

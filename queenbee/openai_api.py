@@ -212,6 +212,9 @@ async def forward(
     )
     if present is not None:
         call.presenter = present(call)
+    audits = getattr(request.state, "audits", None)
+    if audits is not None and stream:
+        call.on_delivered = audits.delivered
     try:
         n_ctx = hive.context_length(parsed.model)
         if n_ctx is None:

@@ -18,6 +18,9 @@ class AnswerSoFar:
 
     ids: dict[int, list[int]] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    """The text relayed for each choice, in pieces (content or completion text): what audits compare."""
+    finish_reasons: dict[int, str] = field(default_factory=dict)
     resumable: bool = True
     """False once a chunk carried tokens it did not name: such an answer cannot be continued."""
 
@@ -36,8 +39,15 @@ class AnswerSoFar:
                 continue
             if chunk.token_ids:
                 self.ids.setdefault(index, []).extend(chunk.token_ids)
-            if choice.get("finish_reason") is not None:
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(text, str) and text:
+                self.texts.setdefault(index, []).append(text)
+            reason = choice.get("finish_reason")
+            if reason is not None:
                 self.finished.add(index)
+                if isinstance(reason, str):
+                    self.finish_reasons[index] = reason
 
     def resume(self, request: ChatCompletionRequest | CompletionRequest) -> Resume | None:
         """The unfinished choices of `request` as a resume; None if there are none or it cannot be."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -187,5 +188,57 @@ class QueenSettings(BaseSettings):
         default=30 * 86400.0,
         gt=0,
         description="Seconds a response stored by the Responses API (store=true) is kept. Default: 30 days.",
+    )
+    auditor_token: SecretStr | None = Field(
+        default=None,
+        description="Workers presenting this token (workerbee --auditor-token) are trusted auditors: they "
+        "score other workers' answers. Without it nothing is audited. Prefer --auditor-token-file.",
+    )
+    auditor_token_file: Path | None = Field(
+        default=None, description="A file whose first line is the auditor token (instead of --auditor-token)."
+    )
+    model_pin: list[str] = Field(
+        default_factory=list,
+        description="ID=SHA256: only a file with this SHA-256 may serve the model id; a worker whose file "
+        "differs is refused that id. Repeatable.",
+    )
+    audit_rate: float = Field(default=0.05, ge=0, le=1, description="Share of delivered answers audited.")
+
+    @field_validator("model_pin")
+    @classmethod
+    def _pins(cls, pins: list[str]) -> list[str]:
+        for pin in pins:
+            model, sep, digest = pin.rpartition("=")
+            if not sep or not model or re.fullmatch(r"[0-9a-fA-F]{64}", digest.strip()) is None:
+                raise ValueError(f"{pin!r} is not ID=SHA256 (a model id, '=', 64 hex digits)")
+        return pins
+
+    probation_rate: float = Field(
+        default=0.5, ge=0, le=1, description="Share of a worker's answers audited while it is on probation."
+    )
+    probation_requests: int = Field(
+        default=20, ge=0, description="Requests a flagged worker stays on probation for."
+    )
+    audit_gap_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        description="Nats below the model's best token above which a greedy answer's token is a miss "
+        "(two misses flag the answer).",
+    )
+    audit_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds an audit may wait for an auditor's free slot, and run."
+    )
+    possession_challenges: bool = Field(
+        default=True,
+        description="Ask each new worker the hash of a random byte range of its model files (needs an "
+        "auditor holding the same file).",
+    )
+    escrow_audits: int = Field(
+        default=3, ge=0, description="Audits a new worker must pass before its escrowed earnings are payable."
+    )
+    escrow_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Seconds a new worker must be connected before its escrowed earnings are payable.",
     )
     log_json: bool = Field(default=False, description="Log JSON lines instead of text.")

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from protocol import Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from queenbee.resume import AnswerSoFar
 
 TEMPLATE_TOKENS_PER_MESSAGE: Final = 32
 """Tokens a chat template may add around each message (role markers, separators)."""
@@ -132,6 +133,21 @@ def text_bytes(payload: dict[str, Any] | None) -> int:
 def chunk_tokens(claimed: int, payload: dict[str, Any]) -> int:
     """The tokens a chunk may be said to carry: what the worker claims, at most one per byte plus one."""
     return min(claimed, text_bytes(payload) + 1)
+
+
+def counted_by_ids(usage: Usage, answer: AnswerSoFar) -> Usage:
+    """A stream's usage with its completion count no higher than the token ids the worker relayed.
+
+    Every chunk of a stream names the ids of its tokens; the queen counts those, not the worker's word
+    (a worker that reports one token more than it sent is not paid for it). Streams whose chunks did not
+    all name their ids keep the bounded count of `check_usage`.
+    """
+    relayed = sum(len(ids) for ids in answer.ids.values())
+    if not answer.resumable or relayed == 0 or usage.completion_tokens <= relayed:
+        return usage
+    return usage.model_copy(
+        update={"completion_tokens": relayed, "total_tokens": usage.prompt_tokens + relayed}
+    )
 
 
 def check_usage(usage: Usage, bounds: UsageBounds, *, generated_text_bytes: int | None) -> CheckedUsage:

@@ -18,6 +18,7 @@ from protocol import (
     decode_worker_frame,
     encode,
 )
+from queenbee.auditing import AuditService
 from queenbee.auth import Secrets, worker_refusal
 from queenbee.hive import Hive
 from queenbee.settings import QueenSettings
@@ -74,6 +75,18 @@ async def worker_endpoint(websocket: WebSocket) -> None:
         await websocket.send_text(encode(ProtocolError(code=ErrorCode.UNAUTHORIZED, message=refusal)))
         await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=f"unauthorized: {refusal}"[:120])
         return
+    audits: AuditService = websocket.state.audits
+    admission = audits.admit(registration)
+    if admission.refusal is not None:
+        # Final for the worker too: a wrong auditor token or only pinned models with other files.
+        log.warning("refused worker from %s: %s", peer, admission.refusal)
+        message = admission.refusal[:4000]
+        await websocket.send_text(encode(ProtocolError(code=ErrorCode.UNAUTHORIZED, message=message)))
+        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=f"refused: {message}"[:120])
+        return
+    for model_id, why in admission.refused_models.items():
+        log.warning("worker from %s is refused '%s': %s", peer, model_id, why)
+    registration = admission.registration
     worker = WorkerSession(
         f"worker-{uuid.uuid4().hex[:12]}",
         websocket,
@@ -89,7 +102,14 @@ async def worker_endpoint(websocket: WebSocket) -> None:
     # Into rotation first, welcome second, with nothing awaited between: the welcome takes the session's
     # send lock before any job can, so the worker always reads it first, and is routable once welcomed.
     hive.add(worker)
-    await worker.send(Welcome(worker_id=worker.id, max_frame_bytes=settings.max_frame_bytes))
+    await worker.send(
+        Welcome(
+            worker_id=worker.id,
+            max_frame_bytes=settings.max_frame_bytes,
+            refused_models=admission.refused_models,
+        )
+    )
+    hive.spawn(audits.joined(worker, admission.trusted))
     log.info(
         "worker %s connected from %s: models=%s parallel=%d",
         worker.id,
@@ -101,4 +121,5 @@ async def worker_endpoint(websocket: WebSocket) -> None:
         reason = await worker.run_reader()
     finally:
         hive.remove(worker)
+        audits.left(worker)
     log.info("worker %s left: %s", worker.id, reason)

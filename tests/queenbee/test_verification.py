@@ -1,0 +1,256 @@
+"""Verified workers end to end: real queens, real workerbee processes on the real SmolLM2 model and on
+quantizations of it made here, the real openai SDK.
+
+A lying worker is a real engine on a variant (Q4_0 or Q2_K) that reports the bundled Q4_1 file's id and
+SHA-256: its hash cache beside the variant says so. Audits run on every delivered answer here
+(`--audit-rate 1`) so that a handful of requests decide; bench/audit_calibration.py measures the rates at
+scale.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import llama_cpp
+import pytest
+from openai import OpenAI
+from pydantic import SecretStr
+from servers import QueenServer, smollm2_path, start_worker, stop_process, wait_until
+
+from queenbee.settings import QueenSettings
+from workerbee.file_hash import cache_path, file_sha256
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+AUDITOR_TOKEN = "auditor-secret"
+ADMIN_KEY = "admin-secret"
+PROMPTS = [
+    "Describe the sea in two sentences.",
+    "Name three primary colors.",
+    "Write a haiku about rain.",
+    "Explain gravity to a child.",
+    "How do birds fly?",
+    "List five fruits.",
+    "Tell me a short story about a cat.",
+    "What is a volcano?",
+]
+
+
+def quantize(source: Path, target: Path, ftype: int) -> Path:
+    """A quantization of the bundled model, made with llama.cpp's own quantizer (about a second)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) == 0
+    return target
+
+
+def posing_as(variant: Path, reference: Path, folder: Path) -> Path:
+    """A copy of `variant` named like the reference, whose hash cache claims the reference's SHA-256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    liar = folder / reference.name
+    shutil.copyfile(variant, liar)
+    stat = liar.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(reference)}
+    cache_path(liar).write_text(json.dumps(stamp))
+    return liar
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Q4_0 and Q2_K of the bundled Q4_1 model, each also as a liar's copy claiming to be Q4_1."""
+    folder = tmp_path_factory.mktemp("variants")
+    reference = smollm2_path()
+    made = {
+        "Q4_0": quantize(reference, folder / "q4_0.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
+        "Q2_K": quantize(reference, folder / "q2_k.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K),
+    }
+    return made | {f"{name} posing": posing_as(path, reference, folder / name) for name, path in made.items()}
+
+
+def queen_settings(tmp_path: Path, **fields: Any) -> QueenSettings:
+    """A queen that audits every delivered answer and releases escrow after one passed audit."""
+    return QueenSettings(
+        db=tmp_path / "queen.db",
+        auditor_token=SecretStr(AUDITOR_TOKEN),
+        admin_key=SecretStr(ADMIN_KEY),
+        audit_rate=1.0,
+        escrow_audits=1,
+        escrow_seconds=0,
+        queue_timeout=60,
+        first_token_timeout=60,
+        **fields,
+    )
+
+
+@pytest.fixture
+def stopping() -> Iterator[list[Any]]:
+    """Worker processes to stop at the end of the test."""
+    processes: list[Any] = []
+    yield processes
+    for process in processes:
+        stop_process(process)
+
+
+def worker(
+    queen: QueenServer, processes: list[Any], name: str, *extra: str, model: Path | None = None
+) -> Any:
+    """Start a workerbee process with its own identity and payout address."""
+    process = start_worker(
+        queen.worker_url,
+        "--instance-id-file",
+        str(Path(queen.settings.db).parent / f"{name}.id"),
+        "--ln-url",
+        f"{name}@example.com",
+        *extra,
+        model=model,
+    )
+    processes.append(process)
+    return process
+
+
+def identity(queen: QueenServer, name: str) -> str:
+    """The instance id of the worker started as `name`."""
+    return (Path(queen.settings.db).parent / f"{name}.id").read_text().strip()
+
+
+def audits_of(queen: QueenServer) -> Any:
+    """The running queen's audit service."""
+    assert queen.server is not None
+    return queen.server.config.app.state.audits
+
+
+def ask(client: OpenAI, prompt: str) -> str:
+    """A greedy streamed answer (what audits can check), as the client saw it."""
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+    )
+    return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+def admin(queen: QueenServer, path: str) -> Any:
+    """GET an admin-only JSON endpoint."""
+    response = httpx.get(f"{queen.base_url}{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_worker_serving_q4_0_as_q4_1_is_paused_within_two_audits_and_forfeits_the_flagged_pay(
+    tmp_path: Path, variants: dict[str, Path], stopping: list[Any]
+) -> None:
+    """The liar's first two audits flag it and pause it; an honest worker with --parallel 2 beside it is
+    never flagged; the usage report splits each address's tokens into payable, escrowed and forfeited,
+    to the token."""
+    # A liar that keeps the real file for challenges is modelled by switching challenges off here.
+    queen = QueenServer(queen_settings(tmp_path, possession_challenges=False)).start()
+    try:
+        worker(queen, stopping, "auditor", "--auditor-token", AUDITOR_TOKEN)
+        worker(queen, stopping, "honest", "--parallel", "2")
+        worker(queen, stopping, "liar", model=variants["Q4_0 posing"])
+        wait_until(lambda: len(queen.hive.serving(MODEL)) == 3, timeout=120)
+        service = audits_of(queen)
+        liar = service.standing(identity(queen, "liar"))
+        honest = service.standing(identity(queen, "honest"))
+        client = OpenAI(base_url=queen.openai_url, api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(3) as pool:
+            for round_ in range(6):
+                list(pool.map(lambda prompt: ask(client, prompt), PROMPTS[round_ % 4 : round_ % 4 + 3]))
+                wait_until(lambda: service.pending == 0, timeout=60)
+                if liar.paused and honest.audits >= 2:
+                    break
+        wait_until(lambda: liar.paused and service.pending == 0, timeout=60)
+        assert liar.paused_after == 2, (liar.audits, liar.flags)
+        assert liar.flags == liar.audits
+        assert honest.audits >= 2
+        assert honest.flags == 0
+        view = {item["id"]: item.get("audit") for item in admin(queen, "/v1/workers")["data"]}
+        liar_view = next(v for v in view.values() if v and v.get("paused"))
+        assert liar_view["flags"] == liar.flags
+        assert "nats below the model's best" in liar_view["pause_reason"]
+        assert sum(1 for v in view.values() if v == {"trusted": True}) == 1
+        metrics = httpx.get(f"{queen.base_url}/metrics").text
+        assert "queenbee_workers_paused_total 1.0" in metrics
+        assert f"queenbee_audits_flagged_total {float(liar.flags)}" in metrics
+        # Paused: no more traffic goes to the liar.
+        for prompt in PROMPTS[:3]:
+            ask(client, prompt)
+        wait_until(lambda: service.pending == 0, timeout=60)
+        usage = admin(queen, "/admin/usage")
+        by_address = {row["ln_url"]: row for row in usage["workers"]}
+        liar_row, honest_row = by_address["liar@example.com"], by_address["honest@example.com"]
+        assert liar_row["succeeded"] == liar.audits  # every one of its answers was audited, then none
+        assert liar_row["payable_tokens"] == 0
+        assert liar_row["forfeited_tokens"] > 0
+        assert liar_row["forfeited_tokens"] + liar_row["escrowed_tokens"] == liar_row["total_tokens"]
+        # The honest worker passed an audit and has been connected long enough: its pay is released.
+        assert honest_row["payable_tokens"] == honest_row["total_tokens"] > 0
+        assert honest_row["forfeited_tokens"] == honest_row["escrowed_tokens"] == 0
+    finally:
+        queen.stop()
+
+
+def test_a_possession_challenge_pauses_a_worker_whose_file_is_not_the_one_it_claims(
+    tmp_path: Path, variants: dict[str, Path], stopping: list[Any]
+) -> None:
+    """A Q2_K worker claiming the Q4_1 file's hash cannot hash a range of that file: paused at once,
+    before it served anything."""
+    queen = QueenServer(queen_settings(tmp_path)).start()
+    try:
+        worker(queen, stopping, "auditor", "--auditor-token", AUDITOR_TOKEN)
+        wait_until(lambda: len(queen.hive.serving(MODEL)) == 1, timeout=120)
+        worker(queen, stopping, "liar", model=variants["Q2_K posing"])
+        wait_until(lambda: len(queen.hive.serving(MODEL)) == 2, timeout=120)
+        service = audits_of(queen)
+        wait_until(lambda: service.counts.challenges == 1, timeout=60)
+        standing = service.standing(identity(queen, "liar"))
+        assert standing.paused
+        assert "could not prove it holds the file" in standing.pause_reason
+        assert service.counts.challenges_failed == 1
+        liar = next(w for w in queen.hive.serving(MODEL) if w.id not in service.trusted)
+        assert liar.health.benched(time.monotonic() + 10**9)
+    finally:
+        queen.stop()
+
+
+def test_a_pinned_model_id_is_refused_to_a_worker_whose_file_has_another_hash(
+    tmp_path: Path, variants: dict[str, Path], stopping: list[Any]
+) -> None:
+    """--model-pin: an honest Q2_K file served under the Q4_1 id is refused that id, and the worker,
+    left with nothing to serve, stops with the reason; the pinned file itself is welcome."""
+    pin = f"{MODEL}={file_sha256(smollm2_path())}"
+    queen = QueenServer(queen_settings(tmp_path, model_pin=[pin])).start()
+    try:
+        refused = worker(queen, stopping, "q2k", "--alias", MODEL, model=variants["Q2_K"])
+        refused.wait(timeout=120)
+        code, stderr = stop_process(refused)
+        assert code == 1
+        assert f"'{MODEL}' is pinned to the file with SHA-256 {file_sha256(smollm2_path())}" in stderr
+        assert file_sha256(variants["Q2_K"]) in stderr
+        worker(queen, stopping, "pinned")
+        wait_until(lambda: len(queen.hive.serving(MODEL)) == 1, timeout=120)
+    finally:
+        queen.stop()
+
+
+def test_a_wrong_auditor_token_is_refused(tmp_path: Path, stopping: list[Any]) -> None:
+    """A worker presenting another auditor token is refused once and stops, never trusted."""
+    queen = QueenServer(queen_settings(tmp_path)).start()
+    try:
+        process = worker(queen, stopping, "impostor", "--auditor-token", "not-the-token")
+        process.wait(timeout=120)
+        code, stderr = stop_process(process)
+        assert code == 1
+        assert "the auditor token is not this queen's" in stderr
+        assert queen.hive.serving(MODEL) == []
+    finally:
+        queen.stop()
