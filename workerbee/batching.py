@@ -30,6 +30,7 @@ import numpy as np
 
 from protocol import ErrorCode, ModelInfo, PromptTokensDetails, Resume, Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from workerbee.cache_ram import HostCache
 from workerbee.choices import ChatChoice, CompletionChoice
 from workerbee.decoding import Generation, Piece, Sampling, choice_seeds
 from workerbee.detokenize import TextAssembler
@@ -146,8 +147,14 @@ class BatchedModel:
         token_seconds = choice.timings.get(choice.threads, 0.05) / parallel
         # A count given with --threads is kept; a measured one is only where tuning starts.
         tuner = ThreadTuner(thread_candidates(), choice.threads) if threads is None else None
+        host_cache = HostCache(config.cache_ram * 2**20) if config.cache_ram else None
         scheduler = Scheduler(
-            context, weights.vocab, name=config.id, token_seconds=token_seconds, tuner=tuner
+            context,
+            weights.vocab,
+            name=config.id,
+            token_seconds=token_seconds,
+            tuner=tuner,
+            host_cache=host_cache,
         )
         embedder = None
         if config.embeddings:

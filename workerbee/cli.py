@@ -257,7 +257,7 @@ async def serve(
     # The content hashes let the queen resume an answer on another worker with the same file.
     hashes = await asyncio.to_thread(lambda: [model_sha256(model.resolved.parts) for model in planned])
     configs = [
-        replace(model.config(settings.embeddings), sha256=digest)
+        replace(model.config(settings.embeddings), sha256=digest, cache_ram=settings.cache_ram)
         for model, digest in zip(planned, hashes, strict=True)
     ]
     engine = await LlamaEngine.load(configs, threads=threads, parallel=settings.parallel)

@@ -253,6 +253,19 @@ class MultiSequenceContext:
         """Make `destination`'s stream a copy of `source`'s (the data moves at the next decode)."""
         llama_cpp.llama_memory_seq_cp(self._memory, source, destination, -1, -1)
 
+    def save(self, seq_id: int) -> bytes:
+        """A sequence's KV state (its cells and positions) as llama.cpp serialises it."""
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, seq_id))
+        return bytes(memoryview(buffer)[:written])
+
+    def restore(self, data: bytes, seq_id: int) -> bool:
+        """Replace a sequence's cells with a state `save` made (of any sequence); False if refused."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return int(llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(data), seq_id)) > 0
+
     def last_position(self, seq_id: int) -> int:
         """The highest position held for a sequence, -1 if it holds none."""
         return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id))

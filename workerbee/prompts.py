@@ -42,6 +42,8 @@ class ModelConfig:
     size_bytes: int | None = None
     sha256: str | None = None
     """The GGUF's content hash (file_hash.py): resumes go only between workers with the same one."""
+    cache_ram: int = 0
+    """MiB of host RAM for evicted slot states (--cache-ram, cache_ram.py); 0: none."""
 
 
 @dataclass(frozen=True)

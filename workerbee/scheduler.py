@@ -17,12 +17,17 @@ sampler, so the prompt is decoded once for all n.
 - Slots keep the cells of their last sequence as a prompt cache: a newcomer takes the free slot whose
   cache shares the longest prefix with its prompt, or copies the stream of another slot that shares at
   least COPY_MIN_TOKENS more, and decodes only the rest (a shared prefix under MIN_REUSE_TOKENS is
-  decoded again). A cancelled sequence's cells are freed at once.
+  decoded again). A cancelled sequence's cells are freed at once. With a host cache (--cache-ram,
+  cache_ram.py), a slot about to be overwritten is saved to RAM first, and a saved state that shares
+  more with a newcomer's prompt than any slot is restored into its slot instead of decoding it again.
+- Each slot keeps the queen's names of the prefixes it holds (prefix_cache.py); every change to them
+  is published as a snapshot (`cached_prefixes`) and announced through `on_cache_change`.
 - A resumed choice (JobChoice.replay) decodes its prompt, then the relayed tokens one a step, as they
   were generated, and only then samples: its answer goes on as the interrupted one would have.
 
-Everything here but `submit`, `poke`, `slot_states` and `close` runs on the scheduler's own thread, the
-only one that touches the llama.cpp context; events reach the requests through their `post` callback.
+Everything here but `submit`, `poke`, `slot_states`, `cached_prefixes` and `close` runs on the
+scheduler's own thread, the only one that touches the llama.cpp context; events reach the requests
+through their `post` callback.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field, replace
 
 from protocol import ErrorCode
 from protocol.prefix import reply_hash
+from workerbee.cache_ram import MIN_SAVED_TOKENS, HostCache, SavedState
 from workerbee.decoding import FinishReason, TokenLogprob
 from workerbee.detokenize import TextAssembler, TokenSpans
 from workerbee.errors import Cancelled, EngineError
@@ -239,6 +245,8 @@ class BatchStats:
     """Prompt tokens not decoded because a slot's cache already held them."""
     copies: int = 0
     """KV streams copied from one slot to another for their shared prefix."""
+    restores: int = 0
+    """Slot states brought back from host RAM (--cache-ram) for a newcomer's prefix."""
     generated_tokens: int = 0
     max_running: int = 0
     """The most sequences running at once."""
@@ -256,8 +264,11 @@ class Scheduler:
         token_seconds: float,
         tuner: ThreadTuner | None = None,
         on_cache_change: Callable[[], None] | None = None,
+        host_cache: HostCache | None = None,
     ) -> None:
         self.context = context
+        self.host_cache = host_cache
+        """Evicted slot states kept in host RAM (--cache-ram), or None."""
         self.on_cache_change = on_cache_change
         """Called on the scheduler's thread whenever what the slots hold changes."""
         self.cache_version = 0
@@ -413,12 +424,28 @@ class Scheduler:
             key=lambda pair: pair[1],
             default=(None, 0),
         )
-        if donor is not None and shared >= keep + COPY_MIN_TOKENS:
+        saved = self.host_cache.best(prompt) if self.host_cache is not None else None
+        if saved is not None and saved[1] >= max(keep, shared) + COPY_MIN_TOKENS:
+            assert self.host_cache is not None
+            self._save(slot, 0)
+            state = self.host_cache.take(saved[0])
+            if self.context.restore(state.data, slot.seq_id):
+                slot.cached = state.tokens
+                keep = saved[1]
+                self.stats.restores += 1
+            else:
+                log.warning("llama.cpp refused a state saved in host RAM; decoding the prompt again")
+                slot.cached = []
+                keep = 0
+        elif donor is not None and shared >= keep + COPY_MIN_TOKENS:
+            self._save(slot, 0)
             # Streams are separate buffers: llama.cpp copies a whole stream, then the tail is dropped.
             self.context.copy(donor.seq_id, slot.seq_id)
             slot.cached = donor.cached[:shared]
             keep = shared
             self.stats.copies += 1
+        else:
+            self._save(slot, keep if keep >= MIN_REUSE_TOKENS else 0)
         # At least the last prompt token is decoded again: its logits give the first token. A prefix too
         # short to save anything (the chat template's first tokens) is decoded again too, so that prompts
         # that share only that decode exactly as they would cold (see WHOLE_PROMPT_TOKENS).
@@ -434,9 +461,20 @@ class Scheduler:
         self.stats.reused_tokens += keep
         return leader
 
+    def _save(self, slot: _Slot, keep: int) -> None:
+        """Keep the slot's state in host RAM if more than a little of it is about to be overwritten."""
+        if self.host_cache is None or len(slot.cached) - keep < MIN_SAVED_TOKENS:
+            return
+        state = SavedState(list(slot.cached), self.context.save(slot.seq_id), list(slot.blocks.blocks))
+        if not self.host_cache.put(state):
+            log.debug("a slot state of %d bytes is larger than --cache-ram", len(state.data))
+
     def _publish_cache(self) -> None:
-        """Take a new snapshot of what the slots hold and say it changed."""
-        self._cached_prefixes = summarize(slot.blocks.blocks for slot in self._slots)
+        """Take a new snapshot of what the slots and host RAM hold and say it changed."""
+        caches = [slot.blocks.blocks for slot in self._slots]
+        if self.host_cache is not None:
+            caches += self.host_cache.blocks()
+        self._cached_prefixes = summarize(caches)
         self.cache_version += 1
         if self.on_cache_change is not None:
             self.on_cache_change()

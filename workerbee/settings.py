@@ -88,6 +88,12 @@ class WorkerSettings(BaseSettings):
     )
     main_gpu: int | None = Field(default=None, ge=0, description="GPU for scratch buffers and small tensors.")
     embeddings: bool = Field(default=False, description="Also serve /v1/embeddings for the models.")
+    cache_ram: int = Field(
+        default=0,
+        ge=0,
+        description="MiB of host RAM per model for KV states of evicted slots, restored when a prompt "
+        "shares their prefix, so that more conversations stay warm than there are slots (0: none).",
+    )
     cache_dir: Path | None = Field(
         default=None, description="Hugging Face cache directory (default: the standard HF cache)."
     )
