@@ -403,9 +403,12 @@ class Scheduler:
             self._running.append(follower)
         job.running = len(job.choices)
         self.stats.max_running = max(self.stats.max_running, len(self._running))
-        for seq in [leader, *leader.followers]:
-            seq.slot.blocks.replace(job.blocks)
-        self._publish_cache()
+        # The slots' old prefixes are being overwritten; the new ones count once they are decoded.
+        holders = [seq.slot.blocks for seq in [leader, *leader.followers] if seq.slot.blocks.blocks]
+        for blocks in holders:
+            blocks.clear()
+        if holders or self.host_cache is not None:  # host RAM may have given or taken a state
+            self._publish_cache()
         job.post(Started(cached=leader.position))
 
     def _admit_leader(self, job: Job) -> _Sequence:
@@ -560,7 +563,12 @@ class Scheduler:
             seq.slot.cached.extend(seq.job.prompt[seq.position : seq.position + take])
             seq.position += take
             self.stats.prompt_tokens += take
+        published = False
         for seq, index in outputs:
+            if seq.next_token is None:  # its prompt is decoded now: the slots hold it
+                for holder in [seq, *seq.followers]:
+                    holder.slot.blocks.replace(seq.job.blocks)
+                published = True
             for follower in seq.followers:
                 # The prompt's cells are the leader's: its stream is copied (at the next decode).
                 self.context.copy(seq.slot.seq_id, follower.slot.seq_id)
@@ -573,6 +581,8 @@ class Scheduler:
                     sampled.next_token = sampled.forced.popleft()  # its sampler advanced over it already
                 elif sampled in self._running:
                     self._accept(sampled, sampled.choice.sampler.sample(self.context, index), index)
+        if published:
+            self._publish_cache()
 
     def _accept(self, seq: _Sequence, token: int, index: int) -> None:
         """Take a sampled token: end the sequence, or keep it for the next step and post its text."""
