@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import TypedDict
 
 from starlette.applications import Starlette
@@ -14,6 +15,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from queenbee.api.files import create_file, delete_file, file_content, list_files, retrieve_file
+from queenbee.api.fine_tuning import (
+    cancel_job,
+    create_job,
+    list_checkpoints,
+    list_events,
+    list_jobs,
+    retrieve_job,
+)
 from queenbee.api.messages import count_tokens, create_message, is_messages_path
 from queenbee.api.responses import create_response, delete_response, list_input_items, retrieve_response
 from queenbee.auditing import AuditCollector, AuditService, auditor_secret
@@ -36,6 +46,8 @@ from queenbee.openai_api import (
 from queenbee.ratelimit import RateLimiter
 from queenbee.response_store import ResponseStore
 from queenbee.settings import QueenSettings
+from queenbee.training_queue import FineTunedModels, TrainingQueue
+from queenbee.tuning_store import TuningStore
 from queenbee.usage_report import admin_usage
 from queenbee.worker_endpoint import worker_endpoint
 
@@ -57,6 +69,9 @@ class QueenState(TypedDict):
     responses: ResponseStore
     metrics: QueenMetrics
     activity: RecentActivity
+    tuning: TuningStore
+    training: TrainingQueue
+    fine_tuned: FineTunedModels
     audits: AuditService
 
 
@@ -128,6 +143,11 @@ def create_app(settings: QueenSettings) -> Starlette:
         audits.start()
         # The ledger first: a record is durable before anything else hears of it.
         observer = Observers([ledger, RequestLog(), metrics, activity])
+        tuning = await TuningStore.open(settings.db)
+        fine_tuned = FineTunedModels()
+        training = TrainingQueue(hive, tuning, fine_tuned, observer, settings)
+        await training.load()
+        training_task = asyncio.create_task(training.run())
         yield {
             "hive": hive,
             "settings": settings,
@@ -139,11 +159,18 @@ def create_app(settings: QueenSettings) -> Starlette:
             "responses": responses,
             "metrics": metrics,
             "activity": activity,
+            "tuning": tuning,
+            "training": training,
+            "fine_tuned": fine_tuned,
             "audits": audits,
         }
         await audits.close()
         for worker in list(hive.workers.values()):
             await worker.close(1001, "queen shutting down")
+        training_task.cancel()
+        with suppress(asyncio.CancelledError):
+            await training_task
+        await tuning.close()
         await responses.close()
         await ledger.close()
 
@@ -158,6 +185,19 @@ def create_app(settings: QueenSettings) -> Starlette:
         Route("/v1/messages", client_endpoint(create_message), methods=["POST"]),
         Route("/v1/messages/count_tokens", client_endpoint(count_tokens), methods=["POST"]),
         Route("/v1/models", client_endpoint(list_models), methods=["GET"]),
+        Route("/v1/files", client_endpoint(create_file), methods=["POST"]),
+        Route("/v1/files", client_endpoint(list_files), methods=["GET"]),
+        Route("/v1/files/{file_id}", client_endpoint(retrieve_file), methods=["GET"]),
+        Route("/v1/files/{file_id}", client_endpoint(delete_file), methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", client_endpoint(file_content), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs", client_endpoint(create_job), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs", client_endpoint(list_jobs), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}", client_endpoint(retrieve_job), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/cancel", client_endpoint(cancel_job), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/events", client_endpoint(list_events), methods=["GET"]),
+        Route(
+            "/v1/fine_tuning/jobs/{job_id}/checkpoints", client_endpoint(list_checkpoints), methods=["GET"]
+        ),
         Route("/v1/models/{model:path}", client_endpoint(retrieve_model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", stats_endpoint(metrics_endpoint), methods=["GET"]),

@@ -141,8 +141,43 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
-    # 6: reserved for files and fine-tuning jobs.
-    (),
+    # 6: files uploaded for fine-tuning and fine-tuning jobs with their events
+    # (queenbee/tuning_store.py), each by owner (the API key id, or NULL on an open queen). IF NOT
+    # EXISTS: the store runs these again on a ledger migrated while 6 was an empty reserved slot.
+    (
+        """
+        CREATE TABLE IF NOT EXISTS files (
+            id TEXT PRIMARY KEY,
+            owner TEXT,
+            created_at REAL NOT NULL,
+            filename TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            content BLOB NOT NULL
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS files_owner ON files (owner, created_at)",
+        """
+        CREATE TABLE IF NOT EXISTS fine_tuning_jobs (
+            id TEXT PRIMARY KEY,
+            owner TEXT,
+            created_at REAL NOT NULL,
+            status TEXT NOT NULL,
+            job TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS fine_tuning_jobs_owner ON fine_tuning_jobs (owner, created_at)",
+        "CREATE INDEX IF NOT EXISTS fine_tuning_jobs_status ON fine_tuning_jobs (status)",
+        """
+        CREATE TABLE IF NOT EXISTS fine_tuning_events (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            job_id TEXT NOT NULL,
+            event TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS fine_tuning_events_job ON fine_tuning_events (job_id, seq)",
+    ),
     # 7: the prompt tokens the worker took from its cache, part of prompt_tokens (they may be priced
     # differently); 0 for older rows, which did not say.
     ("ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",),

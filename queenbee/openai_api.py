@@ -35,6 +35,7 @@ from queenbee.json_body import THREAD_PARSE_BYTES, parse_body_async
 from queenbee.ledger import Ledger
 from queenbee.ratelimit import Lease
 from queenbee.settings import QueenSettings
+from queenbee.training_queue import FineTunedModels
 from queenbee.usage_check import NO_BOUNDS, usage_bounds
 
 
@@ -216,6 +217,11 @@ async def forward(
     if audits is not None and stream:
         call.on_delivered = audits.delivered
     try:
+        fine_tuned: FineTunedModels | None = getattr(request.state, "fine_tuned", None)
+        if fine_tuned is not None and not fine_tuned.visible(parsed.model, call.api_key_id):
+            # Another key's fine-tuned model does not exist for this one.
+            message = f"The model '{parsed.model}' does not exist or no worker serves it."
+            raise ModelNotFound(message, param="model")
         n_ctx = hive.context_length(parsed.model)
         if n_ctx is None:
             message = f"The model '{parsed.model}' does not exist or no worker serves it."
@@ -261,17 +267,27 @@ def _model_object(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "queenbee"}
 
 
-async def list_models(request: Request) -> Response:
-    """GET /v1/models: what connected workers serve, in OpenAI's list shape."""
+def _visible_models(request: Request) -> list[str]:
+    """The models connected workers serve that the caller may use (fine-tuned ones only its own)."""
     hive: Hive = request.state.hive
-    return JSONResponse({"object": "list", "data": [_model_object(model) for model in hive.models()]})
+    fine_tuned: FineTunedModels | None = getattr(request.state, "fine_tuned", None)
+    if fine_tuned is None:
+        return hive.models()
+    owner = getattr(request.state, "api_key_id", None)
+    return [model for model in hive.models() if fine_tuned.visible(model, owner)]
+
+
+async def list_models(request: Request) -> Response:
+    """GET /v1/models: what connected workers serve, in OpenAI's list shape (another key's fine-tuned
+    models left out)."""
+    models = _visible_models(request)
+    return JSONResponse({"object": "list", "data": [_model_object(model) for model in models]})
 
 
 async def retrieve_model(request: Request) -> Response:
     """GET /v1/models/{model}: one model a connected worker serves, or a 404 in OpenAI's shape."""
-    hive: Hive = request.state.hive
     model: str = request.path_params["model"]
-    if model not in hive.models():
+    if model not in _visible_models(request):
         raise ModelNotFound(f"The model '{model}' does not exist or no worker serves it.", param="model")
     return JSONResponse(_model_object(model))
 

@@ -189,6 +189,27 @@ class QueenSettings(BaseSettings):
         gt=0,
         description="Seconds a response stored by the Responses API (store=true) is kept. Default: 30 days.",
     )
+    fine_tuning_max_file_bytes: int = Field(
+        default=4 * 2**20,
+        ge=1024,
+        description="Largest file /v1/files takes, bytes (a job's files travel to the worker in one frame).",
+    )
+    fine_tuning_attempts: int = Field(
+        default=3, ge=1, description="Workers a fine-tuning job may be lost on before it fails."
+    )
+    fine_tuning_window: int = Field(
+        default=256,
+        ge=256,
+        le=8192,
+        multiple_of=256,
+        description="Tokens per training window (context, batch and micro-batch of llama.cpp's training).",
+    )
+    fine_tuning_learning_rate: float = Field(
+        default=1e-4,
+        gt=0,
+        le=1,
+        description="AdamW's learning rate for a learning_rate_multiplier of 1.",
+    )
     auditor_token: SecretStr | None = Field(
         default=None,
         description="Workers presenting this token (workerbee --auditor-token) are trusted auditors: they "
