@@ -10,7 +10,6 @@ from typing import TypedDict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -29,9 +28,10 @@ from queenbee.api.responses import create_response, delete_response, list_input_
 from queenbee.auditing import AuditCollector, AuditService, auditor_secret
 from queenbee.auth import ClientKeys, Secrets, client_endpoint, stats_endpoint, warn_if_exposed
 from queenbee.dashboard import dashboard_routes
+from queenbee.direct_routes import DirectRoutes
 from queenbee.errors import QueenError, anthropic_error
 from queenbee.hive import Hive
-from queenbee.http_limits import AllowedHosts, check_host_patterns
+from queenbee.http_limits import check_host_patterns
 from queenbee.ledger import Ledger
 from queenbee.metrics import QueenMetrics, RecentActivity, metrics_endpoint
 from queenbee.observer import Observers, RequestLog, RequestObserver
@@ -113,7 +113,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=500)
 
 
-def create_app(settings: QueenSettings) -> Starlette:
+def create_app(settings: QueenSettings) -> DirectRoutes:
     """Build the queen's application for `settings`.
 
     Raises KeysFileError if the API keys file cannot be used, SecretFileError if a secret's file cannot,
@@ -205,17 +205,27 @@ def create_app(settings: QueenSettings) -> Starlette:
         WebSocketRoute("/worker", worker_endpoint),
         *dashboard_routes(),
     ]
-    # Outermost, so that a request for another Host (DNS rebinding) reaches nothing, websockets included.
-    middleware = []
-    if settings.allowed_host:
-        middleware.append(Middleware(AllowedHosts, allowed_hosts=settings.allowed_host))
-    return Starlette(
+    app = Starlette(
         routes=routes,
-        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             QueenError: _queen_error,
             HTTPException: _http_error,
             Exception: _unexpected_error,
         },
+    )
+    # The POST endpoints with a fixed path skip Starlette's router and middleware (queenbee/direct_routes.py).
+    direct = {
+        route.path: route.endpoint
+        for route in routes
+        if isinstance(route, Route) and route.methods == {"POST"} and "{" not in route.path
+    }
+    return DirectRoutes(
+        app,
+        direct,
+        # Outermost, so that a request for another Host (DNS rebinding) reaches nothing, websockets included.
+        allowed_hosts=settings.allowed_host,
+        queen_error=_queen_error,
+        http_error=_http_error,
+        unexpected_error=_unexpected_error,
     )

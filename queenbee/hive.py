@@ -7,6 +7,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from protocol import CacheSummary
@@ -25,6 +26,18 @@ MAX_KNOWN_MODELS = 1024
 """Model ids remembered as served (metric labels): beyond it, new ones are labelled `unknown`."""
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the workers serving one model accept, at the extremes."""
+
+    n_ctx: int
+    """The longest context any of them serves it with, tokens."""
+    smallest_job_bytes: int
+    """The smallest job frame one of them accepts: a job this size or smaller fits every one."""
+    largest_job_bytes: int
+    """The largest job frame one of them accepts: a bigger job fits none."""
+
+
 class Hive:
     """Every connected worker, indexed by the models it serves."""
 
@@ -38,6 +51,8 @@ class Hive:
         """Which workers hold which prompt prefixes (cache-aware routing, prefix_index.py)."""
         self._health: OrderedDict[str, WorkerHealth] = OrderedDict()
         self._known_models: set[str] = set()
+        self._limits: dict[str, ModelLimits] = {}
+        """Per model, the extremes over the workers serving it: computed on demand, dropped on any change."""
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self._activity = asyncio.Event()
@@ -75,10 +90,24 @@ class Hive:
 
     def context_length(self, model: str) -> int | None:
         """The longest context any connected worker serves `model` with, tokens; None if none serves it."""
-        serving = self._by_model.get(model)
-        if not serving:
-            return None
-        return max(worker.n_ctx.get(model, 0) for worker in serving.values())
+        limits = self.limits(model)
+        return None if limits is None else limits.n_ctx
+
+    def limits(self, model: str) -> ModelLimits | None:
+        """The extremes over the workers serving `model` (None if none does), without a scan per request:
+        with ten thousand workers a scan would cost more than the rest of the request."""
+        limits = self._limits.get(model)
+        if limits is None:
+            serving = self._by_model.get(model)
+            if not serving:
+                return None
+            job_bytes = [worker.max_job_bytes for worker in serving.values()]
+            limits = self._limits[model] = ModelLimits(
+                n_ctx=max(worker.n_ctx.get(model, 0) for worker in serving.values()),
+                smallest_job_bytes=min(job_bytes),
+                largest_job_bytes=max(job_bytes),
+            )
+        return limits
 
     def add(self, worker: WorkerSession) -> None:
         """Put a newly registered worker into rotation."""
@@ -88,6 +117,7 @@ class Hive:
         self.workers[worker.id] = worker
         for model in worker.models:
             self._by_model.setdefault(model, {})[worker.id] = worker
+            self._limits.pop(model, None)
         self.slot_freed(worker)
 
     def remove(self, worker: WorkerSession) -> None:
@@ -101,6 +131,7 @@ class Hive:
             if serving is None:
                 continue
             serving.pop(worker.id, None)
+            self._limits.pop(model, None)
             if not serving:
                 del self._by_model[model]
                 # Nobody serves the model any more: waiting requests learn it now, not at their deadline.
