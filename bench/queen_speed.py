@@ -125,6 +125,9 @@ def _scale(
             crowded = load(queen, "/v1/chat/completions", _body(False), 1, seconds, others)
         finally:
             _stop(many)
+        decisions = scheduling_times(workers)
+        figures["scheduling_p50_us"] = decisions[len(decisions) // 2] * 1e6
+        figures["scheduling_p99_us"] = decisions[int(len(decisions) * 0.99)] * 1e6
         figures["p50_one_worker_ms"] = alone.run.p50 * 1e3
         figures["p99_one_worker_ms"] = alone.run.p99 * 1e3
         figures["p50_many_workers_ms"] = crowded.run.p50 * 1e3
@@ -144,6 +147,31 @@ def _scale(
     return figures
 
 
+def scheduling_times(workers: int, decisions: int = 5000) -> list[float]:
+    """Seconds per routing decision of the queen's own Hive.acquire (choose and reserve, then release)
+    with `workers` socket-less sessions connected, each serving the model with 4 slots; sorted."""
+    import asyncio
+
+    from bench.scheduling import make_workers
+    from queenbee.hive import Hive
+    from queenbee.settings import QueenSettings
+
+    async def decide() -> list[float]:
+        hive = Hive(QueenSettings())
+        for session in make_workers(workers):
+            session._on_slot_free = hive.slot_freed
+            hive.add(session)
+        times = []
+        for step in range(decisions):
+            started = time.perf_counter()
+            worker, _ = await hive.acquire("m", f"r{step}")
+            times.append(time.perf_counter() - started)
+            worker.release(f"r{step}")
+        return sorted(times)
+
+    return asyncio.run(decide())
+
+
 def _hold_requests(queen: Service, count: int) -> int:
     """Start `count` streamed requests that the slow workers hold; the queen's RSS once all are in."""
     import asyncio
@@ -155,12 +183,21 @@ def _hold_requests(queen: Service, count: int) -> int:
         ) as client:
 
             async def one() -> None:
-                async with client.stream("POST", "/v1/chat/completions", content=_body(True)) as response:
+                headers = {"Content-Type": "application/json"}
+                body = _body(True)
+                async with client.stream(
+                    "POST", "/v1/chat/completions", content=body, headers=headers
+                ) as response:
+                    if response.status_code != 200:
+                        raise RuntimeError(f"a held request was refused: {response.status_code}")
                     async for _ in response.aiter_bytes():
                         pass
 
             tasks = [asyncio.create_task(one()) for _ in range(count)]
             await asyncio.sleep(15)  # all sent and waiting on the workers' 30 s delay
+            failed = [task for task in tasks if task.done()]
+            if failed:
+                raise RuntimeError(f"{len(failed)} held requests ended early: {failed[0].exception()!r}")
             rss = queen.rss_bytes()
             for task in tasks:
                 task.cancel()
@@ -267,6 +304,8 @@ def report(results: dict[str, object]) -> str:
             f"| queen RSS with the workers connected | {scale['rss_with_workers_mib']:.0f} MiB |",
             f"| RSS per connected worker | {scale['rss_per_worker_kib']:.1f} KiB |",
             f"| RSS per request in flight | {scale['rss_per_request_kib']:.1f} KiB |",
+            f"| a routing decision (Hive.acquire), p50 / p99 | {scale['scheduling_p50_us']:.1f} / "
+            f"{scale['scheduling_p99_us']:.1f} µs |",
             f"| p50 / p99 at 1 connection, one worker | {scale['p50_one_worker_ms']:.2f} / "
             f"{scale['p99_one_worker_ms']:.2f} ms |",
             f"| p50 / p99 at 1 connection, all of them serving the model | "
