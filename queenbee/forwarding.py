@@ -627,6 +627,10 @@ class ForwardedCall:
     ) -> tuple[Usage, str | None]:
         """The worker's usage within the request's bounds; a worker caught inflating it is benched."""
         checked = check_usage(usage, self.bounds, generated_text_bytes=generated_text_bytes)
+        if usage.cached_tokens > checked.prompt_tokens:
+            # No more of the prompt can have come from a cache than the prompt holds.
+            details = PromptTokensDetails(cached_tokens=checked.prompt_tokens)
+            usage = usage.model_copy(update={"prompt_tokens_details": details})
         if checked.violation is None:
             return usage, None
         log.warning(

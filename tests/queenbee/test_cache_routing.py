@@ -8,13 +8,16 @@ next turn of a conversation goes where it is cached and that the SDK reads the t
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from fake_worker import FakeWorker, answer
+from fake_worker import FakeWorker, answer, completion
 from servers import (
     BUNDLED_MODEL_ID,
     TIME_UNIT,
@@ -25,7 +28,7 @@ from servers import (
     wait_until,
 )
 
-from protocol import CacheSummary, Job
+from protocol import CacheSummary, Job, PromptTokensDetails, Result, Usage
 from protocol.openai import ChatCompletionRequest
 from protocol.prefix import chat_hashes
 from queenbee.prefix_index import PrefixIndex
@@ -278,3 +281,36 @@ def test_the_next_turn_finds_its_cache_and_the_sdk_reads_cached_tokens(real_hive
     assert response.usage is not None
     assert follow_up.usage is not None
     assert follow_up.usage.input_tokens_details.cached_tokens >= response.usage.input_tokens
+
+
+def reporting(cached: int) -> Any:
+    """A worker behaviour that answers whole, saying it took `cached` of 40 prompt tokens from its cache."""
+
+    async def behaviour(worker: FakeWorker, job: Job) -> None:
+        usage = Usage(
+            prompt_tokens=40,
+            completion_tokens=2,
+            total_tokens=42,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+        await worker.send(Result(request_id=job.request_id, usage=usage, response=completion("Hi there")))
+
+    return behaviour
+
+
+@pytest.mark.parametrize(("claimed", "kept"), [(30, 30), (90, 40)])
+async def test_cached_tokens_reach_the_client_and_the_ledger(tmp_path: Path, claimed: int, kept: int) -> None:
+    """What the worker reused is the client's cached_tokens and the ledger's, never more than the prompt."""
+    queen = QueenServer(QueenSettings(db=tmp_path / "ledger.db")).start()
+    try:
+        worker = await FakeWorker(queen.worker_url, behaviour=reporting(claimed)).connect()
+        async with client_for(queen) as client:
+            response = await client.post("/v1/chat/completions", json=HOT)
+        await worker.close()
+    finally:
+        queen.stop()
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": kept}
+    with closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
+        rows = db.execute("SELECT prompt_tokens, cached_tokens FROM usage").fetchall()
+    assert rows == [(40, kept)]
