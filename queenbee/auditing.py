@@ -235,6 +235,10 @@ class AuditService:
         if self.settings.possession_challenges:
             self.hive.spawn(self._challenge_all(worker))
 
+    def is_trusted(self, worker: WorkerSession) -> bool:
+        """Whether a worker is one of the queen's auditors (for keys that use trusted workers only)."""
+        return worker.id in self.trusted
+
     def left(self, worker: WorkerSession) -> None:
         """A worker left the hive."""
         self.trusted.discard(worker.id)

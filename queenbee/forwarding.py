@@ -266,6 +266,8 @@ class ForwardedCall:
     """How the answer is shown to the client; None: a ChatPresenter."""
     on_delivered: Callable[[ForwardedCall, WorkerSession, Usage, AnswerSoFar], None] | None = None
     """Told of every answer that reached its client whole, after its record (audits sample them)."""
+    worker_filter: Callable[[WorkerSession], bool] | None = None
+    """Only workers it accepts may run the request (a key whose prompts go to trusted workers only)."""
     request_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
@@ -372,12 +374,15 @@ class ForwardedCall:
                 f"The request makes a job of {job_bytes} bytes; the workers for '{self.model}' accept "
                 f"at most {limits.largest_job_bytes} bytes. Send a shorter request.",
             )
-        if not self._tried and job_bytes <= limits.smallest_job_bytes:
+        accepts = self.worker_filter
+        if not self._tried and job_bytes <= limits.smallest_job_bytes and accepts is None:
             return frozenset()  # the usual case, known without looking at every worker
         return frozenset(
             worker.id
             for worker in self.hive.serving(self.model)
-            if worker.identity in self._tried or worker.max_job_bytes < job_bytes
+            if worker.identity in self._tried
+            or worker.max_job_bytes < job_bytes
+            or (accepts is not None and not accepts(worker))
         )
 
     async def start(self, resume: Resume | None = None) -> Attempt:

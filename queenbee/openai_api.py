@@ -16,6 +16,7 @@ from queenbee.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelNotFound,
+    NoCapacity,
     QueenError,
     RequestTimeout,
     RequestTooLarge,
@@ -216,6 +217,8 @@ async def forward(
     audits = getattr(request.state, "audits", None)
     if audits is not None and stream:
         call.on_delivered = audits.delivered
+    if audits is not None and call.api_key_id in request.state.settings.trusted_only_key:
+        call.worker_filter = audits.is_trusted
     try:
         fine_tuned: FineTunedModels | None = getattr(request.state, "fine_tuned", None)
         if fine_tuned is not None and not fine_tuned.visible(parsed.model, call.api_key_id):
@@ -227,6 +230,12 @@ async def forward(
             message = f"The model '{parsed.model}' does not exist or no worker serves it."
             raise ModelNotFound(message, param="model")
         _check_token_limit(parsed, n_ctx, limit_param)
+        if call.worker_filter is not None and not any(map(call.worker_filter, hive.serving(parsed.model))):
+            raise NoCapacity(
+                f"No trusted worker serves '{parsed.model}' now: this API key's prompts go only to the "
+                "queen's auditors.",
+                retry_after=5,
+            )
         size = request.state.body_bytes if prompt_bytes is None else prompt_bytes
         call.bounds = usage_bounds(parsed, size, n_ctx)
         if lease is not None:

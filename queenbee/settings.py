@@ -249,6 +249,11 @@ class QueenSettings(BaseSettings):
     audit_timeout: float = Field(
         default=60.0, gt=0, description="Seconds an audit may wait for an auditor's free slot, and run."
     )
+    trusted_only_key: list[str] = Field(
+        default_factory=list,
+        description="An API key's name (or key-XXXXXXXX id) whose prompts go only to trusted workers (the "
+        "auditors), never to other workers. Repeatable.",
+    )
     possession_challenges: bool = Field(
         default=True,
         description="Ask each new worker the hash of a random byte range of its model files (needs an "

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import llama_cpp
+import openai
 import pytest
 from openai import OpenAI
 from pydantic import SecretStr
@@ -252,5 +253,34 @@ def test_a_wrong_auditor_token_is_refused(tmp_path: Path, stopping: list[Any]) -
         assert code == 1
         assert "the auditor token is not this queen's" in stderr
         assert queen.hive.serving(MODEL) == []
+    finally:
+        queen.stop()
+
+
+def test_a_trusted_only_key_sends_its_prompts_to_auditors_alone(tmp_path: Path, stopping: list[Any]) -> None:
+    """A key named by --trusted-only-key is served by the auditor only (a 503 saying why while none is
+    connected); another key is served by whichever worker routing picks."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("vip sk-vip\nplain sk-plain\n")
+    queen = QueenServer(queen_settings(tmp_path, api_keys_file=keys, trusted_only_key=["vip"])).start()
+    try:
+        worker(queen, stopping, "stranger")
+        wait_until(lambda: len(queen.hive.serving(MODEL)) == 1, timeout=120)
+        vip = OpenAI(base_url=queen.openai_url, api_key="sk-vip", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            ask(vip, PROMPTS[0])
+        assert refused.value.status_code == 503
+        assert "this API key's prompts go only to the queen's auditors" in refused.value.message
+        ask(OpenAI(base_url=queen.openai_url, api_key="sk-plain", max_retries=0), PROMPTS[0])
+        worker(queen, stopping, "auditor", "--auditor-token", AUDITOR_TOKEN)
+        wait_until(lambda: len(audits_of(queen).trusted) == 1, timeout=120)
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda prompt: ask(vip, prompt), PROMPTS[:3]))
+        usage = admin(queen, "/admin/usage")
+        by_key = {row["api_key"]: row for row in usage["api_keys"]}
+        by_address = {row["ln_url"]: row for row in usage["workers"]}
+        assert by_key["vip"]["succeeded"] == 3
+        assert by_address["auditor@example.com"]["succeeded"] == 3
+        assert by_address["stranger@example.com"]["succeeded"] == 1  # the plain key's request only
     finally:
         queen.stop()
