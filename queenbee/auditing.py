@@ -11,7 +11,8 @@
   identity for good (no traffic until the queen restarts), logs why, and shows in /v1/workers and the
   metrics.
 - Possession: each untrusted worker joining is asked the hash of a random byte range of each model
-  file an auditor also holds, and so is the auditor; a wrong answer pauses the worker.
+  file an auditor also holds, and so is the auditor, and again after one audit in ten; a wrong answer
+  pauses the worker.
 - Escrow (queenbee/escrow.py): an untrusted identity's earnings are held until it has passed
   `--escrow-audits` audits and been connected `--escrow-seconds`; a flagged request is forfeited.
 """
@@ -74,6 +75,9 @@ POLL_SECONDS = 0.05
 """How often a waiting audit looks for a free auditor slot with no client waiting."""
 CHALLENGE_BYTES = 2**20
 """Bytes of the model file a possession challenge hashes."""
+CHALLENGE_SHARE = 0.1
+"""Share of audits followed by a possession challenge of the audited worker (besides the one at
+registration), so that a worker cannot drop the real file once registered."""
 
 
 def parse_pins(pins: Iterable[str]) -> dict[str, str]:
@@ -323,6 +327,8 @@ class AuditService:
             self._running = 1
             try:
                 await self.audit(delivered)
+                if self.settings.possession_challenges and self._rng.random() < CHALLENGE_SHARE:
+                    await self._challenge_again(delivered)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -500,6 +506,14 @@ class AuditService:
                 await self.challenge(worker, model.id, model.sha256, model.size_bytes)
             except Exception:
                 log.exception("possession challenge of worker %s failed", worker.id)
+
+    async def _challenge_again(self, delivered: Delivered) -> None:
+        worker = self.hive.workers.get(delivered.worker_id)
+        if worker is None or worker.closed:
+            return
+        info = next((model for model in worker.registration.models if model.id == delivered.model), None)
+        if info is not None and info.size_bytes:
+            await self.challenge(worker, delivered.model, delivered.model_hash, info.size_bytes)
 
     async def challenge(self, worker: WorkerSession, model: str, model_hash: str, size: int) -> bool | None:
         """Ask a worker and an auditor for the hash of one random range of a file; a wrong answer pauses.
