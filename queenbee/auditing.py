@@ -55,6 +55,7 @@ from queenbee.audits import (
     Standing,
     Verdict,
     answer_mode,
+    implausibly_fast,
     judge,
 )
 from queenbee.auth import SecretFileError, read_secret_file, secret_matches
@@ -259,7 +260,7 @@ class AuditService:
         if not isinstance(request, ChatCompletionRequest | CompletionRequest):
             return
         standing = self.standing(worker.identity)
-        if not standing.sample(self.policy, self._rng):
+        if not standing.sample(self.policy, self._rng, suspicious=self._fast(worker, model)):
             return
         self.counts.sampled += 1
         delivered = self._delivered(request_id, model, request, worker, usage, answer, resumed)
@@ -270,6 +271,20 @@ class AuditService:
             self._queue.put_nowait(delivered)
         except asyncio.QueueFull:
             self.counts.skipped += 1
+
+    def _fast(self, worker: WorkerSession, model: str) -> bool:
+        """Whether the worker is implausibly fast beside the others serving the same file."""
+        own = worker.speed.get(model)
+        model_hash = worker.model_hashes.get(model)
+        others = [
+            speed.tokens_per_second
+            for other in self.hive.serving(model)
+            if other.id != worker.id
+            and other.model_hashes.get(model) == model_hash
+            and (speed := other.speed.get(model)) is not None
+            and speed.tokens_per_second is not None
+        ]
+        return implausibly_fast(own.tokens_per_second if own is not None else None, others)
 
     def _delivered(
         self,

@@ -20,6 +20,7 @@ is audited.
 from __future__ import annotations
 
 import random
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -170,6 +171,21 @@ class AuditPolicy:
     """Flags within the window that pause a worker."""
 
 
+FAST_FACTOR = 2.0
+"""A worker measured this many times faster than the median of the others on the same file is suspect."""
+
+
+def implausibly_fast(own: float | None, others: list[float], factor: float = FAST_FACTOR) -> bool:
+    """Whether a worker's measured tokens per second stand out from the others' on the same model file.
+
+    Speed is the queen's own measurement (never the worker's word): a worker much faster than others
+    with the same weights is likely running something smaller, so it is audited more. Needs two others.
+    """
+    if own is None or len(others) < 2:
+        return False
+    return own > factor * statistics.median(others)
+
+
 @dataclass
 class Standing:
     """One worker identity's audit record (kept in memory, across its reconnections)."""
@@ -193,9 +209,12 @@ class Standing:
         """Whether a recent flag raised its audit rate."""
         return self.probation_left > 0
 
-    def sample(self, policy: AuditPolicy, rng: random.Random) -> bool:
-        """Whether the delivered request that just finished is audited (counts down probation)."""
-        rate = policy.probation_rate if self.on_probation else policy.rate
+    def sample(self, policy: AuditPolicy, rng: random.Random, *, suspicious: bool = False) -> bool:
+        """Whether the delivered request that just finished is audited (counts down probation).
+
+        A `suspicious` worker (implausibly fast) is sampled at the probation rate too.
+        """
+        rate = policy.probation_rate if self.on_probation or suspicious else policy.rate
         if self.on_probation:
             self.probation_left -= 1
         return rng.random() < rate

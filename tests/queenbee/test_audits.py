@@ -16,7 +16,7 @@ from protocol import Chunk, ModelInfo, Register, Usage
 from protocol.openai import ChatCompletionRequest
 from queenbee import escrow
 from queenbee.auditing import parse_pins
-from queenbee.audits import AuditPolicy, Standing, Verdict, answer_mode
+from queenbee.audits import AuditPolicy, Standing, Verdict, answer_mode, implausibly_fast
 from queenbee.ledger import Ledger, connect, insert
 from queenbee.observer import RequestRecord
 from queenbee.resume import AnswerSoFar
@@ -247,3 +247,15 @@ def test_registration_models_refused_by_a_pin_are_dropped_and_the_rest_served(tm
     assert pinned in alone.refusal
     trusted = service.admit(register.model_copy(update={"auditor_token": "guess"}))
     assert trusted.refusal == "the auditor token is not this queen's"
+
+
+def test_a_worker_much_faster_than_the_others_on_its_file_is_audited_more() -> None:
+    """Twice the median speed of at least two others with the same file: sampled at the probation rate."""
+    assert implausibly_fast(250.0, [100.0, 110.0, 90.0])
+    assert not implausibly_fast(150.0, [100.0, 110.0, 90.0])
+    assert not implausibly_fast(900.0, [100.0])  # one other worker says little
+    assert not implausibly_fast(None, [100.0, 110.0])
+    policy = AuditPolicy()
+    rng, reference = random.Random(3), random.Random(3)
+    sampled = sum(Standing().sample(policy, rng, suspicious=True) for _ in range(200))
+    assert sampled == sum(reference.random() < 0.5 for _ in range(200))
