@@ -47,7 +47,7 @@ def time_scan(workers: list[WorkerSession]) -> float:
         worker = choose_worker(workers, "m", now=0.0)
         assert worker is not None
         worker.reserve(f"r{step}", "m")
-        worker._pending.pop(f"r{step}")
+        worker.release(f"r{step}")
     return (time.perf_counter() - start) / DECISIONS * 1e6
 
 
@@ -62,7 +62,7 @@ def time_index(workers: list[WorkerSession]) -> float:
         assert chosen is not None
         chosen.reserve(f"r{step}", "m")
         index.update(chosen)
-        chosen._pending.pop(f"r{step}")
+        chosen.release(f"r{step}")
         index.update(chosen)
     return (time.perf_counter() - start) / DECISIONS * 1e6
 

@@ -226,6 +226,11 @@ class _GenerationRequest(_Strict):
         """Whether a streamed answer ends with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def sequences(self) -> int:
+        """Sequences a worker generates at once for the request: one per choice (and prompt)."""
+        return self.n or 1
+
 
 class ChatCompletionRequest(_GenerationRequest):
     """The body of POST /v1/chat/completions."""
@@ -318,6 +323,11 @@ class CompletionRequest(_GenerationRequest):
     def token_limit(self) -> int | None:
         """The output token limit per choice; None means up to the context length."""
         return self.max_tokens
+
+    @property
+    def sequences(self) -> int:
+        """Sequences a worker generates at once for the request: n choices for every prompt."""
+        return (self.n or 1) * len(self.prompts)
 
 
 class EmbeddingRequest(_Strict):

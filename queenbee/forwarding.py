@@ -296,6 +296,8 @@ class ForwardedCall:
     _client_left: bool = False
     _prefix: PrefixQuery | None = None
     """The request's prefix chain and session, for cache-aware routing (made at the first attempt)."""
+    _alone: bool = False
+    """The last attempt's worker had no other request when it took this one: its TTFT is its speed."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -404,6 +406,7 @@ class ForwardedCall:
                     embeddings=self.endpoint.embeddings,
                     model_hash=self._model_hash if resume is not None else None,
                     prefix=self._prefix_query(),
+                    sequences=self._sequences(resume),
                 )
             except QueenError:
                 if not self._tried:
@@ -411,6 +414,7 @@ class ForwardedCall:
                 # Nowhere left to retry: the client should learn what went wrong, not that nobody is free.
                 raise last_error from None
             self._tried.add(worker.identity)
+            self._alone = worker.in_flight == 1
             self.attempts += 1
             self._running = (worker, stream)
             await worker.send_job(job, self.request_id)
@@ -452,6 +456,13 @@ class ForwardedCall:
                 last_error.message,
             )
         raise last_error
+
+    def _sequences(self, resume: Resume | None) -> int:
+        """Sequences the worker generates at once: one per choice (and prompt), or per choice resumed."""
+        if resume is not None:
+            return len(resume.choices)
+        request = self.request
+        return request.sequences if isinstance(request, ChatCompletionRequest | CompletionRequest) else 1
 
     def _prefix_query(self) -> PrefixQuery | None:
         """What cache-aware routing needs of the request; hashed only when some worker holds a prefix
@@ -683,7 +694,7 @@ class ForwardedCall:
                 duration=time.monotonic() - self.started,
             )
             ttft = self._ttft(attempt)
-            if ttft is not None:
+            if ttft is not None and self._alone:
                 self.hive.cache.record_prefill(attempt.worker, self.model, usage.prompt_tokens - cached, ttft)
         await self.record(
             "success",

@@ -36,6 +36,8 @@ class ModelLimits:
     """The smallest job frame one of them accepts: a job this size or smaller fits every one."""
     largest_job_bytes: int
     """The largest job frame one of them accepts: a bigger job fits none."""
+    largest_parallel: int
+    """The most slots one of them has."""
 
 
 class Hive:
@@ -106,6 +108,7 @@ class Hive:
                 n_ctx=max(worker.n_ctx.get(model, 0) for worker in serving.values()),
                 smallest_job_bytes=min(job_bytes),
                 largest_job_bytes=max(job_bytes),
+                largest_parallel=max(worker.parallel for worker in serving.values()),
             )
         return limits
 
@@ -175,8 +178,12 @@ class Hive:
         embeddings: bool = False,
         model_hash: str | None = None,
         prefix: PrefixQuery | None = None,
+        sequences: int = 1,
     ) -> tuple[WorkerSession, RequestStream]:
         """Reserve a slot on the best worker for `model`, waiting in line if every worker is busy.
+
+        A request generating `sequences` at once (n choices) takes that many slots of one worker, or, if
+        no worker has that many, all the slots of one of the largest (which runs the rest as they free).
 
         First come, first served: a newcomer takes a slot at once only if nobody is waiting; a waiter
         that is woken but cannot use the slot (its retry excludes that worker) passes the turn on.
@@ -218,11 +225,12 @@ class Hive:
                         if worker.model_hashes.get(model) != model_hash
                     )
                 if waiter is not None or not queue:
-                    worker = self._index.choose(model, now=time.monotonic(), exclude=exclude)
+                    slots = self._slots_needed(model, sequences, exclude)
+                    worker = self._index.choose(model, now=time.monotonic(), exclude=exclude, slots=slots)
                     if worker is not None and prefix is not None and self._settings.routing == "cache-aware":
-                        worker = self._cache_choice(model, prefix, worker, exclude)
+                        worker = self._cache_choice(model, prefix, worker, exclude, slots)
                     if worker is not None:
-                        stream = worker.reserve(request_id, model)
+                        stream = worker.reserve(request_id, model, slots)
                         self._index.update(worker)
                         return worker, stream
                     if exclude and all(worker_id in exclude for worker_id in serving):
@@ -255,15 +263,32 @@ class Hive:
                 del self._waiters[model]
             self._activity.set()
 
+    def _slots_needed(self, model: str, sequences: int, exclude: frozenset[str]) -> int:
+        """Slots a request generating `sequences` at once takes: one each, capped at the most slots one
+        worker it may use has (looking at every worker only when a retry excludes some)."""
+        if sequences <= 1:
+            return 1
+        limits = self.limits(model)
+        largest = limits.largest_parallel if limits is not None else 1
+        if exclude:
+            serving = self._by_model.get(model, {})
+            largest = max((w.parallel for w in serving.values() if w.id not in exclude), default=1)
+        return min(sequences, largest)
+
     def _cache_choice(
-        self, model: str, prefix: PrefixQuery, least_loaded: WorkerSession, exclude: frozenset[str]
+        self,
+        model: str,
+        prefix: PrefixQuery,
+        least_loaded: WorkerSession,
+        exclude: frozenset[str],
+        slots: int,
     ) -> WorkerSession:
         """The worker cache-aware routing prefers to the least loaded one (which it may be)."""
         now = time.monotonic()
 
         def usable(worker: WorkerSession) -> bool:
             return (
-                worker.free_slots > 0
+                worker.can_take(slots)
                 and worker.id not in exclude
                 and model in worker.models
                 and not worker.health.benched(now)

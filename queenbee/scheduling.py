@@ -20,16 +20,21 @@ def speed_score(worker: WorkerSession, model: str) -> float:
 
 
 def choose_worker(
-    candidates: Iterable[WorkerSession], model: str, *, now: float, exclude: frozenset[str] = frozenset()
+    candidates: Iterable[WorkerSession],
+    model: str,
+    *,
+    now: float,
+    exclude: frozenset[str] = frozenset(),
+    slots: int = 1,
 ) -> WorkerSession | None:
-    """Pick the least loaded worker with a free slot, the fastest among equals; None if all are busy.
+    """Pick the least loaded worker with `slots` free, the fastest among equals; None if none has them.
 
     One pass over the candidates: cost grows linearly with the workers serving the model.
     """
     best: WorkerSession | None = None
     best_key: tuple[float, float] | None = None
     for worker in candidates:
-        if worker.free_slots <= 0 or worker.id in exclude or worker.health.benched(now):
+        if not worker.can_take(slots) or worker.id in exclude or worker.health.benched(now):
             continue
         key = (worker.in_flight / worker.parallel, -speed_score(worker, model))
         if best_key is None or key < best_key:
@@ -77,9 +82,12 @@ class WorkerIndex:
         self._versions.pop(worker.id, None)
 
     def choose(
-        self, model: str, *, now: float, exclude: frozenset[str] = frozenset()
+        self, model: str, *, now: float, exclude: frozenset[str] = frozenset(), slots: int = 1
     ) -> WorkerSession | None:
-        """The worker `choose_worker` would pick for `model`, or None if none can take a request now."""
+        """The worker `choose_worker` would pick for `model`, or None if none can take the request now.
+
+        A worker with some free slots but fewer than the request needs is set aside like an excluded one.
+        """
         heap = self._heaps.get(model)
         if not heap:
             return None
@@ -91,7 +99,7 @@ class WorkerIndex:
             if worker is None or self._versions.get(entry[3]) != entry[4] or worker.free_slots <= 0:
                 heapq.heappop(heap)
                 continue
-            if worker.id in exclude or worker.health.benched(now):
+            if worker.id in exclude or worker.health.benched(now) or not worker.can_take(slots):
                 set_aside.append(heapq.heappop(heap))
                 continue
             chosen = worker

@@ -63,6 +63,8 @@ class RequestStream:
         self.request_id = request_id
         self.model = model
         self.started = time.monotonic()
+        self.slots = 1
+        """Slots of its worker the request holds: one per sequence it generates at once."""
         self.buffered_bytes = 0
         """Bytes of chunks delivered and not yet taken by `next`."""
         self.parts: list[str] = []
@@ -192,6 +194,8 @@ class WorkerSession:
         self._websocket = websocket
         self._send_lock = asyncio.Lock()
         self._pending: dict[str, RequestStream] = {}
+        self._slots_held = 0
+        """Slots the requests in `_pending` hold, together."""
         self._cancelling: dict[str, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._on_slot_free = on_slot_free
@@ -208,22 +212,30 @@ class WorkerSession:
 
     @property
     def in_flight(self) -> int:
-        """Requests holding a slot on this worker, including ones being cancelled."""
-        return len(self._pending)
+        """Slots held by requests on this worker, including ones being cancelled (a request with n
+        choices holds n)."""
+        return self._slots_held
 
     @property
     def free_slots(self) -> int:
         """Slots that can take a new request now."""
         if self.closed or self.draining:
             return 0
-        return max(0, self.parallel - len(self._pending))
+        return max(0, self.parallel - self._slots_held)
 
-    def reserve(self, request_id: str, model: str) -> RequestStream:
-        """Take a slot for a request; synchronous so that choosing and reserving cannot interleave."""
-        if self.free_slots <= 0:
-            raise RuntimeError(f"worker {self.id} has no free slot")
+    def can_take(self, slots: int = 1) -> bool:
+        """Whether `slots` are free now."""
+        return self.free_slots >= slots
+
+    def reserve(self, request_id: str, model: str, slots: int = 1) -> RequestStream:
+        """Take `slots` for a request (one per sequence it generates at once); synchronous so that
+        choosing and reserving cannot interleave."""
+        if not self.can_take(slots):
+            raise RuntimeError(f"worker {self.id} has fewer than {slots} free slots")
         stream = RequestStream(request_id, model)
+        stream.slots = slots
         self._pending[request_id] = stream
+        self._slots_held += stream.slots
         return stream
 
     def release(self, request_id: str) -> None:
@@ -350,6 +362,7 @@ class WorkerSession:
             timer.cancel()
         if stream is None:
             return
+        self._slots_held -= stream.slots
         if event is not None:
             # Also after a cancel: whoever settles the request's usage reads the worker's last word.
             stream.put(event)

@@ -185,6 +185,31 @@ async def test_waiting_request_gets_the_slot_when_it_frees(queen: QueenServer) -
     assert len(worker.jobs) == 2
 
 
+async def test_n_choices_hold_n_slots_of_the_worker(queen: QueenServer) -> None:
+    """A request with n=2 on a two-slot worker holds both slots: a plain request waits for them."""
+    release = asyncio.Event()
+
+    async def first_slow(worker: FakeWorker, job: Job) -> None:
+        if len(worker.jobs) == 1:
+            await release.wait()
+        await answer(worker, job)
+
+    worker = await FakeWorker(queen.worker_url, parallel=2, behaviour=first_slow).connect()
+    async with httpx.AsyncClient(base_url=queen.base_url, timeout=30) as client:
+        first = asyncio.create_task(client.post("/v1/chat/completions", json={**CHAT, "n": 2}))
+        await eventually(lambda: bool(worker.jobs))
+        [session] = queen.hive.workers.values()
+        assert (session.in_flight, session.free_slots) == (2, 0)
+        second = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        await eventually(lambda: queen.hive.queue_depth("fake-model") > 0)
+        assert len(worker.jobs) == 1  # not sent to the worker whose slots the choices hold
+        release.set()
+        responses = await asyncio.gather(first, second)
+    await worker.close()
+    assert [response.status_code for response in responses] == [200, 200]
+    assert len(worker.jobs) == 2
+
+
 async def test_failure_before_first_token_is_retried_elsewhere(queen: QueenServer) -> None:
     """A worker that errors before answering is invisible to the client: another worker answers."""
 

@@ -155,26 +155,89 @@ def test_index_agrees_with_the_reference_policy() -> None:
         action = rng.random()
         if action < 0.45:
             exclude = frozenset(rng.sample([w.id for w in workers], 3))
-            expected = choose_worker(workers, "m", now=now, exclude=exclude)
-            chosen = index.choose("m", now=now, exclude=exclude)
+            slots = rng.choice([1, 1, 1, 2, 3, 4])
+            expected = choose_worker(workers, "m", now=now, exclude=exclude, slots=slots)
+            chosen = index.choose("m", now=now, exclude=exclude, slots=slots)
             if expected is None:
                 assert chosen is None
                 continue
             assert chosen is not None
+            assert chosen.free_slots >= slots
             assert rank(chosen) == rank(expected)
             request_id = f"r{step}"
-            chosen.reserve(request_id, "m")
+            chosen.reserve(request_id, "m", slots)
             index.update(chosen)
             running.append((chosen, request_id))
         elif action < 0.85 and running:
             worker, request_id = running.pop(rng.randrange(len(running)))
-            worker._pending.pop(request_id)
+            worker.release(request_id)
             if rng.random() < 0.5:
                 measured(worker, rng.uniform(5, 100))
             index.update(worker)
         else:
             worker = rng.choice(workers)
             worker.health.benched_until = now + rng.choice([0, 5, 50])
+
+
+async def test_a_request_with_n_choices_takes_n_slots() -> None:
+    """n choices hold n slots of one worker: chosen only where n are free, and freed together."""
+    hive = Hive(QueenSettings(queue_timeout=0.05))
+    small, large = make_worker("small", parallel=2), make_worker("large", parallel=4)
+    for worker in (small, large):
+        worker._on_slot_free = hive.slot_freed
+        hive.add(worker)
+    worker, stream = await hive.acquire("m", "three", sequences=3)
+    assert (worker, stream.slots) == (large, 3)
+    assert (large.in_flight, large.free_slots) == (3, 1)
+    worker, _ = await hive.acquire("m", "two", sequences=2)
+    assert worker is small  # the large one has one slot left, not two
+    with pytest.raises(NoCapacity):
+        await hive.acquire("m", "another-two", sequences=2)
+    worker, _ = await hive.acquire("m", "one")
+    assert worker is large
+    large.release("three")
+    assert (large.in_flight, large.free_slots) == (1, 3)
+    worker, stream = await hive.acquire("m", "three-again", sequences=3)
+    assert (worker, stream.slots) == (large, 3)
+
+
+async def test_more_choices_than_any_worker_has_slots_take_a_whole_worker() -> None:
+    """n beyond every worker's slots takes all the slots of a largest idle worker, which runs the rest in
+    turn; a retry that excludes the largest caps n at what the others have."""
+    hive = Hive(QueenSettings(queue_timeout=0.05))
+    small, large = make_worker("small", parallel=2), make_worker("large", parallel=4)
+    for worker in (small, large):
+        worker._on_slot_free = hive.slot_freed
+        hive.add(worker)
+    worker, stream = await hive.acquire("m", "eight", sequences=8)
+    assert (worker, stream.slots, large.free_slots) == (large, 4, 0)
+    large.release("eight")
+    worker, stream = await hive.acquire("m", "retry", sequences=8, exclude=frozenset({"large"}))
+    assert (worker, stream.slots, small.free_slots) == (small, 2, 0)
+
+
+async def test_a_waiting_request_for_several_slots_keeps_its_place() -> None:
+    """A request waiting for three slots gets them once they are free; a later one-slot request does not
+    overtake it meanwhile."""
+    hive = Hive(QueenSettings(queue_timeout=5))
+    worker = make_worker("w", parallel=4)
+    worker._on_slot_free = hive.slot_freed
+    hive.add(worker)
+    await hive.acquire("m", "a", sequences=2)
+    await hive.acquire("m", "b")
+    waiting = asyncio.create_task(hive.acquire("m", "three", sequences=3))
+    await eventually(lambda: hive.queue_depth("m") == 1)
+    later = asyncio.create_task(hive.acquire("m", "later"))
+    await eventually(lambda: hive.queue_depth("m") == 2)
+    worker.release("b")  # two free: not enough for the first in line, and the later one waits its turn
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert not later.done()
+    worker.release("a")  # four free
+    _, stream = await asyncio.wait_for(waiting, 5)
+    assert stream.slots == 3
+    _, stream = await asyncio.wait_for(later, 5)
+    assert (stream.request_id, worker.free_slots) == ("later", 0)
 
 
 def rank(worker: WorkerSession) -> tuple[float, float]:
