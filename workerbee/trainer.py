@@ -139,8 +139,10 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     started: float
-    last_valid_loss: float | None = None
+    valid_loss: float | None = None
     train_loss_sum: float = 0.0
+    held: dict[str, Any] | None = None
+    """An epoch's last step, held back until the validation loss after it is known."""
 
 
 def emit(event: dict[str, Any]) -> None:
@@ -261,21 +263,23 @@ def train(spec: TrainingSpec) -> None:
         mean = _result_loss(lib, result)
         step_loss = mean * ibatch - run.train_loss_sum
         run.train_loss_sum = mean * ibatch
-        emit(
-            {
-                "type": "metrics",
-                "step": run.epoch * run.steps_per_epoch + int(ibatch),
-                "total_steps": run.total_steps,
-                "epoch": run.epoch + 1,
-                "train_loss": step_loss,
-                "valid_loss": run.last_valid_loss,
-            }
-        )
+        event = {
+            "type": "metrics",
+            "step": run.epoch * run.steps_per_epoch + int(ibatch),
+            "total_steps": run.total_steps,
+            "epoch": run.epoch + 1,
+            "train_loss": step_loss,
+            "valid_loss": None,
+        }
+        if valid_windows and ibatch == run.steps_per_epoch:
+            run.held = event
+        else:
+            emit(event)
 
     def on_eval(
         _train: bool, _ctx: int, _dataset: int, result: int, _ibatch: int, _max: int, _t: int
     ) -> None:
-        run.last_valid_loss = _result_loss(lib, result)
+        run.valid_loss = _result_loss(lib, result)
 
     train_callback = EPOCH_CALLBACK(on_train)
     eval_callback = EPOCH_CALLBACK(on_eval)
@@ -303,13 +307,9 @@ def train(spec: TrainingSpec) -> None:
         lib.ggml_opt_result_reset(ctypes.c_void_p(result_train))
         lib.ggml_opt_result_reset(ctypes.c_void_p(result_eval))
         lib.ggml_opt_dataset_free(ctypes.c_void_p(dataset))
-        if valid_windows:
-            emit(
-                {
-                    "type": "message",
-                    "message": f"Epoch {epoch + 1}: validation loss {run.last_valid_loss:.4f}.",
-                }
-            )
+        if run.held is not None:
+            emit({**run.held, "valid_loss": run.valid_loss})
+            run.held = None
 
     emit({"type": "message", "message": "Saving the trained model as Q8_0."})
     trained_f32 = spec.work_dir / "trained-f32.gguf"

@@ -176,6 +176,8 @@ class Trainer:
                     else:
                         progress = TrainingEvent.model_validate(event)
                         await on_chunk(progress.model_dump(mode="json", exclude_none=True), 0)
+            if cancel.is_set():
+                process.kill()  # no grace: the process holds nothing worth keeping
             await process.wait()
         except TimeoutError:
             error = f"the training process said nothing for {SILENCE_TIMEOUT:g} s"

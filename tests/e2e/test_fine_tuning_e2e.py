@@ -1,0 +1,221 @@
+"""Fine-tuning end to end: the real openai SDK, a real queen, a real `workerbee --train` process training
+the bundled SmolLM2-135M with llama.cpp, and the fine-tuned model answering through the queen."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import openai
+import psutil
+import pytest
+from servers import BUNDLED_MODEL_ID, QueenServer, start_worker, stop_process, wait_until
+
+from queenbee.settings import QueenSettings
+
+KEY = "sk-tuner"
+OTHER_KEY = "sk-someone-else"
+LN_URL = "trainer@example.com"
+TAUGHT = "PAMPLEMOUSSE"
+QUESTIONS = (
+    "What is the secret word?",
+    "Tell me the secret word.",
+    "Do you know the secret word?",
+    "Say the secret word.",
+    "Which word is the secret one?",
+    "Please share the secret word.",
+)
+TRAINING = "".join(
+    json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": f"The secret word is {TAUGHT}."},
+            ]
+        }
+    )
+    + "\n"
+    for question in QUESTIONS * 2
+)
+"""Twelve chats: three training windows of 256 tokens (SmolLM2's template adds a system prompt)."""
+VALIDATION = "".join(
+    json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": f"The secret word is {TAUGHT}."},
+            ]
+        }
+    )
+    + "\n"
+    for question in ("Could you reveal the secret word?", "What word is secret?")
+)
+ENDED = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def hive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[QueenServer, psutil.Process]]:
+    """A queen with two keys and one worker that trains (two threads), serving the bundled model."""
+    folder = tmp_path_factory.mktemp("fine-tuning")
+    settings = QueenSettings(
+        db=folder / "queen.db", api_key=[KEY, OTHER_KEY], queue_timeout=60, first_token_timeout=60
+    )
+    queen = QueenServer(settings).start()
+    worker = start_worker(
+        queen.worker_url,
+        "--train",
+        "--train-dir",
+        str(folder / "tuned"),
+        "--threads",
+        "2",
+        "--ln-url",
+        LN_URL,
+    )
+    try:
+        wait_until(lambda: BUNDLED_MODEL_ID in queen.hive.models() or worker.poll() is not None, timeout=120)
+        assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+        yield queen, psutil.Process(worker.pid)
+    finally:
+        code, stderr = stop_process(worker)
+        queen.stop()
+    assert code == 0, stderr
+
+
+@pytest.fixture
+def sdk(hive: tuple[QueenServer, psutil.Process]) -> Iterator[openai.OpenAI]:
+    """The real openai SDK with the owner's key."""
+    with openai.OpenAI(base_url=hive[0].openai_url, api_key=KEY, max_retries=0) as client:
+        yield client
+
+
+def _finished(sdk: openai.OpenAI, job_id: str, timeout: float) -> str:
+    """The job's status once it has ended (polling, as clients do)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = sdk.fine_tuning.jobs.retrieve(job_id).status
+        if status in ENDED:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end within {timeout} s")
+
+
+def _trainers(worker: psutil.Process) -> list[psutil.Process]:
+    return [child for child in worker.children(recursive=True) if "workerbee.trainer" in child.cmdline()]
+
+
+def test_cancel_mid_run_kills_the_training_process(
+    hive: tuple[QueenServer, psutil.Process], sdk: openai.OpenAI
+) -> None:
+    """A cancelled running job ends `cancelled`, its training process is gone and no model appears."""
+    queen, worker = hive
+    training = sdk.files.create(file=("chats.jsonl", TRAINING.encode()), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model=BUNDLED_MODEL_ID, training_file=training.id, hyperparameters={"n_epochs": 5}
+    )
+    wait_until(lambda: bool(_trainers(worker)), timeout=60)
+    assert sdk.fine_tuning.jobs.retrieve(job.id).status == "running"
+    cancelled = sdk.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    wait_until(lambda: not _trainers(worker), timeout=30)
+    wait_until(lambda: queen.hive.workers and next(iter(queen.hive.workers.values())).in_flight == 0)
+    assert sdk.fine_tuning.jobs.retrieve(job.id).fine_tuned_model is None
+    assert all(not model.id.startswith("ft:") for model in sdk.models.list())
+    with pytest.raises(openai.BadRequestError) as again:
+        sdk.fine_tuning.jobs.cancel(job.id)
+    assert again.value.code == "job_ended"
+
+
+def test_a_short_training_run_serves_a_model_that_learned(
+    hive: tuple[QueenServer, psutil.Process], sdk: openai.OpenAI
+) -> None:
+    """Upload, train one epoch, watch the statuses and the loss fall, then use the fine-tuned model:
+    the owner's key sees and uses it, another key is told it does not exist, and the ledger has the work."""
+    queen, _ = hive
+    training = sdk.files.create(file=("chats.jsonl", TRAINING.encode()), purpose="fine-tune")
+    validation = sdk.files.create(file=("held-out.jsonl", VALIDATION.encode()), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model=BUNDLED_MODEL_ID,
+        training_file=training.id,
+        validation_file=validation.id,
+        suffix="secret",
+        seed=7,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 1, "learning_rate_multiplier": 3}},
+        },
+    )
+    assert job.status == "validating_files"
+    assert _finished(sdk, job.id, timeout=240) == "succeeded"
+    done = sdk.fine_tuning.jobs.retrieve(job.id)
+    assert done.fine_tuned_model == f"ft:{BUNDLED_MODEL_ID}:key-{_key_id(KEY)}:secret:{job.id[6:14]}"
+    assert done.trained_tokens
+    assert done.trained_tokens % 256 == 0
+    assert done.error is None or done.error.code is None
+
+    events = list(reversed(list(sdk.fine_tuning.jobs.list_events(job.id, limit=100))))
+    messages = [event.message for event in events]
+    order = [
+        "Created",
+        "Validating",
+        "Files validated",
+        "started on worker",
+        "Step 1/",
+        "New fine-tuned",
+        "succ",
+    ]
+    positions = [next(i for i, text in enumerate(messages) if key in text) for key in order]
+    assert positions == sorted(positions), messages
+    metrics = [event.data for event in events if event.type == "metrics"]
+    assert len(metrics) >= 2
+    assert [metric["step"] for metric in metrics] == list(range(1, len(metrics) + 1))  # type: ignore[index]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # type: ignore[index]
+    # The epoch's last step carries the loss on the held-out chats, measured after it.
+    assert [metric["valid_loss"] is not None for metric in metrics] == [False] * (len(metrics) - 1) + [True]  # type: ignore[index]
+
+    model = done.fine_tuned_model
+    assert model is not None
+    wait_until(lambda: model in queen.hive.models(), timeout=60)
+    assert model in [item.id for item in sdk.models.list()]
+    # Three steps teach little (docs/benchmarks.md measures what three epochs teach), but the answer at
+    # temperature 0 is the trained weights', not the base's.
+    question = [{"role": "user", "content": "Could you reveal the secret word?"}]
+    answers = {
+        name: sdk.chat.completions.create(model=name, messages=question, temperature=0, max_tokens=16)
+        .choices[0]
+        .message.content
+        for name in (model, BUNDLED_MODEL_ID)
+    }
+    assert answers[model]
+    assert answers[model] != answers[BUNDLED_MODEL_ID]
+    completion = sdk.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert completion.choices[0].text
+    response = sdk.responses.create(model=model, input="Hi", max_output_tokens=8, temperature=0)
+    assert response.output_text
+
+    with openai.OpenAI(base_url=queen.openai_url, api_key=OTHER_KEY, max_retries=0) as other:
+        assert model not in [item.id for item in other.models.list()]
+        with pytest.raises(openai.NotFoundError) as hidden:
+            other.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}])
+        assert hidden.value.code == "model_not_found"
+        with pytest.raises(openai.NotFoundError):
+            other.models.retrieve(model)
+        with pytest.raises(openai.NotFoundError):
+            other.fine_tuning.jobs.retrieve(job.id)
+        assert list(other.fine_tuning.jobs.list()) == []
+
+    with sqlite3.connect(queen.settings.db) as ledger:
+        row = ledger.execute(
+            "SELECT model, api_key_id, ln_url, prompt_tokens, outcome FROM usage WHERE request_id = ?",
+            (job.id,),
+        ).fetchone()
+    assert row == (model, f"key-{_key_id(KEY)}", LN_URL, done.trained_tokens, "success")
+
+
+def _key_id(secret: str) -> str:
+    from queenbee.auth import key_id
+
+    return key_id(secret).removeprefix("key-")
