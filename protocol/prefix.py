@@ -52,14 +52,21 @@ def chat_root(request: ChatCompletionRequest) -> int:
     return _chain(0, b"chat" + header)
 
 
-def chat_hashes(request: ChatCompletionRequest) -> list[int]:
-    """The chained hash of each message prefix: element i covers the tools and messages 0..i."""
-    hashes: list[int] = []
+def chat_chain(request: ChatCompletionRequest) -> list[tuple[int, int]]:
+    """Each message prefix's chained hash (element i covers the tools and messages 0..i), with the
+    size of message i's block in bytes."""
+    chain: list[tuple[int, int]] = []
     current = chat_root(request)
     for message in request.messages:
-        current = _chain(current, message_block(message))
-        hashes.append(current)
-    return hashes
+        block = message_block(message)
+        current = _chain(current, block)
+        chain.append((current, len(block)))
+    return chain
+
+
+def chat_hashes(request: ChatCompletionRequest) -> list[int]:
+    """The chained hash of each message prefix: element i covers the tools and messages 0..i."""
+    return [prefix_hash for prefix_hash, _ in chat_chain(request)]
 
 
 def reply_hash(previous: int, text: str) -> int:

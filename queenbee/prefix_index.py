@@ -11,6 +11,12 @@ workers holding the prefix by predicted time to first token:
 
     (uncached prompt tokens + RUNNING_COST_TOKENS * requests in flight) / measured prefill rate
 
+where the uncached tokens are the queen's estimate of the messages past the longest prefix the worker
+holds (BYTES_PER_TOKEN, TEMPLATE_TOKENS_PER_MESSAGE), so that every worker is measured with the same
+ruler, and the prefill rate is measured from the uncached tokens and time to first token of streamed
+answers that had the worker to themselves (a worker not measured yet is taken to be as fast as the
+average measured one).
+
 with a load guard: a worker more than `load_guard` (a fraction of its slots) busier than the least
 loaded one is not chosen for its cache, so one hot prefix cannot pile every request onto one worker
 while others idle. When no worker holds any of the prefix, the worker that last served the request's
@@ -31,15 +37,21 @@ from typing import Final
 
 from protocol import CacheSummary
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from protocol.prefix import chat_hashes, text_hashes
+from protocol.prefix import TEXT_BLOCK_CHARS, chat_chain, text_hashes
 from queenbee.worker_session import WorkerSession
+
+BYTES_PER_TOKEN: Final = 4
+"""The queen's estimate of a token's size in text (it has no tokenizer)."""
+
+TEMPLATE_TOKENS_PER_MESSAGE: Final = 8
+"""Tokens a chat template adds around a message, as far as the queen can tell."""
 
 RUNNING_COST_TOKENS: Final = 32
 """What one request already running on a worker costs a newcomer's prefill, in prompt tokens: the
 batch decodes its next token in every step the newcomer's prompt is fed in."""
 
 DEFAULT_PREFILL_RATE: Final = 1000.0
-"""Prompt tokens per second assumed for a worker not measured yet (the same for all: it cancels out)."""
+"""Prompt tokens per second assumed while no worker of a model is measured (the same for all)."""
 
 MAX_SESSIONS: Final = 100_000
 """Sessions whose worker is remembered (least recently used forgotten)."""
@@ -58,6 +70,25 @@ class PrefixQuery:
     """The queen's estimate of the prompt's size, tokens."""
     session: tuple[str, str, str] | None = None
     """(API key, model, prompt_cache_key or user): requests that belong together."""
+    tails: tuple[int, ...] = ()
+    """tails[i]: the estimated prompt tokens past prefix i, what a worker holding it still decodes."""
+
+    def uncached(self, depth: int | None) -> int:
+        """Estimated tokens a worker holding prefix `depth` (None: none) still has to decode."""
+        if depth is None or depth >= len(self.tails):
+            return self.prompt_tokens
+        return self.tails[depth]
+
+
+def _tails(sizes: list[int], per_block: int, last: int) -> tuple[tuple[int, ...], int]:
+    """The estimated tokens past each block, and of the whole prompt, from the blocks' byte sizes."""
+    costs = [size // BYTES_PER_TOKEN + per_block for size in sizes]
+    tails: list[int] = []
+    left = last
+    for cost in reversed(costs):
+        tails.append(left)
+        left += cost
+    return tuple(reversed(tails)), left
 
 
 def prefix_query(
@@ -65,18 +96,29 @@ def prefix_query(
     prompt_tokens: int,
     api_key_id: str | None,
 ) -> PrefixQuery | None:
-    """The routing facts of a request; None for requests that use no cache (embeddings)."""
+    """The routing facts of a request; None for requests that use no cache (embeddings).
+
+    `prompt_tokens` is the queen's estimate of the whole prompt when the blocks cannot say better.
+    """
+    tails: tuple[int, ...] = ()
     if isinstance(request, ChatCompletionRequest):
-        hashes = chat_hashes(request)
+        chain = chat_chain(request)
+        hashes = [prefix_hash for prefix_hash, _ in chain]
+        # After the last message comes the template's generation prompt: a few tokens.
+        tails, prompt_tokens = _tails([size for _, size in chain], TEMPLATE_TOKENS_PER_MESSAGE, 8)
         key = request.prompt_cache_key or request.user
     elif isinstance(request, CompletionRequest):
         prompts = request.prompts
         hashes = text_hashes(prompts[0]) if len(prompts) == 1 and isinstance(prompts[0], str) else []
+        if hashes:
+            text = prompts[0]
+            rest = (len(text) - len(hashes) * TEXT_BLOCK_CHARS) // BYTES_PER_TOKEN + 1
+            tails, prompt_tokens = _tails([TEXT_BLOCK_CHARS] * len(hashes), 0, rest)
         key = request.user
     else:
         return None
     session = (api_key_id or "", request.model, key) if key else None
-    return PrefixQuery(tuple(hashes), prompt_tokens, session)
+    return PrefixQuery(tuple(hashes), prompt_tokens, session, tails)
 
 
 class PrefixIndex:
@@ -110,21 +152,22 @@ class PrefixIndex:
         """Whether any worker holds any prefix of `model` (else there is nothing to hash for)."""
         return bool(self._holders.get(model))
 
-    def matches(self, model: str, hashes: Iterable[int], now: float) -> dict[str, int]:
-        """For every worker holding part of the chain, the tokens of the longest prefix it holds."""
+    def matches(self, model: str, hashes: Iterable[int], now: float) -> dict[str, tuple[int, int]]:
+        """For every worker holding part of the chain, the longest prefix it holds: (its position in
+        the chain, the tokens the worker says it covers)."""
         holders = self._holders.get(model)
-        found: dict[str, int] = {}
+        found: dict[str, tuple[int, int]] = {}
         if not holders:
             return found
         stale: set[str] = set()
-        for prefix_hash in hashes:
+        for depth, prefix_hash in enumerate(hashes):
             for worker_id, tokens in holders.get(prefix_hash, {}).items():
                 if worker_id in stale:
                     continue
                 if now - self._summaries[worker_id][model][0] > self.ttl:
                     stale.add(worker_id)
                     continue
-                found[worker_id] = max(found.get(worker_id, 0), tokens)
+                found[worker_id] = (depth, tokens)
         for worker_id in stale:
             self._forget(worker_id, model)
             found.pop(worker_id, None)
@@ -194,29 +237,49 @@ class CacheRouter:
         self.load_guard = load_guard
         self._rates: dict[tuple[str, str], float] = {}
         """(worker id, model) -> prompt tokens per second, an exponential moving average."""
+        self._rate_sums: dict[str, tuple[float, int]] = {}
+        """model -> (sum, count) of its workers' rates: an unmeasured worker is taken as the average."""
 
     def remove_worker(self, worker: WorkerSession) -> None:
         """The worker left: its caches are nobody's now."""
         self.index.remove_worker(worker.id)
         for model in worker.models:
-            self._rates.pop((worker.id, model), None)
+            rate = self._rates.pop((worker.id, model), None)
+            if rate is not None:
+                total, count = self._rate_sums[model]
+                self._rate_sums[model] = (total - rate, count - 1)
 
     def record_prefill(self, worker: WorkerSession, model: str, uncached_tokens: int, ttft: float) -> None:
-        """Fold a measured time to first token for `uncached_tokens` decoded into the worker's rate."""
+        """Fold a measured time to first token for `uncached_tokens` decoded into the worker's rate.
+
+        Only for answers that had the worker to themselves: under load the time measures the others.
+        """
         if uncached_tokens < RUNNING_COST_TOKENS or ttft <= 0:
             return  # too little prompt to say anything about prefill speed
         rate = uncached_tokens / ttft
         key = (worker.id, model)
         previous = self._rates.get(key)
-        self._rates[key] = rate if previous is None else 0.7 * previous + 0.3 * rate
+        updated = rate if previous is None else 0.7 * previous + 0.3 * rate
+        self._rates[key] = updated
+        total, count = self._rate_sums.get(model, (0.0, 0))
+        if previous is None:
+            self._rate_sums[model] = (total + updated, count + 1)
+        else:
+            self._rate_sums[model] = (total - previous + updated, count)
 
     def prefill_rate(self, worker: WorkerSession, model: str) -> float:
-        """The worker's measured prompt tokens per second on `model` (a default until measured)."""
-        return self._rates.get((worker.id, model), DEFAULT_PREFILL_RATE)
+        """The worker's measured prompt tokens per second on `model` (until measured: the average)."""
+        rate = self._rates.get((worker.id, model))
+        if rate is not None:
+            return rate
+        total, count = self._rate_sums.get(model, (0.0, 0))
+        return total / count if count and total > 0 else DEFAULT_PREFILL_RATE
 
-    def predicted_ttft(self, worker: WorkerSession, model: str, query: PrefixQuery, cached: int) -> float:
-        """Seconds until the worker's first token, as far as the queen can tell."""
-        uncached = max(0, query.prompt_tokens - cached)
+    def predicted_ttft(
+        self, worker: WorkerSession, model: str, query: PrefixQuery, depth: int | None
+    ) -> float:
+        """Seconds until the worker's first token, holding prefix `depth` of the chain (None: none)."""
+        uncached = query.uncached(depth)
         return (uncached + RUNNING_COST_TOKENS * worker.in_flight) / self.prefill_rate(worker, model)
 
     def choose(
@@ -235,15 +298,14 @@ class CacheRouter:
             # No visible prefix yet: the session's last worker likely holds what its summary will say.
             affine = workers.get(self.sessions.worker_of(query.session, now) or "")
             if affine is not None and usable(affine) and self._within_guard(affine, base):
-                return Choice(affine, 0, self.predicted_ttft(affine, model, query, 0))
-        best = Choice(
-            base, held.get(base.id, 0), self.predicted_ttft(base, model, query, held.get(base.id, 0))
-        )
-        for worker_id, cached in held.items():
+                return Choice(affine, 0, self.predicted_ttft(affine, model, query, None))
+        depth, cached = held.get(base.id, (None, 0))
+        best = Choice(base, cached, self.predicted_ttft(base, model, query, depth))
+        for worker_id, (depth, cached) in held.items():
             worker = workers.get(worker_id)
             if worker is None or worker is base or not usable(worker) or not self._within_guard(worker, base):
                 continue
-            ttft = self.predicted_ttft(worker, model, query, cached)
+            ttft = self.predicted_ttft(worker, model, query, depth)
             if ttft < best.predicted_ttft:
                 best = Choice(worker, cached, ttft)
         return best

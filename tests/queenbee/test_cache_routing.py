@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -31,7 +32,7 @@ from servers import (
 from protocol import CacheSummary, Job, PromptTokensDetails, Result, Usage
 from protocol.openai import ChatCompletionRequest
 from protocol.prefix import chat_hashes
-from queenbee.prefix_index import PrefixIndex
+from queenbee.prefix_index import DEFAULT_PREFILL_RATE, CacheRouter, PrefixIndex, prefix_query
 from queenbee.settings import QueenSettings
 
 SYSTEM = "You answer questions about the history of bread, briefly and without inventing facts. " * 24
@@ -160,8 +161,8 @@ def test_stale_summaries_expire() -> None:
     index = PrefixIndex(ttl=60)
     index.update("w1", CacheSummary(model="m", prefixes=[(11, 100), (12, 200)]), now=0)
     index.update("w2", CacheSummary(model="m", prefixes=[(11, 100)]), now=50)
-    assert index.matches("m", [11, 12, 13], now=59) == {"w1": 200, "w2": 100}
-    assert index.matches("m", [11, 12, 13], now=61) == {"w2": 100}
+    assert index.matches("m", [11, 12, 13], now=59) == {"w1": (1, 200), "w2": (0, 100)}
+    assert index.matches("m", [11, 12, 13], now=61) == {"w2": (0, 100)}
     assert index.entries("m") == 1
     assert index.matches("m", [11], now=111) == {}
     assert not index.holds_any("m")
@@ -314,3 +315,33 @@ async def test_cached_tokens_reach_the_client_and_the_ledger(tmp_path: Path, cla
     with closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
         rows = db.execute("SELECT prompt_tokens, cached_tokens FROM usage").fetchall()
     assert rows == [(40, kept)]
+
+
+def test_what_a_worker_still_decodes_is_estimated_past_the_prefix_it_holds() -> None:
+    """The queen estimates the tokens past each prefix from the messages' sizes: a worker holding
+    more of the conversation has less to decode, one holding none the whole prompt."""
+    body = {**HOT, "messages": [*HOT["messages"], {"role": "assistant", "content": "Egyptians."}]}
+    body["messages"].append({"role": "user", "content": "When?"})
+    query = prefix_query(ChatCompletionRequest.model_validate(body), 10, None)
+    assert query is not None
+    assert query.hashes == tuple(hashes_of(body))
+    assert query.uncached(None) > query.uncached(0) > query.uncached(1) > query.uncached(3) > 0
+    assert query.uncached(None) - query.uncached(0) >= len(SYSTEM) // 4  # the system prompt
+    assert query.session is None
+    keyed = prefix_query(ChatCompletionRequest.model_validate({**body, "user": "u1"}), 10, "key-a")
+    assert keyed is not None
+    assert keyed.session == ("key-a", "fake-model", "u1")
+
+
+def test_an_unmeasured_worker_counts_as_the_average_measured_one() -> None:
+    """Prefill rates are the worker's own once measured; until then the average of the others."""
+    router = CacheRouter(ttl=60, load_guard=0.5)
+    fast, slow, new = (SimpleNamespace(id=name, models=frozenset({"m"})) for name in ("fast", "slow", "new"))
+    assert router.prefill_rate(new, "m") == DEFAULT_PREFILL_RATE
+    router.record_prefill(fast, "m", uncached_tokens=900, ttft=1.0)
+    router.record_prefill(slow, "m", uncached_tokens=300, ttft=1.0)
+    router.record_prefill(slow, "m", uncached_tokens=8, ttft=1.0)  # too few tokens to tell: ignored
+    assert router.prefill_rate(fast, "m") == 900
+    assert router.prefill_rate(new, "m") == 600
+    router.remove_worker(fast)
+    assert router.prefill_rate(new, "m") == 300
