@@ -9,6 +9,7 @@ scale.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
@@ -23,10 +24,13 @@ import openai
 import pytest
 from openai import OpenAI
 from pydantic import SecretStr
-from servers import QueenServer, smollm2_path, start_worker, stop_process, wait_until
+from servers import LoopThread, QueenServer, smollm2_path, start_worker, stop_process, wait_until
 
+from protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, Register, Usage
 from queenbee.settings import QueenSettings
+from workerbee.connection import WorkerConnection
 from workerbee.file_hash import cache_path, file_sha256
+from workerbee.llama_engine import LlamaEngine, ModelConfig
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 AUDITOR_TOKEN = "auditor-secret"
@@ -283,4 +287,73 @@ def test_a_trusted_only_key_sends_its_prompts_to_auditors_alone(tmp_path: Path, 
         assert by_address["auditor@example.com"]["succeeded"] == 3
         assert by_address["stranger@example.com"]["succeeded"] == 1  # the plain key's request only
     finally:
+        queen.stop()
+
+
+class Inflating(LlamaEngine):
+    """The real engine, reporting 1% more completion tokens than it generated (at least one more)."""
+
+    generated = 0
+    reported = 0
+
+    async def chat(self, chat: Any, cancel: Any, on_chunk: Any, resume: Any = None) -> Any:
+        """Run the chat, then inflate its usage."""
+        usage, response = await super().chat(chat, cancel, on_chunk, resume)
+        extra = max(1, usage.completion_tokens // 100)
+        self.generated, self.reported = usage.completion_tokens, usage.completion_tokens + extra
+        inflated = Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=self.reported,
+            total_tokens=usage.total_tokens + extra,
+        )
+        return inflated, response
+
+
+def test_a_worker_inflating_its_usage_by_one_percent_is_never_paid_for_it(tmp_path: Path) -> None:
+    """The client is billed, and the worker credited, the token ids the stream relayed, never the
+    worker's report of more (which the usage bounds alone would let through)."""
+    queen = QueenServer(queen_settings(tmp_path)).start()
+    loop = LoopThread()
+    try:
+        config = ModelConfig(id=MODEL, path=smollm2_path(), n_ctx=1024)
+        engine = loop.run(Inflating.load([config], threads=1))
+        registration = Register(
+            protocol_version=PROTOCOL_VERSION,
+            worker_version="test",
+            instance_id="inflating-worker",
+            max_frame_bytes=MAX_FRAME_BYTES,
+            ln_url="inflater@example.com",
+            cpu_count=1,
+            disk_space=0,
+            vram=0,
+            models=engine.model_infos(),
+        )
+        connection = WorkerConnection(queen.worker_url, engine, lambda: registration)
+        stop = asyncio.Event()
+        running = loop.submit(connection.run(stop))
+        wait_until(lambda: MODEL in queen.hive.models(), timeout=60)
+        client = OpenAI(base_url=queen.openai_url, api_key="unused", max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": PROMPTS[0]}],
+                max_tokens=40,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        usage = chunks[-1].usage
+        assert usage is not None
+        assert engine.reported > engine.generated > 0
+        assert usage.completion_tokens <= engine.generated
+        credited = next(
+            r for r in admin(queen, "/admin/usage")["workers"] if r["ln_url"] == "inflater@example.com"
+        )
+        assert credited["completion_tokens"] == usage.completion_tokens
+        loop.loop.call_soon_threadsafe(stop.set)
+        running.result(timeout=60)
+        loop.run(asyncio.to_thread(engine.close))
+    finally:
+        loop.close()
         queen.stop()
