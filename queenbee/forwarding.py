@@ -406,6 +406,7 @@ class ForwardedCall:
                     embeddings=self.endpoint.embeddings,
                     model_hash=self._model_hash if resume is not None else None,
                     prefix=self._prefix_query(),
+                    sequences=self._sequences(resume),
                 )
             except QueenError:
                 if not self._tried:
@@ -455,6 +456,13 @@ class ForwardedCall:
                 last_error.message,
             )
         raise last_error
+
+    def _sequences(self, resume: Resume | None) -> int:
+        """Sequences the worker generates at once: one per choice (and prompt), or per choice resumed."""
+        if resume is not None:
+            return len(resume.choices)
+        request = self.request
+        return request.sequences if isinstance(request, ChatCompletionRequest | CompletionRequest) else 1
 
     def _prefix_query(self) -> PrefixQuery | None:
         """What cache-aware routing needs of the request; hashed only when some worker holds a prefix
