@@ -257,6 +257,9 @@ class TrainingQueue:
         except TrainingDataError as exc:
             await self._fail(owner, job, "invalid_file", f"A file of the job cannot be used: {exc}")
             return
+        current = await self.store.get_job(owner, job["id"])
+        if current is None or current["status"] != "queued" or worker.in_flight or worker.free_slots == 0:
+            return  # cancelled, or the worker taken, while the files were read: the next round decides
         base_sha256 = str(internal.get("base_sha256") or worker.model_hashes[job["model"]])
         attempt = int(internal.get("attempts", 0)) + 1
         request_id = f"{job['id']}/{attempt}"

@@ -77,6 +77,12 @@ def _to_f32(item: gguf.ReaderTensor) -> np.ndarray[Any, Any]:
     return np.asarray(gguf.quants.dequantize(item.data, item.tensor_type), dtype=np.float32)
 
 
+def all_f32(path: Path) -> bool:
+    """Whether every tensor of a GGUF is F32 already (nothing to dequantize)."""
+    reader = gguf.GGUFReader(path)
+    return all(item.tensor_type == gguf.GGMLQuantizationType.F32 for item in reader.tensors)
+
+
 def dequantize(source: Path, destination: Path) -> None:
     """Write `source` with every tensor in F32, its metadata unchanged but for the file type."""
     reader = gguf.GGUFReader(source)

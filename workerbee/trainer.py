@@ -50,7 +50,9 @@ class TrainingSpec(BaseModel):
 
     base: Path = Field(description="The base model's GGUF file (any quantization).")
     work_dir: Path = Field(description="A directory for the intermediate files; the caller removes it.")
-    output: Path = Field(description="Where the trained Q8_0 GGUF goes.")
+    output: Path | None = Field(
+        description="Where the trained Q8_0 GGUF goes; None: train and report the losses, keep nothing."
+    )
     training: list[list[dict[str, Any]]] = Field(description="Training chats, each a list of messages.")
     validation: list[list[dict[str, Any]]] = Field(default_factory=list)
     n_epochs: int = Field(ge=1)
@@ -185,9 +187,11 @@ def train(spec: TrainingSpec) -> None:
     ]
 
     spec.work_dir.mkdir(parents=True, exist_ok=True)
-    f32_base = spec.work_dir / "base-f32.gguf"
-    emit({"type": "message", "message": "Dequantizing the base model to F32."})
-    gguf_convert.dequantize(spec.base, f32_base)
+    f32_base = spec.base
+    if not gguf_convert.all_f32(spec.base):
+        f32_base = spec.work_dir / "base-f32.gguf"
+        emit({"type": "message", "message": "Dequantizing the base model to F32."})
+        gguf_convert.dequantize(spec.base, f32_base)
 
     llama_cpp.llama_backend_init()
     model_params = llama_cpp.llama_model_default_params()
@@ -311,13 +315,17 @@ def train(spec: TrainingSpec) -> None:
             emit({**run.held, "valid_loss": run.valid_loss})
             run.held = None
 
+    if spec.output is None:
+        emit({"type": "done", "trained_tokens": trained_tokens, "output": None})
+        return
     emit({"type": "message", "message": "Saving the trained model as Q8_0."})
     trained_f32 = spec.work_dir / "trained-f32.gguf"
     restored = spec.work_dir / "trained-restored.gguf"
     llama_cpp.llama_model_save_to_file(model, str(trained_f32).encode())
     llama_cpp.llama_free(context)
     llama_cpp.llama_model_free(model)
-    f32_base.unlink()
+    if f32_base != spec.base:
+        f32_base.unlink()
     gguf_convert.restore_metadata(trained_f32, spec.base, restored)
     trained_f32.unlink()
     quantize = llama_cpp.llama_model_quantize_default_params()
