@@ -26,33 +26,29 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from protocol import (
-    ChatJob,
     Chunk,
-    CompletionJob,
-    EmbeddingJob,
     ErrorCode,
     FrameError,
     Job,
     JobError,
-    JobRequest,
     PromptTokensDetails,
     Result,
     Resume,
-    TokenCountJob,
     Usage,
     assemble_response,
     encode,
     encoded_size,
     is_client_error,
 )
-from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from protocol.openai import ChatCompletionRequest, CompletionRequest
+from queenbee.attempts import Attempt, Failure, Handover, Silent, worker_failure
+from queenbee.endpoints import Endpoint, OpenAIRequest
 from queenbee.errors import (
     LedgerUnavailable,
     QueenError,
@@ -65,10 +61,11 @@ from queenbee.hive import Hive
 from queenbee.ledger import LedgerError
 from queenbee.observer import Outcome, RequestObserver, RequestRecord, WorkerSegment
 from queenbee.prefix_index import PrefixQuery, prefix_query
+from queenbee.presenters import ChatPresenter, Presenter
 from queenbee.ratelimit import Lease
 from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
-from queenbee.streaming import SSE_DONE, SSE_HEADERS, JsonBody, sse_event
+from queenbee.streaming import SSE_HEADERS, JsonBody, RelayResponse
 from queenbee.usage_check import UsageBounds, check_usage, counted_by_ids, text_bytes
 from queenbee.worker_session import (
     BufferOverflow,
@@ -85,163 +82,6 @@ _WATCH_AFTER = 0.02
 
 _COALESCE_EVENTS = 64
 """At most this many SSE events that are already waiting are joined into one write to the client."""
-
-
-OpenAIRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
-"""The validated request bodies a job carries."""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """An endpoint the queen forwards: the job kind it becomes, and the names its answers carry."""
-
-    path: str
-    job: Callable[..., JobRequest]
-    """Wraps the validated request into the job kind the worker runs."""
-    object_name: str
-    chunk_object: str
-    id_prefix: str
-    embeddings: bool = False
-    """Served only by workers that run the model with embeddings; its answers carry no id or created."""
-    generates: bool = True
-    """Whether the worker generates tokens, so that its speed can be measured from the answer."""
-
-    @property
-    def resumable(self) -> bool:
-        """Whether its answers can continue on another worker: generated text, from token ids."""
-        return self.job in (ChatJob, CompletionJob)
-
-    def job_request(self, request: OpenAIRequest, resume: Resume | None = None) -> JobRequest:
-        """The typed request of the job for `request` (continuing an answer, with `resume`)."""
-        return self.job(body=request) if resume is None else self.job(body=request, resume=resume)
-
-
-CHAT_COMPLETIONS = Endpoint(
-    "/v1/chat/completions", ChatJob, "chat.completion", "chat.completion.chunk", "chatcmpl-"
-)
-COMPLETIONS = Endpoint("/v1/completions", CompletionJob, "text_completion", "text_completion", "cmpl-")
-EMBEDDINGS = Endpoint(
-    "/v1/embeddings", EmbeddingJob, "list", "list", "embd-", embeddings=True, generates=False
-)
-RESPONSES = Endpoint("/v1/responses", ChatJob, "chat.completion", "chat.completion.chunk", "resp_")
-MESSAGES = Endpoint("/v1/messages", ChatJob, "chat.completion", "chat.completion.chunk", "msg_")
-COUNT_TOKENS = Endpoint(
-    "/v1/messages/count_tokens", TokenCountJob, "token_count", "token_count", "count_", generates=False
-)
-"""The Responses and Messages endpoints run chat jobs; their presenters translate the chat answers."""
-
-
-class Presenter(Protocol):
-    """How one call's answer is shown to its client: the SSE events of a stream, or the JSON body.
-
-    Streams get the chat chunks with the queen's identity fields (`ForwardedCall.chunk`), whole answers
-    the chat response with them (`ForwardedCall.completion`); errors come as QueenErrors.
-    """
-
-    def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
-        """The SSE events for one chat chunk."""
-        ...
-
-    async def done(self, usage: Usage) -> list[bytes]:
-        """The SSE events that end a stream that succeeded, with its checked usage."""
-        ...
-
-    def failed(self, error: QueenError) -> list[bytes]:
-        """The SSE events that end a stream with an error."""
-        ...
-
-    def cut(self) -> list[bytes]:
-        """The SSE events that end a stream whose client fell behind."""
-        ...
-
-    async def whole(self, completion: dict[str, Any]) -> dict[str, Any]:
-        """The JSON body of a whole answer."""
-        ...
-
-
-@dataclass
-class ChatPresenter:
-    """OpenAI's own endpoints: chunks and responses as they are, errors in OpenAI's shape, then [DONE]."""
-
-    call: ForwardedCall
-
-    def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
-        """The chunk itself."""
-        return [sse_event(chunk)]
-
-    async def done(self, usage: Usage) -> list[bytes]:
-        """The usage chunk if the client asked for it, then [DONE]."""
-        if self.call.include_usage:
-            return [sse_event(self.call.usage_chunk(usage)), SSE_DONE]
-        return [SSE_DONE]
-
-    def failed(self, error: QueenError) -> list[bytes]:
-        """OpenAI's error object as an event, then [DONE]."""
-        return [sse_event(error.body()), SSE_DONE]
-
-    def cut(self) -> list[bytes]:
-        """[DONE]."""
-        return [SSE_DONE]
-
-    async def whole(self, completion: dict[str, Any]) -> dict[str, Any]:
-        """The response itself."""
-        return completion
-
-
-@dataclass
-class Attempt:
-    """A request running on one worker, with the first event it produced."""
-
-    worker: WorkerSession
-    stream: RequestStream
-    first: Chunk | Result
-    first_at: float
-    relayed_tokens: int = 0
-    """Completion tokens relayed from this worker (what a worker replaced mid-answer is credited)."""
-
-
-@dataclass(frozen=True)
-class Silent:
-    """The worker sent nothing for `seconds` within a stream: taken as dead."""
-
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Handover:
-    """The worker is shutting down and its grace for this stream is over: the stream moves on."""
-
-
-Failure = RequestEvent | Silent | Handover
-
-
-class RelayResponse(StreamingResponse):
-    """An SSE response that the queen can end from outside, when its client stops reading.
-
-    A client that does not read leaves the response blocked in `send`; `abort` cancels the task that
-    runs it, and the cancellation ends the response quietly instead of as an application error.
-    """
-
-    _task: asyncio.Task[Any] | None = None
-    _aborted = False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Send the stream, or stop at once when aborted."""
-        self._task = asyncio.current_task()
-        try:
-            await super().__call__(scope, receive, send)
-        except asyncio.CancelledError:
-            if not self._aborted:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-
-    def abort(self) -> None:
-        """End the response now (the client stopped reading)."""
-        if self._task is not None and not self._aborted:
-            self._aborted = True
-            self._task.cancel()
 
 
 @dataclass
@@ -969,18 +809,3 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def worker_failure(event: Failure) -> QueenError:
-    """The client-facing error for a worker's failure event."""
-    if isinstance(event, Silent):
-        return UpstreamTimeout(f"The worker stopped sending output for {event.seconds:g} s.")
-    if isinstance(event, Handover):
-        return UpstreamError("The worker shut down.")
-    if isinstance(event, WorkerGone):
-        return UpstreamError(f"The worker went away: {event.reason}.")
-    if isinstance(event, BufferOverflow):
-        return UpstreamError(f"The worker sent too much: {event.reason}.")
-    if isinstance(event, JobError):
-        return from_job_error(event.code, event.message, event.param)
-    return UpstreamError("The worker sent an unexpected frame.")

@@ -12,6 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, unsupported_parameter
+from queenbee.endpoints import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIRequest
 from queenbee.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -22,18 +23,11 @@ from queenbee.errors import (
     RequestTooLarge,
     UnsupportedMediaType,
 )
-from queenbee.forwarding import (
-    CHAT_COMPLETIONS,
-    COMPLETIONS,
-    EMBEDDINGS,
-    Endpoint,
-    ForwardedCall,
-    OpenAIRequest,
-    Presenter,
-)
+from queenbee.forwarding import ForwardedCall
 from queenbee.hive import Hive
 from queenbee.json_body import THREAD_PARSE_BYTES, parse_body_async
 from queenbee.ledger import Ledger
+from queenbee.presenters import Presenter
 from queenbee.ratelimit import Lease
 from queenbee.settings import QueenSettings
 from queenbee.training_queue import FineTunedModels

@@ -3,10 +3,12 @@ or named (Responses, Messages), and whole JSON bodies; both encoded by pydantic-
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final
 
 import pydantic_core
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 SSE_DONE: Final = b"data: [DONE]\n\n"
 SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -28,3 +30,32 @@ class JsonBody(JSONResponse):
     def render(self, content: Any) -> bytes:
         """The body's bytes."""
         return pydantic_core.to_json(content)
+
+
+class RelayResponse(StreamingResponse):
+    """An SSE response that the queen can end from outside, when its client stops reading.
+
+    A client that does not read leaves the response blocked in `send`; `abort` cancels the task that
+    runs it, and the cancellation ends the response quietly instead of as an application error.
+    """
+
+    _task: asyncio.Task[Any] | None = None
+    _aborted = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the stream, or stop at once when aborted."""
+        self._task = asyncio.current_task()
+        try:
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self._aborted:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+
+    def abort(self) -> None:
+        """End the response now (the client stopped reading)."""
+        if self._task is not None and not self._aborted:
+            self._aborted = True
+            self._task.cancel()

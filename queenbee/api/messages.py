@@ -25,8 +25,9 @@ from starlette.responses import Response
 from protocol import Usage
 from protocol.openai import ChatCompletionRequest
 from queenbee.api.chat_body import translated_chat
+from queenbee.endpoints import COUNT_TOKENS, MESSAGES
 from queenbee.errors import InvalidRequest, QueenError
-from queenbee.forwarding import COUNT_TOKENS, MESSAGES, ForwardedCall
+from queenbee.forwarding import ForwardedCall
 from queenbee.openai_api import forward, read_json
 from queenbee.streaming import named_sse_event
 

@@ -23,8 +23,9 @@ from starlette.responses import JSONResponse, Response
 from protocol import Usage
 from protocol.openai import ChatCompletionRequest
 from queenbee.api.chat_body import translated_chat
+from queenbee.endpoints import RESPONSES
 from queenbee.errors import InvalidRequest, NotFound, QueenError
-from queenbee.forwarding import RESPONSES, ForwardedCall
+from queenbee.forwarding import ForwardedCall
 from queenbee.openai_api import forward, read_json
 from queenbee.response_store import ResponseStore
 from queenbee.streaming import named_sse_event
