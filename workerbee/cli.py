@@ -251,7 +251,7 @@ async def serve(
     from workerbee.auditor import Auditor
     from workerbee.connection import QueenRefused, SideJob, WorkerConnection
     from workerbee.possession import Possession
-    from workerbee.training import Trainer
+    from workerbee.training import Trainer, trained_models
     from workerbee.training import capability as training_capability
 
     # The content hashes let the queen resume an answer on another worker with the same file.
@@ -287,6 +287,10 @@ async def serve(
             max_parameters=settings.train_max_parameters,
         )
         log.info("training mode: fine-tuning jobs for %s", ", ".join(engine.models))
+        # What this worker fine-tuned before a restart, served again under the same ids.
+        for trained in await asyncio.to_thread(trained_models, train_dir(settings)):
+            if trained.id not in engine.models:
+                await engine.add(trained, parallel=settings.parallel, threads=threads)
 
     def registering() -> Register:
         # Hardware is probed afresh on every (re)connection: free memory and disk change.
