@@ -4,7 +4,8 @@ serve what it made.
 The training itself runs in `python -m workerbee.trainer` (a failed GGML_ASSERT aborts a process, and
 cancelling is a kill). Its `message` and `metrics` lines go to the queen as `Chunk` frames of the job;
 when it is done the fine-tuned GGUF, named by its SHA-256, is loaded and served as the job's
-`output_model`, and the job's `Result` carries a `TrainingReport`.
+`output_model`, and the job's `Result` carries a `TrainingReport`. Each fine-tuned GGUF in --train-dir has
+a `<sha256>.json` beside it saying what it is served as, so a restarted worker serves it again.
 
 Full fine-tuning takes about `BYTES_PER_PARAMETER` bytes of memory a parameter (F32 weights, their
 gradients and AdamW's two moments, with the activations of a short context): a model that does not fit
@@ -27,6 +28,7 @@ from typing import Any, Final
 
 import gguf
 import psutil
+from pydantic import BaseModel, ConfigDict
 
 from protocol import ErrorCode, TrainingCapability, TrainJob, Usage
 from protocol.training import TrainingEvent, TrainingReport
@@ -43,6 +45,41 @@ BYTES_PER_PARAMETER: Final = 18.5
 
 SILENCE_TIMEOUT: Final = 900.0
 """Seconds the trainer may go without a line (one step, or the conversions) before it counts as hung."""
+
+
+class TrainedModel(BaseModel):
+    """What a fine-tuned GGUF in --train-dir is served as, kept beside it (`<sha256>.json`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    base: str
+    n_ctx: int
+    sha256: str
+
+
+def trained_model(gguf_path: Path) -> Path:
+    """Where the description of a fine-tuned GGUF is kept."""
+    return gguf_path.with_suffix(".json")
+
+
+def trained_models(output_dir: Path) -> list[ModelConfig]:
+    """The fine-tuned models in `output_dir`, to serve again after a restart (unreadable ones skipped)."""
+    configs: list[ModelConfig] = []
+    for description in sorted(output_dir.glob("*.json")):
+        path = description.with_suffix(".gguf")
+        try:
+            model = TrainedModel.model_validate_json(description.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("skipping %s: %s", description, exc)
+            continue
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        configs.append(
+            ModelConfig(id=model.id, path=path, n_ctx=model.n_ctx, size_bytes=size, sha256=model.sha256)
+        )
+    return configs
 
 
 def parameter_count(path: Path) -> int:
@@ -196,9 +233,15 @@ class Trainer:
         final = self.output_dir / f"{digest}.gguf"
         output.replace(final)
         size = final.stat().st_size
-        await self._serve(
-            ModelConfig(id=job.output_model, path=final, n_ctx=base.n_ctx, size_bytes=size, sha256=digest)
+        config = ModelConfig(
+            id=job.output_model, path=final, n_ctx=base.n_ctx, size_bytes=size, sha256=digest
         )
+        trained_model(final).write_text(
+            TrainedModel(
+                id=job.output_model, base=job.model, n_ctx=base.n_ctx, sha256=digest
+            ).model_dump_json()
+        )
+        await self._serve(config)
         trained = int(done["trained_tokens"])
         report = TrainingReport(trained_tokens=trained, sha256=digest, size_bytes=size)
         usage = Usage(prompt_tokens=trained, completion_tokens=0, total_tokens=trained)

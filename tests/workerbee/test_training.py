@@ -4,6 +4,9 @@ the base's metadata restored, and models too big refused by name."""
 from __future__ import annotations
 
 import ctypes
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -16,7 +19,14 @@ from protocol import ErrorCode
 from workerbee import gguf_convert
 from workerbee.errors import EngineError
 from workerbee.trainer import OPT_PARAMS_SIZE, WINDOW_MULTIPLE, OptParams, TrainingSpec, windows
-from workerbee.training import BYTES_PER_PARAMETER, check_fits, parameter_count
+from workerbee.training import (
+    BYTES_PER_PARAMETER,
+    TrainedModel,
+    check_fits,
+    parameter_count,
+    trained_model,
+    trained_models,
+)
 
 
 def test_our_opt_params_match_llama_h_and_the_binding_does_not() -> None:
@@ -162,3 +172,61 @@ def test_a_model_too_big_is_refused_naming_the_limit() -> None:
         check_fits(7_000_000_000, 3_000_000_000, memory_free=10**7)
     assert "at most 3.00 billion (--train-max-parameters)" in size.value.message
     check_fits(135_000_000, 3_000_000_000, memory_free=4000)
+
+
+def _losses(spec: TrainingSpec, folder: Path) -> list[float]:
+    """Run the trainer process on `spec`; the per-step training losses it reports."""
+    spec_file = folder / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    process = subprocess.run(
+        [sys.executable, "-m", "workerbee.trainer", str(spec_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-2000:]
+    events = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
+    assert events[-1]["type"] == "done"
+    return [event["train_loss"] for event in events if event["type"] == "metrics"]
+
+
+def test_the_same_seed_gives_the_same_losses(tmp_path: Path) -> None:
+    """Two runs with one seed on the real model shuffle the windows alike and report identical losses."""
+    base = tmp_path / "f32.gguf"
+    gguf_convert.dequantize(smollm2_path(), base)  # once: the trainer takes an F32 base as it is
+    chats = [
+        [{"role": "user", "content": f"Question {n}?"}, {"role": "assistant", "content": f"Answer {n}."}]
+        for n in range(16)
+    ]
+    spec = TrainingSpec(
+        base=base,
+        work_dir=tmp_path / "work",
+        output=None,
+        training=chats,
+        n_epochs=1,
+        learning_rate=1e-4,
+        seed=11,
+        n_ctx=256,
+        threads=2,
+    )
+    first = _losses(spec, tmp_path)
+    assert len(first) == 2
+    assert _losses(spec, tmp_path) == first
+
+
+def test_fine_tuned_models_in_the_train_dir_are_found_again(tmp_path: Path) -> None:
+    """A restarted --train worker serves again what it trained: each GGUF's description beside it."""
+    digest = "ef" * 32
+    (tmp_path / f"{digest}.gguf").write_bytes(b"GGUF" + bytes(60))
+    model = TrainedModel(id="ft:base:key-1:x:12345678", base="base", n_ctx=2048, sha256=digest)
+    trained_model(tmp_path / f"{digest}.gguf").write_text(model.model_dump_json())
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / f"{'00' * 32}.json").write_text(model.model_dump_json())  # its GGUF is gone
+    [config] = trained_models(tmp_path)
+    assert (config.id, config.path, config.n_ctx, config.sha256, config.size_bytes) == (
+        model.id,
+        tmp_path / f"{digest}.gguf",
+        2048,
+        digest,
+        64,
+    )
