@@ -191,6 +191,7 @@ def test_public_names_are_curated() -> None:
             "lnurl",
             "messages",
             "openai",
+            "prefix",
             "training",
             "verification",
         }
