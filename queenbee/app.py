@@ -164,12 +164,14 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
             "fine_tuned": fine_tuned,
             "audits": audits,
         }
-        await audits.close()
-        for worker in list(hive.workers.values()):
-            await worker.close(1001, "queen shutting down")
+        # First: a job still training stays `running` in the store, and is queued again at the next start
+        # rather than counted as lost when the workers are closed below.
         training_task.cancel()
         with suppress(asyncio.CancelledError):
             await training_task
+        await audits.close()
+        for worker in list(hive.workers.values()):
+            await worker.close(1001, "queen shutting down")
         await tuning.close()
         await responses.close()
         await ledger.close()
