@@ -416,6 +416,10 @@ class TrainingQueue:
         job = await self._current(owner, job)
         if job["status"] == "cancelled":
             return
+        if self.hive.draining:
+            # The queen is shutting down and closed the worker: not the worker's fault. The job stays
+            # `running` in the store and is queued again, attempts unchanged, when the queen starts.
+            return
         attempts = int(job[INTERNAL].get("attempts", 1))
         if attempts >= self.settings.fine_tuning_attempts:
             await self._fail(

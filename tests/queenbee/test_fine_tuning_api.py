@@ -303,3 +303,33 @@ async def test_the_training_worker_takes_no_inference_while_it_trains(
     await eventually(lambda: bool(trainer.cancels))
     assert trainer.cancels == [f"{job.id}/1"]
     await trainer.close()
+
+
+async def test_a_queen_restart_queues_running_jobs_again(queen_settings: QueenSettings) -> None:
+    """Jobs that were running when the queen stopped are queued again when it starts, with an event."""
+    started = asyncio.Event()
+
+    async def hang(worker: FakeWorker, job: Job) -> None:
+        started.set()
+
+    # The queen's drain on shutdown waits for what holds a worker's slots, a training job too.
+    queen_settings = queen_settings.model_copy(update={"shutdown_grace": 0.5})
+    first = QueenServer(queen_settings).start()
+    try:
+        async with openai.AsyncOpenAI(base_url=first.openai_url, api_key=KEY, max_retries=0) as client:
+            trainer = await TrainingWorker(first.worker_url, sha256=SHA, behaviour=hang).connect()
+            job = await client.fine_tuning.jobs.create(
+                model="fake-model", training_file=await _upload(client)
+            )
+            await asyncio.wait_for(started.wait(), 10)
+            await _until(lambda: trainer.jobs, client, job.id, "running")
+    finally:
+        first.stop()
+    await trainer.close()
+    second = QueenServer(queen_settings).start()
+    try:
+        async with openai.AsyncOpenAI(base_url=second.openai_url, api_key=KEY, max_retries=0) as client:
+            assert (await client.fine_tuning.jobs.retrieve(job.id)).status == "queued"
+            assert "The queen restarted; the job is queued again." in await _messages(client, job.id)
+    finally:
+        second.stop()
