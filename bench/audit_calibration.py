@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import random
 import statistics
 import tempfile
@@ -235,6 +236,9 @@ async def run_setup(setup: Setup, auditor: Auditor, asked: list[str], tokens: in
                 tally.max_misses.append(misses)
                 if verdict.flagged:
                     tally.reasons.append("; ".join(verdict.reasons))
+            print(
+                f"{setup.name}: {tally.answers} answers, {tally.flagged} flagged", file=sys.stderr, flush=True
+            )
     finally:
         model.close()
     return tally
@@ -298,24 +302,25 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         Setup("parallel 1, 1 thread, batch 512", reference),
         Setup("parallel 4, 1 thread, batch 512", reference, parallel=4),
         Setup("parallel 1, 2 threads, batch 512", reference, threads=2),
-        Setup("parallel 1, 1 thread, batch 33", reference, batch=1),
+        Setup("parallel 1, 1 thread, batch 129", reference, batch=129),
+        Setup("parallel 4, 1 thread, batch 132, prompt cache", reference, parallel=4, batch=132, cached=True),
         Setup(
-            "parallel 4, 2 threads, batch 36, prompt cache",
+            "parallel 4, 2 threads, batch 132, prompt cache",
             reference,
             parallel=4,
             threads=2,
-            batch=1,
+            batch=132,
             cached=True,
         ),
     ]
     results: dict[str, Any] = {"honest": {}, "liars": {}}
     try:
-        for setup in honest[: args.setups]:
+        for setup in [honest[index] for index in args.setup]:
             tally = await run_setup(setup, auditor, asked, args.tokens)
             results["honest"][setup.name] = tally.summary()
             print(json.dumps({setup.name: tally.summary()}), flush=True)
         liar_prompts = prompts(args.liar_prompts, seed=1)
-        for name in QUANTS:
+        for name in args.liar:
             path = quantize(reference, folder, name)
             tally = await run_setup(Setup(f"{name} as Q4_1", path), auditor, liar_prompts, args.tokens)
             results["liars"][name] = tally.summary()
@@ -329,6 +334,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results["cheaters"] = [
         simulate(results["liars"][name]["flag_rate"] or 0.0, share)
         for name in ("Q4_0", "Q2_K")
+        if name in results["liars"]
         for share in (1.0, 0.2)
     ]
     return results
@@ -342,9 +348,17 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100, help="Prompts per honest setup.")
     parser.add_argument("--liar-prompts", type=int, default=40, help="Prompts per lying quantization.")
     parser.add_argument("--tokens", type=int, default=48, help="Greedy tokens per answer at most.")
-    parser.add_argument("--setups", type=int, default=5, help="Honest setups to run (of 5).")
+    parser.add_argument(
+        "--setup", type=int, action="append", help="An honest setup to run, by its index (0-5; default: all)."
+    )
+    parser.add_argument("--liar", action="append", choices=list(QUANTS), help="A lying quantization to run.")
+    parser.add_argument("--no-liars", action="store_true", help="Run no lying quantization.")
     parser.add_argument("--auditor-threads", type=int, default=1, help="The auditor's CPU threads.")
     args = parser.parse_args()
+    args.setup = args.setup if args.setup is not None else list(range(6))
+    args.liar = args.liar if args.liar is not None else list(QUANTS)
+    if args.no_liars:
+        args.liar = []
     results = asyncio.run(main_async(args))
     print(json.dumps(results, indent=2))
 
