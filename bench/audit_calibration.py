@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
