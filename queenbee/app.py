@@ -34,6 +34,7 @@ from queenbee.hive import Hive
 from queenbee.http_limits import check_host_patterns
 from queenbee.ledger import Ledger
 from queenbee.metrics import QueenMetrics, RecentActivity, metrics_endpoint
+from queenbee.model_files import download_model, upload_model
 from queenbee.observer import Observers, RequestLog, RequestObserver
 from queenbee.openai_api import (
     chat_completions,
@@ -187,6 +188,8 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         Route("/v1/messages", client_endpoint(create_message), methods=["POST"]),
         Route("/v1/messages/count_tokens", client_endpoint(count_tokens), methods=["POST"]),
         Route("/v1/models", client_endpoint(list_models), methods=["GET"]),
+        Route("/worker/models/{sha256}", upload_model, methods=["PUT"]),
+        Route("/worker/models/{sha256}", download_model, methods=["GET"]),
         Route("/v1/files", client_endpoint(create_file), methods=["POST"]),
         Route("/v1/files", client_endpoint(list_files), methods=["GET"]),
         Route("/v1/files/{file_id}", client_endpoint(retrieve_file), methods=["GET"]),

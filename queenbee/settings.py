@@ -194,6 +194,12 @@ class QueenSettings(BaseSettings):
         ge=1024,
         description="Largest file /v1/files takes, bytes (a job's files travel to the worker in one frame).",
     )
+    fine_tuning_max_model_bytes: int = Field(
+        default=16 * 2**30,
+        ge=2**20,
+        description="Largest fine-tuned GGUF a training worker may upload to the queen, bytes (kept in "
+        "models/ beside --db, by SHA-256).",
+    )
     fine_tuning_attempts: int = Field(
         default=3, ge=1, description="Workers a fine-tuning job may be lost on before it fails."
     )
