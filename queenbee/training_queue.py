@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from protocol import Chunk, ErrorCode, Job, JobError, Result, TrainJob, encode
 from protocol.training import TRAINING_EVENT, TRAINING_REPORT
 from queenbee.hive import Hive
+from queenbee.model_files import model_path
 from queenbee.observer import RequestObserver, RequestRecord
 from queenbee.settings import QueenSettings
 from queenbee.training_data import TrainingDataError, parse_chat_jsonl
@@ -156,6 +157,10 @@ class TrainingQueue:
     def running(self, job_id: str) -> bool:
         """Whether the job is on a worker now."""
         return job_id in self._running
+
+    def running_jobs(self) -> int:
+        """Jobs on workers now (uploads of results are taken only while there are some)."""
+        return len(self._running)
 
     async def run(self) -> None:
         """Work through the queue until cancelled (the queen's lifespan owns this task)."""
@@ -387,6 +392,11 @@ class TrainingQueue:
         self.models.add(model, owner)
         await self.store.put_job(owner, job)
         await self.store.add_event(job["id"], new_event(f"New fine-tuned model created: {model}"))
+        if not model_path(self.settings, report.sha256).is_file():
+            await self.store.add_event(
+                job["id"],
+                new_event("The queen holds no copy of the model: only its worker has it.", level="warn"),
+            )
         await self.store.add_event(job["id"], new_event("The job has successfully completed."))
         await self.observer.request_finished(
             RequestRecord(

@@ -22,9 +22,10 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import gguf
 import psutil
@@ -82,6 +83,39 @@ def trained_models(output_dir: Path) -> list[ModelConfig]:
     return configs
 
 
+def upload_url(queen_url: str, sha256: str) -> str:
+    """Where the queen takes a fine-tuned model: its /worker/models/{sha256}, over HTTP(S)."""
+    parts = urlsplit(queen_url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    path = parts.path.rstrip("/").removesuffix("/worker")
+    return urlunsplit((scheme, parts.netloc, f"{path}/worker/models/{sha256}", "", ""))
+
+
+def uploader(queen_url: str, auth_key: str) -> Callable[[Path, str], Awaitable[None]]:
+    """Uploads a file to the queen with the worker token; raises on any failure (httpx, a refusal)."""
+    import httpx
+
+    from workerbee.transport import ssl_context
+
+    async def upload(path: Path, sha256: str) -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            with path.open("rb") as file:
+                while chunk := await asyncio.to_thread(file.read, 2**20):
+                    yield chunk
+
+        headers = {"Authorization": f"Bearer {auth_key}"} if auth_key else {}
+        size = await asyncio.to_thread(lambda: path.stat().st_size)
+        headers["Content-Length"] = str(size)
+        verify: Any = ssl_context(queen_url) or True
+        timeout = httpx.Timeout(60.0, connect=10.0)
+        async with httpx.AsyncClient(verify=verify, timeout=timeout) as client:
+            response = await client.put(upload_url(queen_url, sha256), content=chunks(), headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"the queen answered {response.status_code}: {response.text[:200]}")
+
+    return upload
+
+
 def parameter_count(path: Path) -> int:
     """Weights in a GGUF file, read from its tensor shapes (the header only)."""
     reader = gguf.GGUFReader(path)
@@ -125,7 +159,10 @@ class Trainer:
         *,
         threads: int,
         max_parameters: int,
+        upload: Callable[[Path, str], Awaitable[None]] | None = None,
     ) -> None:
+        self._upload = upload
+        """Sends a fine-tuned file (path, SHA-256) to the queen before the job is reported done."""
         self._models = models
         """The configs of the models the worker serves, by id (the bases a job may name)."""
         self._serve = serve
@@ -241,6 +278,14 @@ class Trainer:
                 id=job.output_model, base=job.model, n_ctx=base.n_ctx, sha256=digest
             ).model_dump_json()
         )
+        if self._upload is not None:
+            await on_chunk({"type": "message", "message": "Uploading the fine-tuned model to the queen."}, 0)
+            try:
+                await self._upload(final, digest)
+            except Exception as exc:  # the worker still has it and serves it: say so, do not fail the job
+                log.warning("could not upload %s to the queen: %s", final, exc)
+                message = f"Could not upload the model to the queen ({exc.__class__.__name__})."
+                await on_chunk({"type": "message", "message": message[:1000]}, 0)
         await self._serve(config)
         trained = int(done["trained_tokens"])
         report = TrainingReport(trained_tokens=trained, sha256=digest, size_bytes=size)

@@ -4,20 +4,24 @@ validation, the queue's choices, a lost worker, cancellation, success and who ma
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from fake_worker import FakeWorker, answer
+from pydantic import SecretStr
 from servers import QueenServer, eventually
 
 from protocol import Chunk, Job, Register, Result, TrainingCapability, TrainJob, Usage
 from protocol.training import TrainingEvent, TrainingReport
 from queenbee.auth import key_id
 from queenbee.settings import QueenSettings
+from workerbee.training import upload_url
 
 KEY = "sk-tuning-owner"
 OTHER_KEY = "sk-tuning-other"
@@ -209,14 +213,22 @@ async def test_a_lost_worker_requeues_the_job_until_the_attempts_run_out(
     assert failed.fine_tuned_model is None
 
 
+TRAINED = b"GGUF" + bytes(range(256)) * 40
+"""What the fake training worker made: its upload's content."""
+
+
 async def _train(worker: FakeWorker, job: Job) -> None:
-    """Report two steps and succeed."""
+    """Report two steps, upload the result to the queen, and succeed."""
     for step, loss in ((1, 2.0), (2, 1.0)):
         event = TrainingEvent(
             type="metrics", step=step, total_steps=2, epoch=1, train_loss=loss, valid_loss=1.5
         )
         await worker.send(Chunk(request_id=job.request_id, chunk=event.model_dump(exclude_none=True)))
-    report = TrainingReport(trained_tokens=512, sha256="cd" * 32, size_bytes=1000)
+    digest = hashlib.sha256(TRAINED).hexdigest()
+    async with httpx.AsyncClient() as client:
+        uploaded = await client.put(upload_url(worker.url, digest), content=TRAINED)
+    assert uploaded.status_code == 200, uploaded.text
+    report = TrainingReport(trained_tokens=512, sha256=digest, size_bytes=len(TRAINED))
     usage = Usage(prompt_tokens=512, completion_tokens=0, total_tokens=512)
     await worker.send(Result(request_id=job.request_id, usage=usage, response=report.model_dump()))
 
@@ -273,6 +285,9 @@ async def test_a_finished_job_serves_its_model_to_its_owner_only(
     with pytest.raises(openai.NotFoundError):
         await other.models.retrieve(model)
     await serving.close()
+    async with httpx.AsyncClient() as client:
+        kept = await client.get(upload_url(queen.worker_url, hashlib.sha256(TRAINED).hexdigest()))
+    assert kept.content == TRAINED  # the queen has its own copy, by SHA-256
     with sqlite3.connect(queen_settings.db) as ledger:
         row = ledger.execute(
             "SELECT path, model, api_key_id, ln_url, prompt_tokens FROM usage WHERE request_id = ?", (job.id,)
@@ -333,3 +348,40 @@ async def test_a_queen_restart_queues_running_jobs_again(queen_settings: QueenSe
             assert "The queen restarted; the job is queued again." in await _messages(client, job.id)
     finally:
         second.stop()
+
+
+async def test_uploads_of_models_are_checked(queen_settings: QueenSettings) -> None:
+    """Only workers (the worker token), only while a job runs, only content with the SHA-256 named."""
+    settings = queen_settings.model_copy(update={"worker_token": SecretStr("bee-token")})
+    queen = QueenServer(settings).start()
+    digest = hashlib.sha256(TRAINED).hexdigest()
+    url = upload_url(queen.worker_url, digest)
+    token = {"Authorization": "Bearer bee-token"}
+    try:
+        async with httpx.AsyncClient() as client:
+            assert (await client.put(url, content=TRAINED)).status_code == 401
+            assert (await client.get(url)).status_code == 401
+            idle = await client.put(url, content=TRAINED, headers=token)
+            assert (idle.status_code, idle.json()["error"]["param"]) == (400, "sha256")
+            assert "No fine-tuning job is running" in idle.json()["error"]["message"]
+            started = asyncio.Event()
+
+            async def hang(worker: FakeWorker, job: Job) -> None:
+                started.set()
+
+            trainer = await TrainingWorker(
+                queen.worker_url, sha256=SHA, behaviour=hang, auth_key="bee-token"
+            ).connect()
+            async with openai.AsyncOpenAI(base_url=queen.openai_url, api_key=KEY, max_retries=0) as sdk:
+                await sdk.fine_tuning.jobs.create(model="fake-model", training_file=await _upload(sdk))
+                await asyncio.wait_for(started.wait(), 10)
+            wrong = await client.put(url, content=TRAINED + b"!", headers=token)
+            assert (wrong.status_code, wrong.json()["error"]["param"]) == (400, "sha256")
+            assert (await client.get(url, headers=token)).status_code == 404  # nothing kept
+            bad_name = await client.put(upload_url(queen.worker_url, "XYZ"), content=b"x", headers=token)
+            assert bad_name.status_code == 400
+            assert (await client.put(url, content=TRAINED, headers=token)).status_code == 200
+            assert (await client.get(url, headers=token)).content == TRAINED
+            await trainer.close()
+    finally:
+        queen.stop()
