@@ -302,8 +302,22 @@ class TrainJob(Frame):
     n_ctx: int = Field(ge=256, le=8192, multiple_of=256, description="Tokens per training window.")
 
 
+class LoadModelJob(Frame):
+    """Fetch a fine-tuned model from the queen and serve it (protocol 3; for workers with `training`).
+
+    The worker downloads `GET /worker/models/{sha256}` from the queen, checks the content's SHA-256,
+    serves it as `model` and registers again with it. Answered by a `Result` whose response is
+    `{"model": model}` and whose usage is zero.
+    """
+
+    kind: Literal["load_model"] = "load_model"
+    model: PrintableStr = Field(min_length=1, max_length=256, description="The id to serve it as.")
+    base: PrintableStr = Field(min_length=1, max_length=256, description="The model it was trained from.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the GGUF the queen keeps.")
+
+
 JobRequest = Annotated[
-    ChatJob | CompletionJob | EmbeddingJob | TokenCountJob | AuditJob | ChallengeJob | TrainJob,
+    ChatJob | CompletionJob | EmbeddingJob | TokenCountJob | AuditJob | ChallengeJob | TrainJob | LoadModelJob,
     Field(discriminator="kind"),
 ]
 """What a job asks the worker to do, tagged by `kind`."""

@@ -30,7 +30,7 @@ from queenbee.ledger import Ledger
 from queenbee.presenters import Presenter
 from queenbee.ratelimit import Lease
 from queenbee.settings import QueenSettings
-from queenbee.training_queue import FineTunedModels
+from queenbee.training_queue import FineTunedModels, TrainingQueue
 from queenbee.usage_check import NO_BOUNDS, usage_bounds
 
 
@@ -219,6 +219,10 @@ async def forward(
             # Another key's fine-tuned model does not exist for this one.
             message = f"The model '{parsed.model}' does not exist or no worker serves it."
             raise ModelNotFound(message, param="model")
+        training: TrainingQueue | None = getattr(request.state, "training", None)
+        if fine_tuned is not None and training is not None and fine_tuned.get(parsed.model) is not None:
+            # A fine-tuned model whose worker left: another --train worker fetches it from the queen.
+            await training.serve(parsed.model)
         n_ctx = hive.context_length(parsed.model)
         if n_ctx is None:
             message = f"The model '{parsed.model}' does not exist or no worker serves it."

@@ -251,7 +251,7 @@ async def serve(
     from workerbee.auditor import Auditor
     from workerbee.connection import QueenRefused, SideJob, WorkerConnection
     from workerbee.possession import Possession
-    from workerbee.training import Trainer, trained_models, uploader
+    from workerbee.training import Trainer, downloader, trained_models, uploader
     from workerbee.training import capability as training_capability
 
     # The content hashes let the queen resume an answer on another worker with the same file.
@@ -286,6 +286,7 @@ async def serve(
             threads=threads or max(1, os.cpu_count() or 1),
             max_parameters=settings.train_max_parameters,
             upload=uploader(settings.queen_url, credentials.auth_key),
+            download=downloader(settings.queen_url, credentials.auth_key),
         )
         log.info("training mode: fine-tuning jobs for %s", ", ".join(engine.models))
         # What this worker fine-tuned before a restart, served again under the same ids.
@@ -307,6 +308,7 @@ async def serve(
         max_frame_bytes=settings.max_frame_bytes,
         side_jobs=side_jobs,
         trainer=None if trainer is None else trainer.run,
+        loader=None if trainer is None else trainer.load,
     )
     try:
         await connection.run(stop)

@@ -35,6 +35,7 @@ from protocol import (
     FrameError,
     Job,
     JobError,
+    LoadModelJob,
     ProtocolError,
     Register,
     Result,
@@ -141,9 +142,12 @@ class WorkerConnection:
         max_frame_bytes: int = MAX_FRAME_BYTES,
         side_jobs: dict[str, SideJob] | None = None,
         trainer: TrainingRunner | None = None,
+        loader: SideJob | None = None,
     ) -> None:
         self.trainer = trainer
         """Runs `train` jobs on a worker started with --train; None elsewhere."""
+        self.loader = loader
+        """Runs `load_model` jobs (serve a fine-tuned model from the queen) on a --train worker."""
         self.queen_url = queen_url
         self.side_jobs = side_jobs or {}
         """Job kinds beside the engine's, by kind: `challenge` on every worker, `audit` on auditors."""
@@ -319,6 +323,10 @@ class WorkerConnection:
             elif kind == "train" and self.trainer is not None:
                 usage, response = await self.trainer(job.request, cancel, on_chunk)
                 renew = True
+            elif kind == "load_model" and self.loader is not None:
+                served = frozenset(model.id for model in self.engine.model_infos())
+                usage, response = await self.loader(job.request)
+                renew = isinstance(job.request, LoadModelJob) and job.request.model not in served
             else:
                 raise EngineError(ErrorCode.INVALID_REQUEST, f"this worker does not run {kind} jobs", "kind")
             if self._reports is not None:
@@ -329,8 +337,12 @@ class WorkerConnection:
             for frame in result_frames(result, self.send_limit):
                 await self._send_output(websocket, frame)
             if renew:
-                # A new model to serve: no new jobs on this registration, then register again with it.
+                # A new model to serve: no new jobs on this registration, the others finished (up to the
+                # shutdown grace), then register again with it.
                 await self._send(websocket, Draining())
+                others = [task for task, _ in self._jobs.values() if task is not asyncio.current_task()]
+                if others:
+                    await asyncio.wait(others, timeout=self.shutdown_grace)
                 await websocket.close(1012, "registering again with a fine-tuned model")
         except Cancelled as exc:
             cancelled = JobError(
