@@ -29,8 +29,9 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from protocol import Chunk, ErrorCode, Job, JobError, Result, TrainJob, encode
+from protocol import Chunk, ErrorCode, Job, JobError, LoadModelJob, Result, TrainJob, encode
 from protocol.training import TRAINING_EVENT, TRAINING_REPORT
+from queenbee.errors import QueenError
 from queenbee.hive import Hive
 from queenbee.model_files import model_path
 from queenbee.observer import RequestObserver, RequestRecord
@@ -43,6 +44,9 @@ log = logging.getLogger("queenbee.training_queue")
 
 SILENCE_TIMEOUT: Final = 1800.0
 """Seconds a training worker may send nothing (a step, a conversion) before it counts as lost."""
+
+LOAD_TIMEOUT: Final = 120.0
+"""Seconds a request for a fine-tuned model nobody serves waits for a worker to fetch and serve it."""
 
 TICK_SECONDS: Final = 1.0
 """How often queued jobs look again for a worker when nothing else wakes them (workers come and go)."""
@@ -84,21 +88,35 @@ def new_event(
     }
 
 
+@dataclass(frozen=True)
+class FineTuned:
+    """A fine-tuned model: whose it is, what it was trained from, and its file's hash (if known)."""
+
+    owner: str | None
+    base: str | None = None
+    sha256: str | None = None
+
+
 class FineTunedModels:
     """Every fine-tuned model that succeeded, and the key it belongs to."""
 
     def __init__(self) -> None:
-        self._owners: dict[str, str | None] = {}
+        self._models: dict[str, FineTuned] = {}
 
-    def add(self, model: str, owner: str | None) -> None:
+    def add(self, model: str, owner: str | None, base: str | None = None, sha256: str | None = None) -> None:
         """Record a fine-tuned model as `owner`'s."""
-        self._owners[model] = owner
+        self._models[model] = FineTuned(owner, base, sha256)
+
+    def get(self, model: str) -> FineTuned | None:
+        """What is known of a fine-tuned model, or None."""
+        return self._models.get(model)
 
     def visible(self, model: str, owner: str | None) -> bool:
         """Whether the key `owner` may see and use `model` (any model that is not a fine-tuned one)."""
         if not model.startswith("ft:"):
             return True
-        return model in self._owners and self._owners[model] == owner
+        known = self._models.get(model)
+        return known is not None and known.owner == owner
 
 
 @dataclass
@@ -139,12 +157,14 @@ class TrainingQueue:
         self._running: dict[str, _Running] = {}
         self._waiting = _Waiting()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loads: dict[str, asyncio.Task[None]] = {}
 
     async def load(self) -> None:
         """Learn the fine-tuned models that exist, and queue again the jobs a restart interrupted."""
         for owner, job in await self.store.jobs_with_status("succeeded"):
             if job.get("fine_tuned_model"):
-                self.models.add(job["fine_tuned_model"], owner)
+                sha256 = job.get(INTERNAL, {}).get("result_sha256")
+                self.models.add(job["fine_tuned_model"], owner, job["model"], sha256)
         for owner, job in await self.store.jobs_with_status("running"):
             job["status"] = "queued"
             await self.store.put_job(owner, job)
@@ -180,6 +200,60 @@ class TrainingQueue:
             for running in list(self._running.values()):
                 if running.task is not None:
                     running.task.cancel()
+
+    async def serve(self, model: str) -> None:
+        """Have a --train worker serve a fine-tuned model no connected worker serves, from the queen's copy.
+
+        Waits (up to LOAD_TIMEOUT) until some worker serves it; returns without one when none can (no
+        copy, no training worker with the base model): the caller then finds nobody serving it.
+        """
+        if self.hive.serving(model):
+            return
+        task = self._loads.get(model)
+        if task is None:
+            task = asyncio.create_task(self._load(model))
+            self._loads[model] = task
+            task.add_done_callback(lambda _: self._loads.pop(model, None))
+        try:
+            async with asyncio.timeout(LOAD_TIMEOUT):
+                await asyncio.shield(task)
+        except TimeoutError:
+            log.warning("no worker served %s within %g s of asking", model, LOAD_TIMEOUT)
+
+    async def _load(self, model: str) -> None:
+        known = self.models.get(model)
+        if known is None or known.base is None or known.sha256 is None:
+            return
+        if not await asyncio.to_thread(model_path(self.settings, known.sha256).is_file):
+            return
+        untrained = frozenset(
+            worker.id for worker in self.hive.serving(known.base) if worker.registration.training is None
+        )
+        if len(untrained) == len(self.hive.serving(known.base)):
+            return
+        request_id = f"load-{uuid.uuid4().hex[:16]}"
+        try:
+            worker, stream = await self.hive.acquire(known.base, request_id, exclude=untrained)
+        except QueenError as exc:
+            log.info("no worker could take %s: %s", model, exc.message)
+            return
+        job = Job(
+            request_id=request_id, request=LoadModelJob(model=model, base=known.base, sha256=known.sha256)
+        )
+        await worker.send_job(job)
+        try:
+            event = await stream.next(LOAD_TIMEOUT)
+        except TimeoutError:
+            worker.cancel(request_id)
+            return
+        if not isinstance(event, Result):
+            log.warning("worker %s did not load %s: %s", worker.id, model, event)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOAD_TIMEOUT
+        # The worker registers again with the model; the hive has no event for a model arriving.
+        while not self.hive.serving(model) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
     async def cancel(self, owner: str | None, job: dict[str, Any]) -> dict[str, Any]:
         """Cancel a job that has not ended: on its worker if it runs there. Returns the job as stored."""
@@ -389,7 +463,7 @@ class TrainingQueue:
             finished_at=int(time.time()),
         )
         job[INTERNAL]["result_sha256"] = report.sha256
-        self.models.add(model, owner)
+        self.models.add(model, owner, job["model"], report.sha256)
         await self.store.put_job(owner, job)
         await self.store.add_event(job["id"], new_event(f"New fine-tuned model created: {model}"))
         if not model_path(self.settings, report.sha256).is_file():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
@@ -31,7 +32,7 @@ import gguf
 import psutil
 from pydantic import BaseModel, ConfigDict
 
-from protocol import ErrorCode, TrainingCapability, TrainJob, Usage
+from protocol import ErrorCode, LoadModelJob, TrainingCapability, TrainJob, Usage
 from protocol.training import TrainingEvent, TrainingReport
 from workerbee.engine import ChunkSink
 from workerbee.errors import Cancelled, EngineError
@@ -116,6 +117,44 @@ def uploader(queen_url: str, auth_key: str) -> Callable[[Path, str], Awaitable[N
     return upload
 
 
+def downloader(queen_url: str, auth_key: str) -> Callable[[str, Path], Awaitable[None]]:
+    """Fetches a model from the queen into a file, kept only if its content has the SHA-256 asked for."""
+    import httpx
+
+    from workerbee.transport import ssl_context
+
+    async def download(sha256: str, destination: Path) -> None:
+        headers = {"Authorization": f"Bearer {auth_key}"} if auth_key else {}
+        verify: Any = ssl_context(queen_url) or True
+        partial = destination.with_name(destination.name + ".part")
+        hasher = hashlib.sha256()
+        try:
+            with await asyncio.to_thread(partial.open, "wb") as file:
+
+                def keep(chunk: bytes) -> None:
+                    hasher.update(chunk)
+                    file.write(chunk)
+
+                timeout = httpx.Timeout(60.0, connect=10.0)
+                async with (
+                    httpx.AsyncClient(verify=verify, timeout=timeout) as client,
+                    client.stream("GET", upload_url(queen_url, sha256), headers=headers) as response,
+                ):
+                    if response.status_code != 200:
+                        raise EngineError(
+                            ErrorCode.MODEL_NOT_FOUND, f"the queen answered {response.status_code}", "model"
+                        )
+                    async for chunk in response.aiter_bytes(2**20):
+                        await asyncio.to_thread(keep, chunk)
+            if hasher.hexdigest() != sha256:
+                raise EngineError(ErrorCode.INTERNAL_ERROR, "the model from the queen has another SHA-256")
+            await asyncio.to_thread(partial.replace, destination)
+        finally:
+            await asyncio.to_thread(partial.unlink, True)
+
+    return download
+
+
 def parameter_count(path: Path) -> int:
     """Weights in a GGUF file, read from its tensor shapes (the header only)."""
     reader = gguf.GGUFReader(path)
@@ -160,8 +199,11 @@ class Trainer:
         threads: int,
         max_parameters: int,
         upload: Callable[[Path, str], Awaitable[None]] | None = None,
+        download: Callable[[str, Path], Awaitable[None]] | None = None,
     ) -> None:
         self._upload = upload
+        self._download = download
+        """Fetches a fine-tuned file (SHA-256, destination) from the queen, checking its hash."""
         """Sends a fine-tuned file (path, SHA-256) to the queen before the job is reported done."""
         self._models = models
         """The configs of the models the worker serves, by id (the bases a job may name)."""
@@ -171,6 +213,28 @@ class Trainer:
         self.threads = threads
         self.max_parameters = max_parameters
         self._lock = asyncio.Lock()
+
+    async def load(self, job: LoadModelJob) -> tuple[Usage, dict[str, Any]]:
+        """Serve a fine-tuned model another worker trained, fetched from the queen unless it is here."""
+        usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        if job.model in self._models():
+            return usage, {"model": job.model}
+        base = self._models().get(job.base)
+        if base is None:
+            raise EngineError(ErrorCode.MODEL_NOT_FOUND, f"this worker does not serve '{job.base}'", "base")
+        path = self.output_dir / f"{job.sha256}.gguf"
+        if not await asyncio.to_thread(path.is_file):
+            if self._download is None:
+                raise EngineError(ErrorCode.INVALID_REQUEST, "this worker cannot fetch models", "model")
+            await asyncio.to_thread(self.output_dir.mkdir, parents=True, exist_ok=True)
+            await self._download(job.sha256, path)
+        size = await asyncio.to_thread(lambda: path.stat().st_size)
+        description = TrainedModel(id=job.model, base=job.base, n_ctx=base.n_ctx, sha256=job.sha256)
+        await asyncio.to_thread(trained_model(path).write_text, description.model_dump_json())
+        await self._serve(
+            ModelConfig(id=job.model, path=path, n_ctx=base.n_ctx, size_bytes=size, sha256=job.sha256)
+        )
+        return usage, {"model": job.model}
 
     async def run(
         self, job: TrainJob, cancel: threading.Event, on_chunk: ChunkSink

@@ -17,7 +17,7 @@ from fake_worker import FakeWorker, answer
 from pydantic import SecretStr
 from servers import QueenServer, eventually
 
-from protocol import Chunk, Job, Register, Result, TrainingCapability, TrainJob, Usage
+from protocol import Chunk, Job, LoadModelJob, Register, Result, TrainingCapability, TrainJob, Usage
 from protocol.training import TrainingEvent, TrainingReport
 from queenbee.auth import key_id
 from queenbee.settings import QueenSettings
@@ -385,3 +385,48 @@ async def test_uploads_of_models_are_checked(queen_settings: QueenSettings) -> N
             await trainer.close()
     finally:
         queen.stop()
+
+
+async def test_another_training_worker_fetches_a_model_whose_worker_left(
+    queen: QueenServer, sdk: openai.AsyncOpenAI
+) -> None:
+    """The trainer uploaded its result and left: a request for the model has another --train worker with
+    the base fetch it from the queen (by SHA-256) and serve it, and the request is answered."""
+    trainer = await TrainingWorker(queen.worker_url, sha256=SHA, behaviour=_train).connect()
+    job = await sdk.fine_tuning.jobs.create(model="fake-model", training_file=await _upload(sdk))
+    await _until(lambda: trainer.jobs, sdk, job.id, "succeeded")
+    model = (await sdk.fine_tuning.jobs.retrieve(job.id)).fine_tuned_model
+    assert model is not None
+    await trainer.close()
+    fetched: list[bytes] = []
+    servers: list[FakeWorker] = []
+
+    async def load(worker: FakeWorker, job: Job) -> None:
+        request = job.request
+        if not isinstance(request, LoadModelJob):
+            await answer(worker, job)
+            return
+        async with httpx.AsyncClient() as client:
+            fetched.append((await client.get(upload_url(worker.url, request.sha256))).content)
+        # What workerbee does: serve it, say so, register again with it.
+        servers.append(
+            await FakeWorker(worker.url, sha256=SHA, models=("fake-model", request.model)).connect()
+        )
+        usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        await worker.send(Result(request_id=job.request_id, usage=usage, response={"model": request.model}))
+
+    plain = await FakeWorker(queen.worker_url, sha256=SHA).connect()  # no --train: never asked
+    loader = await TrainingWorker(queen.worker_url, sha256=SHA, behaviour=load).connect()
+    reply = await sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == "Hello there"
+    assert fetched == [TRAINED]
+    [load_job] = [item.request for item in loader.jobs]
+    assert isinstance(load_job, LoadModelJob)
+    assert (load_job.model, load_job.base, load_job.sha256) == (
+        model,
+        "fake-model",
+        hashlib.sha256(TRAINED).hexdigest(),
+    )
+    assert plain.jobs == []
+    for worker in (plain, loader, *servers):
+        await worker.close()
