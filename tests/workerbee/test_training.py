@@ -4,6 +4,7 @@ the base's metadata restored, and models too big refused by name."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,10 +13,13 @@ from pathlib import Path
 import gguf
 import llama_cpp
 import numpy as np
+import openai
 import pytest
-from servers import smollm2_path
+from fake_worker import FakeWorker
+from servers import QueenServer, eventually, smollm2_path
 
-from protocol import ErrorCode
+from protocol import ErrorCode, Job, Register, TrainingCapability
+from queenbee.settings import QueenSettings
 from workerbee import gguf_convert
 from workerbee.errors import EngineError
 from workerbee.trainer import OPT_PARAMS_SIZE, WINDOW_MULTIPLE, OptParams, TrainingSpec, windows
@@ -23,9 +27,11 @@ from workerbee.training import (
     BYTES_PER_PARAMETER,
     TrainedModel,
     check_fits,
+    downloader,
     parameter_count,
     trained_model,
     trained_models,
+    uploader,
 )
 
 
@@ -230,3 +236,40 @@ def test_fine_tuned_models_in_the_train_dir_are_found_again(tmp_path: Path) -> N
         digest,
         64,
     )
+
+
+async def test_a_model_goes_to_the_queen_and_back(tmp_path: Path) -> None:
+    """The worker's uploader and downloader against a real queen: the bytes come back, a file whose hash
+    is not the one asked for is not kept."""
+
+    class Trainer(FakeWorker):
+        def registration(self) -> Register:
+            capability = TrainingCapability(methods=["full"], max_parameters=10**9, memory_free=4096)
+            return super().registration().model_copy(update={"training": capability})
+
+    async def hang(worker: FakeWorker, job: Job) -> None:
+        del worker, job
+
+    queen = QueenServer(QueenSettings(db=tmp_path / "queen.db")).start()
+    try:
+        worker = await Trainer(queen.worker_url, sha256="ab" * 32, behaviour=hang).connect()
+        files = tmp_path / "chats.jsonl"
+        files.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+        async with openai.AsyncOpenAI(base_url=queen.openai_url, api_key="x", max_retries=0) as sdk:
+            uploaded = await sdk.files.create(file=files, purpose="fine-tune")
+            await sdk.fine_tuning.jobs.create(model="fake-model", training_file=uploaded.id)
+        await eventually(lambda: bool(worker.jobs))
+        model = tmp_path / "model.gguf"
+        model.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
+        digest = hashlib.sha256(model.read_bytes()).hexdigest()
+        await uploader(queen.worker_url, "")(model, digest)
+        back = tmp_path / "back" / "model.gguf"
+        back.parent.mkdir()
+        await downloader(queen.worker_url, "")(digest, back)
+        assert back.read_bytes() == model.read_bytes()
+        with pytest.raises(EngineError):
+            await downloader(queen.worker_url, "")("cd" * 32, tmp_path / "back" / "missing.gguf")
+        assert sorted(path.name for path in back.parent.iterdir()) == ["model.gguf"]
+        await worker.close()
+    finally:
+        queen.stop()
