@@ -174,6 +174,11 @@ def test_a_short_training_run_serves_a_model_that_learned(
     # The epoch's last step carries the loss on the held-out chats, measured after it.
     assert [metric["valid_loss"] is not None for metric in metrics] == [False] * (len(metrics) - 1) + [True]  # type: ignore[index]
 
+    assert "Uploading the fine-tuned model to the queen." in messages
+    assert not [event.message for event in events if event.level == "warn"]
+    [kept] = (queen.settings.db.parent / "models").glob("*.gguf")  # the queen's copy, by SHA-256
+    assert kept.stat().st_size > 100 * 2**20  # Q8_0 of 135 M parameters
+
     model = done.fine_tuned_model
     assert model is not None
     wait_until(lambda: model in queen.hive.models(), timeout=60)
