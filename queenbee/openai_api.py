@@ -281,7 +281,9 @@ def _visible_models(request: Request) -> list[str]:
     if fine_tuned is None:
         return hive.models()
     owner = getattr(request.state, "api_key_id", None)
-    return [model for model in hive.models() if fine_tuned.visible(model, owner)]
+    served = {model for model in hive.models() if fine_tuned.visible(model, owner)}
+    # The key's fine-tuned models the queen holds a copy of: a request for one has a worker fetch it.
+    return sorted(served | set(fine_tuned.kept(owner)))
 
 
 async def list_models(request: Request) -> Response:
