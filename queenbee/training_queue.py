@@ -95,6 +95,8 @@ class FineTuned:
     owner: str | None
     base: str | None = None
     sha256: str | None = None
+    kept: bool = False
+    """Whether the queen holds its file (a --train worker can fetch it when nobody serves it)."""
 
 
 class FineTunedModels:
@@ -103,9 +105,21 @@ class FineTunedModels:
     def __init__(self) -> None:
         self._models: dict[str, FineTuned] = {}
 
-    def add(self, model: str, owner: str | None, base: str | None = None, sha256: str | None = None) -> None:
+    def add(
+        self,
+        model: str,
+        owner: str | None,
+        base: str | None = None,
+        sha256: str | None = None,
+        *,
+        kept: bool = False,
+    ) -> None:
         """Record a fine-tuned model as `owner`'s."""
-        self._models[model] = FineTuned(owner, base, sha256)
+        self._models[model] = FineTuned(owner, base, sha256, kept)
+
+    def kept(self, owner: str | None) -> list[str]:
+        """`owner`'s fine-tuned models whose file the queen holds: usable even when nobody serves them."""
+        return [model for model, known in self._models.items() if known.owner == owner and known.kept]
 
     def get(self, model: str) -> FineTuned | None:
         """What is known of a fine-tuned model, or None."""
@@ -164,7 +178,10 @@ class TrainingQueue:
         for owner, job in await self.store.jobs_with_status("succeeded"):
             if job.get("fine_tuned_model"):
                 sha256 = job.get(INTERNAL, {}).get("result_sha256")
-                self.models.add(job["fine_tuned_model"], owner, job["model"], sha256)
+                kept = sha256 is not None and await asyncio.to_thread(
+                    model_path(self.settings, sha256).is_file
+                )
+                self.models.add(job["fine_tuned_model"], owner, job["model"], sha256, kept=kept)
         for owner, job in await self.store.jobs_with_status("running"):
             job["status"] = "queued"
             await self.store.put_job(owner, job)
@@ -463,10 +480,11 @@ class TrainingQueue:
             finished_at=int(time.time()),
         )
         job[INTERNAL]["result_sha256"] = report.sha256
-        self.models.add(model, owner, job["model"], report.sha256)
+        kept = await asyncio.to_thread(model_path(self.settings, report.sha256).is_file)
+        self.models.add(model, owner, job["model"], report.sha256, kept=kept)
         await self.store.put_job(owner, job)
         await self.store.add_event(job["id"], new_event(f"New fine-tuned model created: {model}"))
-        if not model_path(self.settings, report.sha256).is_file():
+        if not kept:
             await self.store.add_event(
                 job["id"],
                 new_event("The queen holds no copy of the model: only its worker has it.", level="warn"),

@@ -398,6 +398,9 @@ async def test_another_training_worker_fetches_a_model_whose_worker_left(
     model = (await sdk.fine_tuning.jobs.retrieve(job.id)).fine_tuned_model
     assert model is not None
     await trainer.close()
+    assert not queen.hive.serving(model)  # the fake trainer never registered with it
+    assert model in [item.id for item in (await sdk.models.list()).data]  # the queen holds its file
+    assert (await sdk.models.retrieve(model)).id == model
     fetched: list[bytes] = []
     servers: list[FakeWorker] = []
 
