@@ -317,7 +317,14 @@ class LoadModelJob(Frame):
 
 
 JobRequest = Annotated[
-    ChatJob | CompletionJob | EmbeddingJob | TokenCountJob | AuditJob | ChallengeJob | TrainJob | LoadModelJob,
+    ChatJob
+    | CompletionJob
+    | EmbeddingJob
+    | TokenCountJob
+    | AuditJob
+    | ChallengeJob
+    | TrainJob
+    | LoadModelJob,
     Field(discriminator="kind"),
 ]
 """What a job asks the worker to do, tagged by `kind`."""
