@@ -6,13 +6,14 @@ as the queen names the next turn's prompt, and --cache-ram must bring an evicted
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
-from servers import smollm2_path
+from servers import eventually, smollm2_path
 
 from protocol import Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -21,6 +22,7 @@ from workerbee.batching import BatchedModel
 from workerbee.cache_ram import HostCache, SavedState
 from workerbee.prefix_cache import summarize
 from workerbee.prompts import ModelConfig
+from workerbee.scheduler import HOLD_MIN_TOKENS
 
 CONFIG = ModelConfig(id="smol", path=smollm2_path(), n_ctx=1024)
 SYSTEM = "You are a patient tutor of geography. Answer in one sentence and name one river each time. " * 3
@@ -138,3 +140,30 @@ def test_summaries_keep_the_longest_claim_per_prefix_within_the_limit() -> None:
     """A prefix held by several caches is listed once, with the most tokens any holds it for."""
     assert summarize([[(1, 10), (2, 30)], [(1, 12)]]) == [(2, 30), (1, 12)]
     assert summarize([[(hash_, hash_ + 1) for hash_ in range(50)]], limit=3) == [(49, 50), (48, 49), (47, 48)]
+
+
+async def test_a_prefix_being_read_is_read_once() -> None:
+    """A request over a long system prompt that another slot is still reading waits for it and copies
+    it: the shared part is decoded once and counted as cached (without waiting, the rest of it would
+    be read twice)."""
+    model = BatchedModel.load(replace(CONFIG, n_ctx=2048), parallel=2, threads=1)
+    try:
+        system = SYSTEM * 30
+        bodies = [
+            chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
+            for question in ("Tell me about Peru.", "Tell me about Chile.")
+        ]
+        shared = len(model.prompts.chat_prompt(chat([{"role": "system", "content": system}])))
+        stats = model.scheduler.stats
+        # Two steps' worth and more: still being read when the second request can join (between steps).
+        assert shared > 2 * 512 + HOLD_MIN_TOKENS
+        reading = asyncio.ensure_future(run(model, bodies[0]))
+        await eventually(lambda: stats.steps >= 1)
+        second, _, _ = await run(model, bodies[1])
+        first, _, _ = await reading
+        assert stats.holds == 1
+        assert stats.copies == 1
+        assert second.cached_tokens >= shared - 8
+        assert stats.prompt_tokens <= first.prompt_tokens + second.prompt_tokens - shared + 8
+    finally:
+        model.close()
