@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from servers import QueenServer
 
 from queenbee.settings import QueenSettings
 
+# Set when this file is imported, before any test module is collected: settings built at collection
+# (a parametrize argument, a module constant) must not reach the real home either.
+_PREVIOUS_HOMES = {name: os.environ.get(name) for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME")}
+_PRIVATE_HOME = Path(tempfile.mkdtemp(prefix="queenbee-tests-"))
+os.environ["XDG_DATA_HOME"] = str(_PRIVATE_HOME / "data-home")
+os.environ["XDG_CONFIG_HOME"] = str(_PRIVATE_HOME / "config-home")
+
 
 @pytest.fixture(autouse=True, scope="session")
-def private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def private_data_home() -> Iterator[None]:
     """Queens and workers started by tests (in-process or not) keep their ledgers and instance ids in a
-    temporary directory, never in the real home."""
-    previous = {name: os.environ.get(name) for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME")}
-    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data-home"))
-    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config-home"))
+    temporary directory, never in the real home; it goes at the end of the session."""
     yield
-    for name, value in previous.items():
+    for name, value in _PREVIOUS_HOMES.items():
         if value is None:
-            del os.environ[name]
+            os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    shutil.rmtree(_PRIVATE_HOME, ignore_errors=True)
 
 
 @pytest.fixture
