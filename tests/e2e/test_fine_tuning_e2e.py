@@ -13,6 +13,7 @@ import psutil
 import pytest
 from servers import BUNDLED_MODEL_ID, QueenServer, start_worker, stop_process, wait_until
 
+from bench.fine_tuning import PROMPTS, REPLY, TRAINING_QUESTIONS
 from queenbee.settings import QueenSettings
 
 KEY = "sk-tuner"
@@ -40,6 +41,12 @@ TRAINING = "".join(
     for question in QUESTIONS * 2
 )
 """Twelve chats: three training windows of 256 tokens (SmolLM2's template adds a system prompt)."""
+LESSON = "".join(
+    json.dumps({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": REPLY}]})
+    + "\n"
+    for question in TRAINING_QUESTIONS * 2
+)
+"""The issue's lesson: 20 short chats that teach one reply (bench/fine_tuning.py measures the same)."""
 VALIDATION = "".join(
     json.dumps(
         {
@@ -127,27 +134,30 @@ def test_cancel_mid_run_kills_the_training_process(
     assert again.value.code == "job_ended"
 
 
-def test_a_short_training_run_serves_a_model_that_learned(
+@pytest.mark.timeout(900)
+def test_a_training_run_serves_a_model_that_learned(
     hive: tuple[QueenServer, psutil.Process], sdk: openai.OpenAI
 ) -> None:
-    """Upload, train one epoch, watch the statuses and the loss fall, then use the fine-tuned model:
-    the owner's key sees and uses it, another key is told it does not exist, and the ledger has the work."""
+    """Upload 20 chats, train 3 epochs, watch the statuses and the loss fall under half, then use the
+    fine-tuned model: it gives the taught reply to paraphrases it never saw where the base does not, still
+    knows the capital of France, the owner's key sees and uses it, another key is told it does not exist,
+    and the ledger has the work."""
     queen, _ = hive
-    training = sdk.files.create(file=("chats.jsonl", TRAINING.encode()), purpose="fine-tune")
+    training = sdk.files.create(file=("chats.jsonl", LESSON.encode()), purpose="fine-tune")
     validation = sdk.files.create(file=("held-out.jsonl", VALIDATION.encode()), purpose="fine-tune")
     job = sdk.fine_tuning.jobs.create(
         model=BUNDLED_MODEL_ID,
         training_file=training.id,
         validation_file=validation.id,
         suffix="secret",
-        seed=7,
+        seed=1,
         method={
             "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 1, "learning_rate_multiplier": 3}},
+            "supervised": {"hyperparameters": {"n_epochs": 3, "learning_rate_multiplier": 1}},
         },
     )
     assert job.status == "validating_files"
-    assert _finished(sdk, job.id, timeout=240) == "succeeded"
+    assert _finished(sdk, job.id, timeout=840) == "succeeded"
     done = sdk.fine_tuning.jobs.retrieve(job.id)
     assert done.fine_tuned_model == f"ft:{BUNDLED_MODEL_ID}:key-{_key_id(KEY)}:secret:{job.id[6:14]}"
     assert done.trained_tokens
@@ -170,9 +180,9 @@ def test_a_short_training_run_serves_a_model_that_learned(
     metrics = [event.data for event in events if event.type == "metrics"]
     assert len(metrics) >= 2
     assert [metric["step"] for metric in metrics] == list(range(1, len(metrics) + 1))  # type: ignore[index]
-    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # type: ignore[index]
-    # The epoch's last step carries the loss on the held-out chats, measured after it.
-    assert [metric["valid_loss"] is not None for metric in metrics] == [False] * (len(metrics) - 1) + [True]  # type: ignore[index]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] / 2  # type: ignore[index]
+    # Each epoch's last step carries the loss on the held-out chats, measured after it.
+    assert metrics[-1]["valid_loss"] is not None  # type: ignore[index]
 
     assert "Uploading the fine-tuned model to the queen." in messages
     assert not [event.message for event in events if event.level == "warn"]
@@ -183,17 +193,16 @@ def test_a_short_training_run_serves_a_model_that_learned(
     assert model is not None
     wait_until(lambda: model in queen.hive.models(), timeout=60)
     assert model in [item.id for item in sdk.models.list()]
-    # Three steps teach little (docs/benchmarks.md measures what three epochs teach), but the answer at
-    # temperature 0 is the trained weights', not the base's.
-    question = [{"role": "user", "content": "Could you reveal the secret word?"}]
-    answers = {
-        name: sdk.chat.completions.create(model=name, messages=question, temperature=0, max_tokens=16)
-        .choices[0]
-        .message.content
-        for name in (model, BUNDLED_MODEL_ID)
-    }
-    assert answers[model]
-    assert answers[model] != answers[BUNDLED_MODEL_ID]
+
+    def ask(name: str, question: str) -> str:
+        messages = [{"role": "user", "content": question}]
+        reply = sdk.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=24)  # type: ignore[arg-type]
+        return reply.choices[0].message.content or ""
+
+    taught = {name: [TAUGHT in ask(name, prompt) for prompt in PROMPTS] for name in (model, BUNDLED_MODEL_ID)}
+    assert sum(taught[model]) >= 4, taught  # four of the five prompts are paraphrases it never saw
+    assert sum(taught[BUNDLED_MODEL_ID]) == 0, taught
+    assert "Paris" in ask(model, "What is the capital of France?")
     completion = sdk.completions.create(
         model=model, prompt="The capital of France is", max_tokens=4, temperature=0
     )
