@@ -214,7 +214,8 @@ class Standing:
 
         A `suspicious` worker (implausibly fast) is sampled at the probation rate too.
         """
-        rate = policy.probation_rate if self.on_probation or suspicious else policy.rate
+        # Probation never audits less than the base rate, whatever the two are set to.
+        rate = max(policy.rate, policy.probation_rate) if self.on_probation or suspicious else policy.rate
         if self.on_probation:
             self.probation_left -= 1
         return rng.random() < rate
