@@ -109,7 +109,15 @@ def _finished(sdk: openai.OpenAI, job_id: str, timeout: float) -> str:
 
 
 def _trainers(worker: psutil.Process) -> list[psutil.Process]:
-    return [child for child in worker.children(recursive=True) if "workerbee.trainer" in child.cmdline()]
+    """The worker's live training processes (a killed one not reaped yet is gone: it runs nothing)."""
+    running = []
+    for child in worker.children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "workerbee.trainer" in child.cmdline():
+                running.append(child)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return running
 
 
 def test_cancel_mid_run_kills_the_training_process(
