@@ -33,29 +33,38 @@ class JsonBody(JSONResponse):
 
 
 class RelayResponse(StreamingResponse):
-    """An SSE response that the queen can end from outside, when its client stops reading.
+    """An SSE response that ends when its client leaves, and that the queen can end from outside.
 
     A client that does not read leaves the response blocked in `send`; `abort` cancels the task that
-    runs it, and the cancellation ends the response quietly instead of as an application error.
+    runs it, and the cancellation ends the response quietly instead of as an application error. A client
+    that disconnects is noticed by one watcher task, which aborts the same way: Starlette's own response
+    would run the stream and the watch in an anyio task group, a tenth of a short stream's CPU.
     """
 
     _task: asyncio.Task[Any] | None = None
     _aborted = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Send the stream, or stop at once when aborted."""
+        """Send the stream, or stop at once when the client leaves or the queen aborts it."""
         self._task = asyncio.current_task()
+        watcher = asyncio.get_running_loop().create_task(self._abort_on_disconnect(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
         except asyncio.CancelledError:
             if not self._aborted:
                 raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            if self._task is not None:
+                self._task.uncancel()
+        finally:
+            watcher.cancel()
+
+    async def _abort_on_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.abort()
 
     def abort(self) -> None:
-        """End the response now (the client stopped reading)."""
+        """End the response now (the client left or stopped reading)."""
         if self._task is not None and not self._aborted:
             self._aborted = True
             self._task.cancel()
