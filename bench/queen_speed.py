@@ -132,8 +132,12 @@ def _scale(
         figures["p99_one_worker_ms"] = alone.run.p99 * 1e3
         figures["p50_many_workers_ms"] = crowded.run.p50 * 1e3
         figures["p99_many_workers_ms"] = crowded.run.p99 * 1e3
-        time.sleep(2)
-        # Requests in flight: workers that answer after a while, and that many requests held open.
+    finally:
+        queen.stop()
+    # Requests in flight, on a queen of their own (memory the workers above left free would hide them):
+    # workers that answer after a while, and that many requests held open.
+    queen = start_queen(logs, cpus=queen_cpu, api_key=KEY)
+    try:
         in_flight = 1000
         slow = _start_many(queen, in_flight // 4, 30.0, logs, others)
         try:
