@@ -73,22 +73,26 @@ class Answers:
         return [frame.replace(_REQUEST_ID, job.request_id) for frame in frames]
 
 
+def registration(parallel: int, prefix: str = "bench") -> Register:
+    """What a scripted worker registers: model "instant" with `parallel` slots, a fresh instance id."""
+    return Register(
+        protocol_version=PROTOCOL_VERSION,
+        instance_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
+        max_frame_bytes=MAX_FRAME_BYTES,
+        worker_version="bench",
+        cpu_count=1,
+        disk_space=1,
+        vram=0,
+        models=[ModelInfo(id="instant", n_ctx=2048)],
+        parallel=parallel,
+    )
+
+
 async def serve(url: str, parallel: int, chunks: int = 2) -> None:
     """Register and answer jobs until the connection closes."""
     answers = Answers(chunks)
     async with websockets.connect(url, max_size=None, compression=None) as websocket:
-        register = Register(
-            protocol_version=PROTOCOL_VERSION,
-            instance_id="bench-" + uuid.uuid4().hex[:12],
-            max_frame_bytes=MAX_FRAME_BYTES,
-            worker_version="bench",
-            cpu_count=1,
-            disk_space=1,
-            vram=0,
-            models=[ModelInfo(id="instant", n_ctx=2048)],
-            parallel=parallel,
-        )
-        await websocket.send(encode(register))
+        await websocket.send(encode(registration(parallel)))
         welcome = decode_queen_frame(await websocket.recv())
         if not isinstance(welcome, Welcome):
             raise SystemExit(f"the queen refused the worker: {welcome}")

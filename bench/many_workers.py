@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import resource
 import sys
-import uuid
 
 import websockets
 
-from bench.instant_worker import Answers
-from protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, Job, ModelInfo, Register, decode_queen_frame, encode
+from bench.instant_worker import Answers, registration
+from protocol import Job, decode_queen_frame, encode
 
 _HANDSHAKES_AT_ONCE = 100
 
@@ -26,18 +25,7 @@ async def _worker(
 ) -> None:
     async with gate:
         websocket = await websockets.connect(url, max_size=None, compression=None, open_timeout=120)
-        register = Register(
-            protocol_version=PROTOCOL_VERSION,
-            instance_id="many-" + uuid.uuid4().hex[:12],
-            max_frame_bytes=MAX_FRAME_BYTES,
-            worker_version="bench",
-            cpu_count=1,
-            disk_space=1,
-            vram=0,
-            models=[ModelInfo(id="instant", n_ctx=2048)],
-            parallel=4,
-        )
-        await websocket.send(encode(register))
+        await websocket.send(encode(registration(4, "many")))
         await websocket.recv()
     ready.put_nowait(None)
 

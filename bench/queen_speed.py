@@ -18,6 +18,7 @@ to CPU 0 and the load generator (Debian's `wrk`) and the scripted workers on the
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import select
@@ -32,6 +33,9 @@ import httpx
 
 from bench import wrk
 from bench.processes import Service, start_bare, start_instant_worker, start_queen
+from bench.scheduling import make_workers
+from queenbee.hive import Hive
+from queenbee.settings import QueenSettings
 
 KEY = "sk-bench-queen-speed"
 RELAY_CHUNKS = 200
@@ -154,11 +158,6 @@ def _scale(
 def scheduling_times(workers: int, decisions: int = 5000) -> list[float]:
     """Seconds per routing decision of the queen's own Hive.acquire (choose and reserve, then release)
     with `workers` socket-less sessions connected, each serving the model with 4 slots; sorted."""
-    import asyncio
-
-    from bench.scheduling import make_workers
-    from queenbee.hive import Hive
-    from queenbee.settings import QueenSettings
 
     async def decide() -> list[float]:
         hive = Hive(QueenSettings())
@@ -178,7 +177,6 @@ def scheduling_times(workers: int, decisions: int = 5000) -> list[float]:
 
 def _hold_requests(queen: Service, count: int) -> int:
     """Start `count` streamed requests that the slow workers hold; the queen's RSS once all are in."""
-    import asyncio
 
     async def hold() -> int:
         limits = httpx.Limits(max_connections=count + 10)

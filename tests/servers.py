@@ -150,6 +150,18 @@ BUNDLED_MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 """The id a worker serving the bundled model gives it."""
 
 
+@contextmanager
+def running(tmp_path: Path, **options: Any) -> Iterator[QueenServer]:
+    """A queen with `options` (a 2 s queue timeout unless given) and a ledger in `tmp_path`, stopped on
+    the way out."""
+    options.setdefault("queue_timeout", 2.0)
+    queen = QueenServer(QueenSettings(db=tmp_path / "ledger.db", **options)).start()
+    try:
+        yield queen
+    finally:
+        queen.stop()
+
+
 def start_worker(queen_url: str, *extra: str, model: Path | None = None) -> subprocess.Popen[str]:
     """A real `workerbee` process with one llama.cpp thread, serving the bundled model (or `model`)."""
     command = [sys.executable, "-m", "workerbee", "--queen-url", queen_url, "--threads", "1", *extra]

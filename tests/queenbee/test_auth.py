@@ -7,8 +7,6 @@ import logging
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import openai
 import pytest
 import websockets
 from fake_worker import FakeWorker
-from servers import QueenServer
+from servers import QueenServer, running
 
 from protocol import (
     MAX_FRAME_BYTES,
@@ -55,16 +53,6 @@ def queen_settings(tmp_path: Path) -> QueenSettings:
     return QueenSettings(
         queue_timeout=2.0, db=tmp_path / "ledger.db", api_key=[KEY, OTHER_KEY], worker_token=WORKER_TOKEN
     )
-
-
-@contextmanager
-def running(tmp_path: Path, **options: Any) -> Iterator[QueenServer]:
-    """A queen with `options`, stopped on the way out."""
-    queen = QueenServer(QueenSettings(db=tmp_path / "ledger.db", queue_timeout=2.0, **options)).start()
-    try:
-        yield queen
-    finally:
-        queen.stop()
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from servers import QueenServer
+from servers import running
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -19,19 +18,8 @@ from starlette.routing import Route
 from queenbee.app import _http_error, _queen_error, _unexpected_error
 from queenbee.direct_routes import DirectRoutes
 from queenbee.errors import InvalidRequest
-from queenbee.settings import QueenSettings
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-@contextmanager
-def running(tmp_path: Path, **options: Any) -> Iterator[QueenServer]:
-    """A queen with `options`, stopped on the way out."""
-    queen = QueenServer(QueenSettings(db=tmp_path / "ledger.db", queue_timeout=2.0, **options)).start()
-    try:
-        yield queen
-    finally:
-        queen.stop()
 
 
 async def test_a_direct_route_still_checks_the_host(tmp_path: Path) -> None:

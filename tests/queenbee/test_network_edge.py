@@ -8,16 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import websockets
 from fake_worker import FakeWorker
-from servers import TIME_UNIT, QueenServer
+from servers import TIME_UNIT, running
 
 from protocol import ErrorCode, ProtocolError, Welcome, decode_queen_frame, encode
 from queenbee.app import create_app
@@ -29,16 +26,6 @@ WORKER_TOKEN = "edge-worker-token"
 ADMIN_KEY = "edge-admin-key"
 STATS_KEY = "edge-stats-key"
 ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-@contextmanager
-def running(tmp_path: Path, **options: Any) -> Iterator[QueenServer]:
-    """A queen with `options`, stopped on the way out."""
-    queen = QueenServer(QueenSettings(db=tmp_path / "ledger.db", queue_timeout=2.0, **options)).start()
-    try:
-        yield queen
-    finally:
-        queen.stop()
 
 
 def secret_file(tmp_path: Path, name: str, secret: str) -> Path:
