@@ -131,7 +131,7 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         # Also on app.state, for operators' tools and tests that hold the app rather than a request.
         app.state.hive = hive
         warn_if_exposed(settings, clients, secrets)
-        ledger = await Ledger.open(settings.db)
+        ledger = await Ledger.open(settings.db, spool=settings.ledger_spool)
         # After the ledger: its migrations make the table the store uses.
         responses = await ResponseStore.open(settings.db, settings.responses_retention)
         limiter = RateLimiter.from_settings(settings, clients)

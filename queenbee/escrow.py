@@ -7,19 +7,20 @@ hold is open are *escrowed*. Once the worker has passed `--escrow-audits` audits
 flagged request (it is paid to nobody) and opens a hold again. Rows no hold covers are payable.
 
 Holds are per `ln_url` because payouts are: two workers sharing an address share its holds. The
-functions here run on the ledger's threads (`Ledger.write`, `Ledger.read`); tokens are the worker's
+functions here run on the ledger's threads (`Ledger.write`, `Ledger.read`), on SQLite or PostgreSQL
+alike (`ledger_db`); tokens are the worker's
 credited prompt plus completion tokens of each row, so the three figures add up, exactly, to what the
 usage report says the address earned.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 from queenbee.ledger import Row
+from queenbee.ledger_db import Database
 
 _SPLIT: Final = """
     SELECT COALESCE(u.ln_url, '') AS name,
@@ -30,7 +31,7 @@ _SPLIT: Final = """
         ) THEN u.tokens END), 0)
     FROM (
         SELECT request_id, ln_url, started_at,
-            COALESCE(worker_prompt_tokens, prompt_tokens)
+            CAST(COALESCE(worker_prompt_tokens, prompt_tokens) AS BIGINT)
                 + COALESCE(worker_completion_tokens, completion_tokens) AS tokens
         FROM usage
         WHERE started_at >= ? AND started_at < ? AND worker_id IS NOT NULL
@@ -48,7 +49,7 @@ class Split:
     forfeited: int = 0
 
 
-def open_hold(connection: sqlite3.Connection, ln_url: str, identity: str, now: float) -> bool:
+def open_hold(connection: Database, ln_url: str, identity: str, now: float) -> bool:
     """Open a hold on `ln_url` for `identity` unless one is open already; whether one was opened."""
     open_already = connection.execute(
         "SELECT 1 FROM escrow_holds WHERE ln_url = ? AND identity = ? AND released_at IS NULL",
@@ -62,7 +63,7 @@ def open_hold(connection: sqlite3.Connection, ln_url: str, identity: str, now: f
     return True
 
 
-def release_holds(connection: sqlite3.Connection, identity: str, now: float) -> int:
+def release_holds(connection: Database, identity: str, now: float) -> int:
     """Release every open hold of `identity`: its escrowed rows become payable. How many were released."""
     cursor = connection.execute(
         "UPDATE escrow_holds SET released_at = ? WHERE identity = ? AND released_at IS NULL", (now, identity)
@@ -70,10 +71,11 @@ def release_holds(connection: sqlite3.Connection, identity: str, now: float) -> 
     return cursor.rowcount
 
 
-def forfeit(connection: sqlite3.Connection, request_id: str, ln_url: str, reason: str, now: float) -> None:
+def forfeit(connection: Database, request_id: str, ln_url: str, reason: str, now: float) -> None:
     """Forfeit a request's earnings (kept once, with its first reason)."""
     connection.execute(
-        "INSERT OR IGNORE INTO forfeits (request_id, ln_url, forfeited_at, reason) VALUES (?, ?, ?, ?)",
+        "INSERT INTO forfeits (request_id, ln_url, forfeited_at, reason) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
         (request_id, ln_url, now, reason[:500]),
     )
 
@@ -94,7 +96,7 @@ class AuditRow:
     seconds: float
 
 
-def record_audit(connection: sqlite3.Connection, audit: AuditRow) -> None:
+def record_audit(connection: Database, audit: AuditRow) -> None:
     """Keep an audit's outcome."""
     connection.execute(
         "INSERT INTO audits (request_id, audited_at, identity, ln_url, model, auditor, flagged, reasons, "
@@ -115,14 +117,15 @@ def record_audit(connection: sqlite3.Connection, audit: AuditRow) -> None:
 
 
 def escrow_split(
-    connection: sqlite3.Connection, low: float, high: float, spooled: Iterable[Row] = ()
+    connection: Database, low: float, high: float, spooled: Iterable[Row] = ()
 ) -> dict[str, Split]:
     """Escrowed and forfeited tokens per `ln_url` for rows started in [low, high), spooled rows included.
 
     Call inside the report's transaction, so that it sees the same rows as the totals.
     """
     split = {
-        name: Split(escrowed, forfeited)
+        # int(): PostgreSQL sums BIGINT as NUMERIC, which psycopg reads as Decimal.
+        name: Split(int(escrowed), int(forfeited))
         for name, forfeited, escrowed in connection.execute(_SPLIT, (low, high))
     }
     rows = [row for row in spooled if row.worker_id is not None]

@@ -1,22 +1,29 @@
-"""The usage ledger: one row per finished request in SQLite, durable before the client sees the end.
+"""The usage ledger: one row per finished request, durable before the client sees the end.
 
-The ledger is what operators pay workers from, so a row is durable before the response's last byte
-leaves: committed to the database (WAL journal, `synchronous=FULL`), or, when the database cannot take
-it (disk full, file too large, locked by another process, I/O error), appended and fsynced to the spool
-beside it (`ledger_spool`), from which a replay task of the ledger's own copies it into the database
-once writes work again. Only when the spool cannot be written either does `request_finished` raise.
+The database is a SQLite file (the default, for one queen) or PostgreSQL (`--db postgresql://...`, which
+several queen replicas share); `ledger_db` is the one place where the two differ. The ledger is what
+operators pay workers from, so a row is durable before the response's last byte leaves: committed to
+the database (SQLite: WAL journal, `synchronous=FULL`; PostgreSQL: `synchronous_commit=on`), or, when
+the database cannot take it (disk full, file too large, locked by another process, I/O error, the
+PostgreSQL connection lost), appended and fsynced to the spool (`ledger_spool`), from which a replay
+task of the ledger's own copies it into the database once writes work again. Only when the spool cannot
+be written either does `request_finished` raise. A lost PostgreSQL connection is opened again by the
+replays, with exponential backoff and jitter that resets once the database takes rows again.
 
 Writes are group commits: records that arrive while a transaction is in flight go into the next one
 together, so a slow disk costs each request its own commit and never a queue of other requests'
 commits. The database waits only a short `write_timeout` for a lock on the request path; after one
 failure the ledger is degraded and sends rows straight to the spool until the replay has emptied it.
 
-The schema is versioned with `PRAGMA user_version`; `MIGRATIONS[n]` takes a ledger from version n to
-n + 1, in one transaction.
+The schema is versioned (`PRAGMA user_version` in SQLite, the `queenbee_schema` table in PostgreSQL);
+`MIGRATIONS[n]` takes a ledger from version n to n + 1; those a ledger lacks are applied in one
+transaction, under a lock that makes two queens starting at once apply each only once. Request ids are
+unique, so a row written twice (a replay, a retry after a lost connection) is kept once.
 
 Errors:
 
-    LedgerError              the ledger file cannot be used (opening, migrating, a closed ledger)
+    LedgerError              the ledger cannot be used (opening, migrating, a closed ledger, a spool
+                             another queen holds)
     └── LedgerUnavailable    a record could be stored neither in the database nor in the spool
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +42,17 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
 from queenbee import ledger_spool
-from queenbee.ledger_spool import spool_path
+from queenbee.ledger_db import (
+    Database,
+    SpoolLock,
+    Target,
+    database_errors,
+    default_spool,
+    display_name,
+    is_postgres,
+    open_database,
+    open_errors,
+)
 from queenbee.observer import RequestRecord
 
 log = logging.getLogger("queenbee.ledger")
@@ -188,7 +206,7 @@ SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
 class LedgerError(Exception):
-    """The ledger file cannot be used."""
+    """The ledger cannot be used."""
 
 
 class LedgerUnavailable(LedgerError):
@@ -329,96 +347,89 @@ _FIELD_KINDS: Final[dict[str, tuple[type, ...]]] = {
     **dict.fromkeys(_TOKEN_FIELDS, (int,)),
 }
 
-# OR IGNORE: a request id already recorded (a replayed spool line, or a commit that reported an error
-# but reached the disk) keeps the row it has.
+# DO NOTHING: a request id already recorded (a replayed spool line, a commit that reported an error but
+# reached the disk, or an insert retried after its PostgreSQL connection was lost) keeps the row it has.
 _INSERT: Final = (
-    f"INSERT OR IGNORE INTO usage ({', '.join(Row._fields)}) VALUES ({', '.join('?' * len(Row._fields))})"
+    f"INSERT INTO usage ({', '.join(Row._fields)}) VALUES ({', '.join('?' * len(Row._fields))}) "
+    "ON CONFLICT DO NOTHING"
 )
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a ledger in WAL mode with durable commits, and bring its schema up to date.
+def connect(target: Target, *, lock_timeout: float = 5.0) -> Database:
+    """Open (creating if needed) a ledger with durable commits, and bring its schema up to date.
 
-    The connection is in autocommit mode: every statement outside an explicit BEGIN is its own
-    transaction, committed when `execute` returns. Opening a ledger that is up to date only reads it,
-    so it works while another process holds the write lock or the disk is full.
+    `target` is a SQLite file (WAL mode, `synchronous=FULL`) or a `postgresql://` URL
+    (`synchronous_commit=on`). The connection is in autocommit mode: every statement outside a
+    transaction is its own, committed when `execute` returns. Opening a ledger that is up to date only
+    reads it, so it works while another process holds the write lock or the disk is full.
     """
+    name = display_name(target)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(path, isolation_level=None)
-    except (OSError, sqlite3.Error) as exc:
-        raise LedgerError(f"cannot open the ledger at {path}: {exc}") from None
+        database = open_database(target, lock_timeout=lock_timeout)
+    except open_errors() as exc:
+        raise LedgerError(f"cannot open the ledger at {name}: {_one_line(exc)}") from None
     try:
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            raise LedgerError(f"the ledger at {path} cannot use WAL mode (journal_mode={mode})")
-        connection.execute("PRAGMA synchronous = FULL")
-        # The queen and `queenbee usage` may use the file at once; wait on a lock rather than fail.
-        connection.execute("PRAGMA busy_timeout = 5000")
-        migrate(connection, path)
-    except sqlite3.DatabaseError as exc:
-        connection.close()
-        raise LedgerError(f"the ledger at {path} is not usable: {exc}") from None
+        migrate(database, name)
+    except database_errors() as exc:
+        database.close()
+        raise LedgerError(f"the ledger at {name} is not usable: {_one_line(exc)}") from None
     except BaseException:
-        connection.close()
+        database.close()
         raise
-    return connection
+    return database
 
 
-def schema_version(connection: sqlite3.Connection) -> int:
-    """The schema version a ledger is at (0 for a new, empty file)."""
+def ledger_errors() -> tuple[type[Exception], ...]:
+    """What a write to a ledger raises when the database refuses or cannot be reached."""
+    return (LedgerError, *open_errors())
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def schema_version(connection: Database | sqlite3.Connection) -> int:
+    """The schema version a ledger is at (0 for a new, empty one)."""
+    if isinstance(connection, Database):
+        return connection.schema_version()
     version: int = connection.execute("PRAGMA user_version").fetchone()[0]
     return version
 
 
-def migrate(connection: sqlite3.Connection, path: Path | str = "the ledger") -> int:
-    """Apply the migrations a ledger lacks, each in one transaction; returns the version it is now at."""
-    version = schema_version(connection)
+def migrate(connection: Database, path: Path | str = "the ledger") -> int:
+    """Apply the migrations a ledger lacks, in one transaction, recording each; returns the version now.
+
+    Safe when several processes open one new ledger at once: the write lock (SQLite) or an advisory
+    lock (PostgreSQL) is taken before the version is read again, so a migration is applied once.
+    """
+    version = connection.schema_version()
     if version == SCHEMA_VERSION:
         return version  # no write lock needed, nor any disk space
-    # IMMEDIATE takes the write lock before reading the version again, so two processes opening a new
-    # ledger at once cannot both apply the same migration.
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        version = schema_version(connection)
+    with connection.transaction():
+        connection.lock_for_migration()
+        version = connection.schema_version()
         if version > SCHEMA_VERSION:
             raise LedgerError(
                 f"{path} has schema version {version}, newer than this queenbee knows ({SCHEMA_VERSION})"
             )
         for number in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[number]:
-                connection.execute(statement)
-            # PRAGMA takes no parameters; the number is ours, not input.
-            connection.execute(f"PRAGMA user_version = {number + 1}")
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
+                connection.execute(connection.ddl(statement))
+            connection.record_version(number + 1)
     if version < SCHEMA_VERSION:
         log.info("ledger %s migrated from schema version %d to %d", path, version, SCHEMA_VERSION)
     return SCHEMA_VERSION
 
 
-def insert(connection: sqlite3.Connection, record: RequestRecord) -> None:
+def insert(connection: Database, record: RequestRecord) -> None:
     """Write one record (a request id already recorded is left as it was); durable when this returns."""
-    connection.executemany(_INSERT, Row.rows_for(record))
+    insert_rows(connection, Row.rows_for(record))
 
 
-def insert_rows(connection: sqlite3.Connection, rows: Sequence[Row]) -> int:
+def insert_rows(connection: Database, rows: Sequence[Row]) -> int:
     """Write rows in one transaction, durable when this returns; how many were new (not yet recorded)."""
-    if connection.in_transaction:
-        connection.execute("ROLLBACK")  # left open by an I/O error whose ROLLBACK failed too
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        before = connection.total_changes
-        connection.executemany(_INSERT, rows)
-        added = connection.total_changes - before
-        connection.execute("COMMIT")
-    except BaseException:
-        with suppress(sqlite3.Error):
-            connection.execute("ROLLBACK")
-        raise
-    return added
+    with connection.transaction():
+        return connection.executemany(_INSERT, rows)
 
 
 class _Replay(Enum):
@@ -445,19 +456,27 @@ class Ledger:
 
     def __init__(
         self,
-        path: Path,
+        path: Target,
         *,
+        spool: Path | None = None,
         write_timeout: float = 0.25,
         replay_interval: float = 1.0,
+        max_replay_interval: float = 30.0,
         commit_timeout: float = 30.0,
         close_timeout: float = 30.0,
     ) -> None:
         self.path = path
-        self.spool_path = spool_path(path)
+        """The database: a SQLite file or a PostgreSQL URL."""
+        self.name = display_name(path)
+        """The database for logs and errors (a URL without its password)."""
+        self.spool_path = spool if spool is not None else default_spool(path)
         self.write_timeout = write_timeout
         """Seconds a write waits for another process's lock before its rows go to the spool."""
         self.replay_interval = replay_interval
         """Seconds between attempts to replay the spool into a database that refused it."""
+        self.max_replay_interval = max(replay_interval, max_replay_interval)
+        """The longest wait between attempts to reach a database whose connection was lost: the wait
+        doubles from `replay_interval` after each failed attempt (with jitter), up to this."""
         self.commit_timeout = commit_timeout
         """Seconds `request_finished` waits for its row to be stored before giving up."""
         self.close_timeout = close_timeout
@@ -468,8 +487,12 @@ class Ledger:
         # read on a thread and connection of their own, never queued behind a write.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queenbee-ledger")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queenbee-ledger-reports")
-        self._connection: sqlite3.Connection | None = None
-        self._read_connection: sqlite3.Connection | None = None
+        self._connection: Database | None = None
+        self._read_connection: Database | None = None
+        # A spool holds one queen's rows: PostgreSQL replicas on one host must not share one.
+        self._spool_lock = SpoolLock(self.spool_path) if is_postgres(path) else None
+        self._reconnect_failures = 0
+        self._closed = False
         self._spooled_rows = 0
         self._spool_dirty = False  # the spool file exists: lines (perhaps only torn ones) to replay
         self._replay_offset = 0
@@ -497,25 +520,35 @@ class Ledger:
     @classmethod
     async def open(
         cls,
-        path: Path,
+        path: Target,
         *,
+        spool: Path | None = None,
         write_timeout: float = 0.25,
         replay_interval: float = 1.0,
+        max_replay_interval: float = 30.0,
         commit_timeout: float = 30.0,
         close_timeout: float = 30.0,
     ) -> Ledger:
-        """Open the ledger at `path`, creating and migrating it as needed, and start its writer.
+        """Open the ledger at `path` (a file or a PostgreSQL URL), migrate it as needed, start its writer.
 
+        `spool` is where rows wait when the database refuses them (default: `ledger_db.default_spool`).
         Rows a previous run left in the spool are replayed by the writer as soon as the database takes
-        them.
+        them. Raises LedgerError if the database cannot be used, or another queen holds the spool.
         """
         ledger = cls(
             path,
+            spool=spool,
             write_timeout=write_timeout,
             replay_interval=replay_interval,
+            max_replay_interval=max_replay_interval,
             commit_timeout=commit_timeout,
             close_timeout=close_timeout,
         )
+        if ledger._spool_lock is not None and not ledger._spool_lock.acquire():
+            raise LedgerError(
+                f"the spool {ledger.spool_path} is in use by another queen: give each replica its own "
+                "--ledger-spool"
+            )
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(ledger._writer, ledger._open_writer)
@@ -524,8 +557,8 @@ class Ledger:
             await loop.run_in_executor(ledger._writer, ledger._close_writer)
             ledger._shutdown_threads()
             raise
-        ledger._task = asyncio.create_task(ledger._write_loop(), name=f"ledger {path}")
-        log.info("usage ledger at %s", path)
+        ledger._task = asyncio.create_task(ledger._write_loop(), name=f"ledger {ledger.name}")
+        log.info("usage ledger at %s", ledger.name)
         if ledger._spooled_rows:
             log.warning("ledger: %d rows wait in %s to be replayed", ledger._spooled_rows, ledger.spool_path)
         return ledger
@@ -536,7 +569,7 @@ class Ledger:
         Raises LedgerUnavailable if it could be stored in neither (or not within `commit_timeout`).
         """
         if self._closing or self._task is None or self._task.done():
-            raise LedgerUnavailable(f"the ledger at {self.path} is closed")
+            raise LedgerUnavailable(f"the ledger at {self.name} is closed")
         if not self._pending and self._writes_in_flight == 0 and not self._spool_dirty:
             await self._write_now(record)
             return
@@ -574,31 +607,36 @@ class Ledger:
         finally:
             self._writes_in_flight -= 1
 
-    async def write(self, function: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, function: Callable[[Database], T]) -> T:
         """Run `function` in one transaction on the writer's thread (off the request path: no spool).
 
-        Raises sqlite3.Error if the database refuses it, LedgerError if the ledger is closed.
+        Raises the database's error (`ledger_db.database_errors`) if it refuses, LedgerError if the
+        ledger is closed or its lost PostgreSQL connection cannot be opened again.
         """
 
         def transaction() -> T:
-            connection = self._require()
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                result = function(connection)
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            return result
+            with self._require().transaction() as connection:
+                return function(connection)
 
         return await self._in_writer(transaction)
 
-    async def read(self, function: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `function` on a connection of the reports' own, never queued behind a write."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader, lambda: function(self._require_reader()))
+    async def read(self, function: Callable[[Database], T]) -> T:
+        """Run `function` on a connection of the reports' own, never queued behind a write.
+
+        A PostgreSQL connection found lost is opened again, and `function` tried once more on it.
+        """
+
+        def run() -> T:
+            connection = self._require_reader()
+            try:
+                return function(connection)
+            except database_errors():
+                if connection.usable:
+                    raise
+                self._close_reader()
+                return function(self._require_reader())
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader, run)
 
     async def close(self) -> None:
         """Store the records already submitted, try a last replay, then close the files.
@@ -620,6 +658,9 @@ class Ledger:
             await loop.run_in_executor(self._writer, self._close_writer)
             await loop.run_in_executor(self._reader, self._close_reader)
             self._shutdown_threads()
+            self._closed = True
+            if self._spool_lock is not None:
+                self._spool_lock.release()
         if self._spooled_rows:
             log.warning("ledger: %d rows left in %s for the next start", self._spooled_rows, self.spool_path)
 
@@ -633,7 +674,7 @@ class Ledger:
                 next_replay = max(next_replay, self._replay_not_before)
                 if self._spool_dirty and loop.time() >= next_replay:
                     outcome = await self._in_writer(self._replay_step)
-                    next_replay = loop.time() + (self.replay_interval if outcome is _Replay.FAILED else 0)
+                    next_replay = loop.time() + (self._retry_delay() if outcome is _Replay.FAILED else 0)
                 if self._pending:
                     was_dirty = self._spool_dirty
                     await self._write_pending()
@@ -649,7 +690,7 @@ class Ledger:
                         await self._wake.wait()
             await self._last_replay()
         finally:
-            self._fail_pending(LedgerUnavailable(f"the ledger at {self.path} is closed"))
+            self._fail_pending(LedgerUnavailable(f"the ledger at {self.name} is closed"))
 
     async def _write_pending(self) -> None:
         batch, self._pending = self._pending, []
@@ -682,6 +723,14 @@ class Ledger:
             if not pending.committed.done():
                 pending.committed.set_exception(error)
 
+    def _retry_delay(self) -> float:
+        """Seconds to the next replay after a failed one: `replay_interval`, or, while the connection
+        is lost, doubling from it per failed reconnection up to `max_replay_interval`, with jitter."""
+        if self._reconnect_failures == 0:
+            return self.replay_interval
+        ceiling = min(self.max_replay_interval, self.replay_interval * 2 ** min(self._reconnect_failures, 30))
+        return random.uniform(max(self.replay_interval, ceiling / 2), ceiling)
+
     async def _in_writer(self, function: Callable[[], T]) -> T:
         # Shielded: a transaction under way finishes (and is accounted for) even if this task is
         # cancelled, say by close's deadline.
@@ -691,7 +740,9 @@ class Ledger:
 
     def _open_writer(self) -> None:
         self._connection = connect(self.path)
-        self._connection.execute(f"PRAGMA busy_timeout = {round(self.write_timeout * 1000)}")
+        self._connection.close()
+        # Migrated: the writer's own connection waits only `write_timeout` for another's lock.
+        self._connection = self._connect_writer()
         try:
             spooled = ledger_spool.read(self.spool_path)
         except OSError as exc:
@@ -723,24 +774,33 @@ class Ledger:
             return
         log.error("ledger: cannot spool %d rows to %s either: %s", len(rows), self.spool_path, spool_error)
         raise LedgerUnavailable(
-            f"cannot record {len(rows)} requests: the ledger at {self.path} and its spool both refuse "
+            f"cannot record {len(rows)} requests: the ledger at {self.name} and its spool both refuse "
             f"writes ({spool_error})"
         )
 
     def _commit(self, rows: Sequence[Row]) -> bool:
-        """Try one transaction; whether it committed (a failure marks the ledger as failing)."""
+        """Try one transaction; whether it committed (a failure marks the ledger as failing).
+
+        A lost PostgreSQL connection is closed here and opened again by the next try.
+        """
         try:
-            added = insert_rows(self._require(), rows)
-        except sqlite3.Error as exc:
+            connection = self._writer_connection()
+            added = insert_rows(connection, rows)
+        except ledger_errors() as exc:
             self.write_failures += 1
             if not self._failing:
                 log.warning(
-                    "ledger: cannot commit to %s (%s); spooling to %s", self.path, exc, self.spool_path
+                    "ledger: cannot commit to %s (%s); spooling to %s",
+                    self.name,
+                    _one_line(exc),
+                    self.spool_path,
                 )
             self._failing = True
+            if self._connection is not None and not self._connection.usable:
+                self._close_writer()
             return False
         if self._failing:
-            log.info("ledger: %s takes writes again", self.path)
+            log.info("ledger: %s takes writes again", self.name)
         self._failing = False
         if added < len(rows):
             log.debug("ledger: %d of %d rows were already recorded", len(rows) - added, len(rows))
@@ -771,32 +831,56 @@ class Ledger:
         self._replay_offset = 0
         self._spooled_rows = 0
         self._spool_dirty = False
-        log.info("ledger: the spool %s is replayed into %s", self.spool_path, self.path)
+        log.info("ledger: the spool %s is replayed into %s", self.spool_path, self.name)
         return _Replay.DONE
+
+    def _connect_writer(self) -> Database:
+        return open_database(self.path, lock_timeout=self.write_timeout, connect_timeout=self.commit_timeout)
+
+    def _writer_connection(self) -> Database:
+        """The writer's connection, opened again if it was lost (LedgerError if it cannot be)."""
+        if self._connection is not None:
+            return self._connection
+        if self._closed:
+            raise LedgerError(f"the ledger at {self.name} is closed")
+        try:
+            self._connection = self._connect_writer()
+        except open_errors() as exc:
+            self._reconnect_failures += 1
+            raise LedgerError(f"cannot reach the ledger at {self.name}: {_one_line(exc)}") from None
+        if self._reconnect_failures:
+            log.info("ledger: connected to %s again", self.name)
+        self._reconnect_failures = 0
+        return self._connection
 
     def _close_writer(self) -> None:
         if self._connection is not None:
-            self._connection.close()
+            with suppress(*database_errors()):
+                self._connection.close()
             self._connection = None
 
-    def _require(self) -> sqlite3.Connection:
-        if self._connection is None:
-            raise LedgerError(f"the ledger at {self.path} is closed")
-        return self._connection
+    def _require(self) -> Database:
+        return self._writer_connection()
 
     # The reports' thread.
 
     def _open_reader(self) -> None:
-        self._read_connection = connect(self.path)
+        self._read_connection = open_database(self.path)
 
-    def _require_reader(self) -> sqlite3.Connection:
+    def _require_reader(self) -> Database:
+        if self._closed:
+            raise LedgerError(f"the ledger at {self.name} is closed")
         if self._read_connection is None:
-            raise LedgerError(f"the ledger at {self.path} is closed")
+            try:
+                self._read_connection = open_database(self.path)
+            except open_errors() as exc:
+                raise LedgerError(f"cannot reach the ledger at {self.name}: {_one_line(exc)}") from None
         return self._read_connection
 
     def _close_reader(self) -> None:
         if self._read_connection is not None:
-            self._read_connection.close()
+            with suppress(*database_errors()):
+                self._read_connection.close()
             self._read_connection = None
 
     def _shutdown_threads(self) -> None:

@@ -20,14 +20,15 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from queenbee.auth import Secrets, bearer_token, worker_refusal
 from queenbee.errors import AuthenticationError, InvalidRequest, NotFound, RequestTooLarge
+from queenbee.ledger_db import data_dir
 from queenbee.settings import QueenSettings
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def models_dir(settings: QueenSettings) -> Path:
-    """Where the queen keeps fine-tuned models: `models/` beside its database."""
-    return settings.db.parent / "models"
+    """Where the queen keeps fine-tuned models: `models/` beside its database (or in its data directory)."""
+    return data_dir(settings.db) / "models"
 
 
 def model_path(settings: QueenSettings, sha256: str) -> Path:

@@ -1,27 +1,27 @@
 """Stored Responses API responses: what `store` keeps, so that `previous_response_id` can continue them.
 
-Rows live in the ledger's database file (`responses`, made by the ledger's migration 3), one per
-response: its owner (the API key id, or None on an open queen), the response object, the input items of
-its request, and the conversation before them (`history`), so that continuing a response needs one
-read. A response belongs to its key: another key is told it does not exist. Rows older than the
-retention are deleted as new ones are stored, and never read back.
+Rows live in the ledger's database (a SQLite file or PostgreSQL; `responses`, made by the ledger's
+migration 3), one per response: its owner (the API key id, or None on an open queen), the response
+object, the input items of its request, and the conversation before them (`history`), so that
+continuing a response needs one read. A response belongs to its key: another key is told it does not
+exist. Rows older than the retention are deleted as new ones are stored, and never read back.
 
-SQLite blocks, so every call runs on the store's own thread, never on the event loop.
+The database blocks, so every call runs on the store's own thread, never on the event loop; a
+PostgreSQL connection found lost is opened again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from queenbee.ledger import connect
+from queenbee.ledger_db import Database, Reconnecting, Target
 
 T = TypeVar("T")
 
@@ -44,15 +44,16 @@ class StoredResponse:
 class ResponseStore:
     """The `responses` table of the queen's database, used from a thread of its own."""
 
-    def __init__(self, path: Path, retention: float) -> None:
+    def __init__(self, path: Target, retention: float) -> None:
         self.path = path
         self.retention = retention
         """Seconds a stored response is kept."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-store")
-        self._connection: sqlite3.Connection | None = None
+        self._connection = Reconnecting(path, connect)
+        self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, retention: float) -> ResponseStore:
+    async def open(cls, path: Target, retention: float) -> ResponseStore:
         """Open the store in the (already migrated) database at `path`."""
         store = cls(path, retention)
         await store._run(store._open)
@@ -82,20 +83,21 @@ class ResponseStore:
         return await self._run(lambda: self._delete(owner, response_id))
 
     async def _run(self, function: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: self._connection.run(function)
+        )
 
     def _open(self) -> None:
-        self._connection = connect(self.path)
+        self._connection.open()
 
     def _close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._closed = True
+        self._connection.close()
 
-    def _require(self) -> sqlite3.Connection:
-        if self._connection is None:
+    def _require(self) -> Database:
+        if self._closed:
             raise RuntimeError("the response store is closed")
-        return self._connection
+        return self._connection.get()
 
     def _put(
         self,
@@ -104,14 +106,14 @@ class ResponseStore:
         input_items: list[dict[str, Any]],
         history: list[dict[str, Any]],
     ) -> None:
-        connection = self._require()
         now = time.time()
-        with connection:
-            connection.execute("BEGIN")
+        with self._require().transaction() as connection:
             connection.execute("DELETE FROM responses WHERE created_at < ?", (now - self.retention,))
             connection.execute(
-                "INSERT OR REPLACE INTO responses (id, owner, created_at, response, input_items, history) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO responses (id, owner, created_at, response, input_items, history) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
+                "created_at = excluded.created_at, response = excluded.response, "
+                "input_items = excluded.input_items, history = excluded.history",
                 (
                     response["id"],
                     owner,
@@ -127,7 +129,7 @@ class ResponseStore:
             self._require()
             .execute(
                 "SELECT response, input_items, history FROM responses "
-                "WHERE id = ? AND owner IS ? AND created_at >= ?",
+                "WHERE id = ? AND owner IS NOT DISTINCT FROM ? AND created_at >= ?",
                 (response_id, owner, time.time() - self.retention),
             )
             .fetchone()
@@ -137,8 +139,7 @@ class ResponseStore:
         return StoredResponse(response_id, json.loads(row[0]), json.loads(row[1]), json.loads(row[2]))
 
     def _delete(self, owner: str | None, response_id: str) -> bool:
-        with self._require() as connection:
-            cursor = connection.execute(
-                "DELETE FROM responses WHERE id = ? AND owner IS ?", (response_id, owner)
-            )
+        cursor = self._require().execute(
+            "DELETE FROM responses WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (response_id, owner)
+        )
         return cursor.rowcount > 0

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from queenbee.ledger_db import parse_target
+
 
 def default_db_path() -> Path:
     """Where the usage ledger lives unless --db says otherwise: $XDG_DATA_HOME/queenbee/queenbee.db.
@@ -179,10 +181,17 @@ class QueenSettings(BaseSettings):
         ge=1,
         description="Prompt plus completion tokens per minute allowed to each API key (unlimited if unset).",
     )
-    db: Path = Field(
+    db: Path | str = Field(
         default_factory=default_db_path,
-        description="SQLite file of the usage ledger (created if missing). "
+        description="The usage ledger: a SQLite file (created if missing), or a postgresql://USER@HOST/DB "
+        "URL that queen replicas share (docs/scaling.md). "
         "Default: $XDG_DATA_HOME/queenbee/queenbee.db, i.e. ~/.local/share/queenbee/queenbee.db.",
+    )
+    ledger_spool: Path | None = Field(
+        default=None,
+        description="File where usage rows wait, fsynced, while the ledger's database refuses them. "
+        "Default: <db>.spool beside a SQLite file; for PostgreSQL, one per database URL in "
+        "$XDG_DATA_HOME/queenbee (give each replica on one host its own).",
     )
     responses_retention: float = Field(
         default=30 * 86400.0,
@@ -230,6 +239,12 @@ class QueenSettings(BaseSettings):
         "differs is refused that id. Repeatable.",
     )
     audit_rate: float = Field(default=0.05, ge=0, le=1, description="Share of delivered answers audited.")
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _db_target(cls, value: object) -> object:
+        """A postgresql:// URL stays a string; anything else is a file path."""
+        return parse_target(value) if isinstance(value, str | Path) else value
 
     @field_validator("model_pin")
     @classmethod

@@ -5,21 +5,21 @@ has an owner, the API key id that made it (None on an open queen): another key i
 exist. A job is stored as its OpenAI object (JSON), with its status beside it for the queue's queries;
 an event as its OpenAI object too, in the order it happened.
 
-SQLite blocks, so every call runs on the store's own thread, never on the event loop.
+The database blocks (SQLite, or PostgreSQL through psycopg), so every call runs on the store's own
+thread, never on the event loop; a PostgreSQL connection found lost is opened again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from queenbee.ledger import MIGRATIONS, connect
+from queenbee.ledger_db import Database, Reconnecting, Target
 
 T = TypeVar("T")
 
@@ -65,14 +65,15 @@ class Page:
 class TuningStore:
     """The fine-tuning tables of the queen's database, used from a thread of its own."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Target) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuning-store")
-        self._connection: sqlite3.Connection | None = None
+        self._connection = Reconnecting(path, connect)
+        self._closed = False
 
     @classmethod
-    async def open(cls, path: Path) -> TuningStore:
-        """Open the store in the (already migrated) database at `path`."""
+    async def open(cls, path: Target) -> TuningStore:
+        """Open the store in the (already migrated) database at `path` (a file or a PostgreSQL URL)."""
         store = cls(path)
         await store._run(store._open)
         return store
@@ -109,7 +110,7 @@ class TuningStore:
                 self._require()
                 .execute(
                     "SELECT id, owner, created_at, filename, purpose, content FROM files "
-                    "WHERE id = ? AND owner IS ?",
+                    "WHERE id = ? AND owner IS NOT DISTINCT FROM ?",
                     (file_id, owner),
                 )
                 .fetchone()
@@ -126,14 +127,18 @@ class TuningStore:
 
         def query() -> Page:
             order = "ASC" if ascending else "DESC"
-            sql = "SELECT id, created_at, filename, purpose, bytes FROM files WHERE owner IS ?"
+            sql = (
+                "SELECT id, created_at, filename, purpose, bytes FROM files "
+                "WHERE owner IS NOT DISTINCT FROM ?"
+            )
             args: list[Any] = [owner]
             if purpose is not None:
                 sql += " AND purpose = ?"
                 args.append(purpose)
             if after is not None:
                 mark = self._require().execute(
-                    "SELECT created_at FROM files WHERE id = ? AND owner IS ?", (after, owner)
+                    "SELECT created_at FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ?",
+                    (after, owner),
                 )
                 found = mark.fetchone()
                 if found is not None:
@@ -154,7 +159,12 @@ class TuningStore:
     async def delete_file(self, owner: str | None, file_id: str) -> bool:
         """Delete `owner`'s file `file_id`; whether there was one."""
         return await self._run(
-            lambda: self._write("DELETE FROM files WHERE id = ? AND owner IS ?", (file_id, owner)) > 0
+            lambda: (
+                self._write(
+                    "DELETE FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (file_id, owner)
+                )
+                > 0
+            )
         )
 
     # Jobs.
@@ -174,7 +184,10 @@ class TuningStore:
         row = await self._run(
             lambda: (
                 self._require()
-                .execute("SELECT job FROM fine_tuning_jobs WHERE id = ? AND owner IS ?", (job_id, owner))
+                .execute(
+                    "SELECT job FROM fine_tuning_jobs WHERE id = ? AND owner IS NOT DISTINCT FROM ?",
+                    (job_id, owner),
+                )
                 .fetchone()
             )
         )
@@ -184,13 +197,15 @@ class TuningStore:
         """`owner`'s jobs, newest first, after the job `after`."""
 
         def query() -> Page:
-            sql = "SELECT job FROM fine_tuning_jobs WHERE owner IS ?"
+            sql = "SELECT job FROM fine_tuning_jobs WHERE owner IS NOT DISTINCT FROM ?"
             args: list[Any] = [owner]
             if after is not None:
                 found = (
                     self._require()
                     .execute(
-                        "SELECT created_at FROM fine_tuning_jobs WHERE id = ? AND owner IS ?", (after, owner)
+                        "SELECT created_at FROM fine_tuning_jobs "
+                        "WHERE id = ? AND owner IS NOT DISTINCT FROM ?",
+                        (after, owner),
                     )
                     .fetchone()
                 )
@@ -248,26 +263,27 @@ class TuningStore:
         return await self._run(query)
 
     async def _run(self, function: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: self._connection.run(function)
+        )
 
     def _write(self, sql: str, args: tuple[Any, ...]) -> int:
-        with self._require() as connection:
-            return connection.execute(sql, args).rowcount
+        return self._require().execute(sql, args).rowcount
 
     def _open(self) -> None:
-        connection = connect(self.path)
-        # A ledger migrated while migration 6 was an empty reserved slot is at a later version without
-        # these tables; its statements are idempotent (IF NOT EXISTS).
-        for statement in MIGRATIONS[TABLES_MIGRATION]:
-            connection.execute(statement)
-        self._connection = connection
+        self._connection.open()
+        connection = self._require()
+        if not connection.postgres:
+            # A ledger migrated while migration 6 was an empty reserved slot is at a later version
+            # without these tables; its statements are idempotent (IF NOT EXISTS).
+            for statement in MIGRATIONS[TABLES_MIGRATION]:
+                connection.execute(statement)
 
     def _close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._closed = True
+        self._connection.close()
 
-    def _require(self) -> sqlite3.Connection:
-        if self._connection is None:
+    def _require(self) -> Database:
+        if self._closed:
             raise RuntimeError("the fine-tuning store is closed")
-        return self._connection
+        return self._connection.get()

@@ -1,10 +1,13 @@
 """Who is owed what: token totals per worker payout address (`ln_url`) and per API key, from the ledger.
 
-    queenbee usage [--db PATH] [--since WHEN] [--until WHEN] [--format table|json]
+    queenbee usage [--db PATH|URL] [--spool PATH] [--since WHEN] [--until WHEN] [--format table|json]
 
-reads the ledger file and its spool (safe while the queen runs, and while another process holds the
-database's write lock); `GET /admin/usage?since=&until=&format=` asks a running queen, with the admin
-key. Rows waiting in the spool (the database refused them) count like committed ones, each once. WHEN
+reads the ledger (a SQLite file, or a `postgresql://` URL) and its spool (safe while queens run, and
+while another process holds the database's write lock); `GET /admin/usage?since=&until=&format=` asks a
+running queen, with the admin key. Rows waiting in the spool (the database refused them) count like
+committed ones, each once; with PostgreSQL, each replica has a spool of its own, and the report counts
+the one on this host (rows in another replica's spool count once it has replayed them). Of the prompt
+tokens, `cached_tokens` are those the worker took from its prompt cache (they may be priced apart). WHEN
 is an ISO 8601 date or time (UTC unless it names a zone), seconds since the epoch, or a time ago such as
 90s, 30m, 12h, 7d or 2w. The range holds requests that started at or after --since and before --until.
 """
@@ -15,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -33,7 +35,8 @@ from queenbee.auth import require_admin
 from queenbee.errors import InvalidRequest
 from queenbee.escrow import escrow_split
 from queenbee.ledger import Ledger, LedgerError, Row, connect
-from queenbee.ledger_spool import spool_path
+from queenbee.ledger_db import Database, Target, default_spool, display_name, is_postgres, open_errors
+from queenbee.ledger_db import parse_target as parse_db
 from queenbee.settings import default_db_path
 
 _AGO = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -44,6 +47,7 @@ _COLUMNS = (
     "failed",
     "cancelled",
     "prompt_tokens",
+    "cached_tokens",
     "completion_tokens",
     "total_tokens",
 )
@@ -65,6 +69,8 @@ class UsageRow:
     completion_tokens: int
     violations: int = 0
     """Requests whose worker's usage report was not believed (bounded before it was credited)."""
+    cached_tokens: int = 0
+    """Of `prompt_tokens`, those the worker took from its prompt cache."""
     escrowed: int = 0
     """Of a worker address's tokens, those waiting in escrow (queenbee/escrow.py)."""
     forfeited: int = 0
@@ -88,6 +94,7 @@ class UsageRow:
             "failed": self.failed,
             "cancelled": self.cancelled,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
@@ -108,6 +115,7 @@ _COUNTS: Final = (
     "prompt_tokens",
     "completion_tokens",
     "violations",
+    "cached_tokens",
     "escrowed",
     "forfeited",
 )
@@ -115,13 +123,17 @@ _COUNTS: Final = (
 # Every token figure is clamped to 0..2**31-1 when stored (migration 2 clamped the rows before it), so
 # a SUM over at most 2**32 rows is at most 2**32 * (2**31 - 1) = 2**63 - 2**32, below SQLite's 2**63 - 1:
 # SUM cannot raise "integer overflow" before the ledger holds 2**32 rows (136 years at 1,000 requests a
-# second). Each column is summed alone; prompt plus completion, and the spool's rows, are added in Python.
+# second); PostgreSQL sums INTEGER columns as BIGINT. Each column is summed alone; prompt plus
+# completion, and the spool's rows, are added in Python. CASE rather than a summed comparison: a
+# PostgreSQL boolean has no SUM.
 _TOTALS: Final = """
     SELECT {group} AS name, COUNT(*),
-        COALESCE(SUM(outcome = 'success'), 0), COALESCE(SUM(outcome = 'error'), 0),
-        COALESCE(SUM(outcome = 'cancelled'), 0),
+        COALESCE(SUM(CASE WHEN outcome = 'success' THEN 1 ELSE 0 END), 0),
+        COALESCE(SUM(CASE WHEN outcome = 'error' THEN 1 ELSE 0 END), 0),
+        COALESCE(SUM(CASE WHEN outcome = 'cancelled' THEN 1 ELSE 0 END), 0),
         COALESCE(SUM({prompt}), 0), COALESCE(SUM({completion}), 0),
-        COALESCE(SUM(usage_violation IS NOT NULL), 0)
+        COALESCE(SUM(CASE WHEN usage_violation IS NOT NULL THEN 1 ELSE 0 END), 0),
+        COALESCE(SUM(cached_tokens), 0)
     FROM usage
     WHERE started_at >= ? AND started_at < ? {where}
     GROUP BY name
@@ -144,7 +156,7 @@ _IDS_PER_QUERY: Final = 500
 
 
 def usage_totals(
-    connection: sqlite3.Connection,
+    connection: Database,
     since: float | None,
     until: float | None,
     *,
@@ -161,18 +173,15 @@ def usage_totals(
     # The spool first, then the database: a row replayed in between is then in the database's snapshot
     # and recognised as a duplicate, where the other order would miss it in both.
     spooled = [row for row in _spooled_rows(spool) if low <= row.started_at < high] if spool else []
-    connection.execute("BEGIN")  # one snapshot for the totals and the duplicate check
-    try:
-        by_worker = [UsageRow(*row) for row in connection.execute(_WORKER_TOTALS, (low, high))]
-        by_key = [UsageRow(*row) for row in connection.execute(_KEY_TOTALS, (low, high))]
+    with connection.transaction(write=False):  # one snapshot for the totals and the duplicate check
+        by_worker = [_usage_row(row) for row in connection.execute(_WORKER_TOTALS, (low, high))]
+        by_key = [_usage_row(row) for row in connection.execute(_KEY_TOTALS, (low, high))]
         recorded = _recorded_ids(connection, [row.request_id for row in spooled])
         unique: dict[str, Row] = {}
         for row in spooled:
             if row.request_id not in recorded:
                 unique.setdefault(row.request_id, row)
         split = escrow_split(connection, low, high, unique.values())
-    finally:
-        connection.execute("COMMIT")
     workers = _add(by_worker, (_worker_tally(row) for row in unique.values() if row.worker_id is not None))
     workers = [
         replace(row, escrowed=split[row.name].escrowed, forfeited=split[row.name].forfeited)
@@ -184,13 +193,18 @@ def usage_totals(
     return workers, keys
 
 
+def _usage_row(row: tuple[Any, ...]) -> UsageRow:
+    # int(): PostgreSQL's sums of BIGINT are NUMERIC (Decimal in Python).
+    return UsageRow(str(row[0]), *(int(value) for value in row[1:]))
+
+
 def _spooled_rows(spool: Path) -> Iterator[Row]:
     for obj in ledger_spool.read(spool).objects:
         with suppress(ValueError):
             yield Row.from_json(obj)
 
 
-def _recorded_ids(connection: sqlite3.Connection, ids: list[str]) -> set[str]:
+def _recorded_ids(connection: Database, ids: list[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(ids), _IDS_PER_QUERY):
         chunk = ids[start : start + _IDS_PER_QUERY]
@@ -209,6 +223,7 @@ def _tally(name: str, row: Row, prompt: int, completion: int) -> UsageRow:
         prompt,
         completion,
         int(row.usage_violation is not None),
+        row.cached_tokens,
     )
 
 
@@ -227,10 +242,13 @@ def _add(totals: list[UsageRow], more: Iterable[UsageRow]) -> list[UsageRow]:
     return sorted(by_name.values(), key=lambda row: (-row.total_tokens, row.name))
 
 
-def read_usage(db: Path, since: float | None, until: float | None) -> tuple[list[UsageRow], list[UsageRow]]:
-    """Totals from a ledger file and its spool, for `queenbee usage` (safe while the queen runs)."""
+def read_usage(
+    db: Target, since: float | None, until: float | None, *, spool: Path | None = None
+) -> tuple[list[UsageRow], list[UsageRow]]:
+    """Totals from a ledger and its spool (default: `ledger_db.default_spool`), for `queenbee usage`
+    (safe while queens run)."""
     with closing(connect(db)) as connection:
-        return usage_totals(connection, since, until, spool=spool_path(db))
+        return usage_totals(connection, since, until, spool=spool or default_spool(db))
 
 
 def parse_when(text: str, *, now: float) -> float:
@@ -368,9 +386,19 @@ def usage_main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--db",
+        type=parse_db,
+        default=parse_db(os.environ["QUEENBEE_DB"]) if os.environ.get("QUEENBEE_DB") else default_db_path(),
+        help="The queen's ledger: a SQLite file or a postgresql:// URL (default: $QUEENBEE_DB, else "
+        "%(default)s).",
+    )
+    parser.add_argument(
+        "--spool",
         type=Path,
-        default=Path(os.environ["QUEENBEE_DB"]) if os.environ.get("QUEENBEE_DB") else default_db_path(),
-        help="The queen's ledger file (default: $QUEENBEE_DB, else %(default)s).",
+        default=Path(os.environ["QUEENBEE_LEDGER_SPOOL"])
+        if os.environ.get("QUEENBEE_LEDGER_SPOOL")
+        else None,
+        help="The spool whose waiting rows count too (default: $QUEENBEE_LEDGER_SPOOL, else the one a "
+        "queen on this host uses for --db by default).",
     )
     when = "an ISO 8601 date or time (UTC unless it names a zone), epoch seconds, or a time ago like 7d"
     parser.add_argument("--since", help=f"Start of the range, inclusive: {when}.")
@@ -381,16 +409,17 @@ def usage_main(argv: list[str]) -> int:
         since, until = _bounds(args.since, args.until)
     except ValueError as exc:
         parser.error(str(exc))
-    if not args.db.exists():
+    if not is_postgres(args.db) and not Path(args.db).exists():
         print(f"queenbee usage: error: no ledger at {args.db}", file=sys.stderr)
         return 1
     try:
-        workers, keys = read_usage(args.db, since, until)
+        workers, keys = read_usage(args.db, since, until, spool=args.spool)
     except LedgerError as exc:
         print(f"queenbee usage: error: {exc}", file=sys.stderr)
         return 1
-    except (sqlite3.Error, OSError) as exc:
-        print(f"queenbee usage: error: cannot read {args.db}: {exc}", file=sys.stderr)
+    except open_errors() as exc:
+        message = " ".join(str(exc).split())
+        print(f"queenbee usage: error: cannot read {display_name(args.db)}: {message}", file=sys.stderr)
         return 1
     print(UsageReport(since, until, workers, keys).render(args.format))
     return 0
