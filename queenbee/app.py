@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -52,6 +52,9 @@ from queenbee.tuning_store import TuningStore
 from queenbee.usage_report import admin_usage
 from queenbee.worker_endpoint import worker_endpoint
 
+if TYPE_CHECKING:
+    from queenbee.replicas import ReplicaHive
+
 log = logging.getLogger("queenbee.app")
 
 _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
@@ -74,6 +77,8 @@ class QueenState(TypedDict):
     training: TrainingQueue
     fine_tuned: FineTunedModels
     audits: AuditService
+    replicas: ReplicaHive | None
+    """This queen's membership of a hive of replicas (--redis-url), or None."""
 
 
 # Each API's errors in its own shape: the Messages API's are Anthropic's, every other OpenAI's.
@@ -149,6 +154,15 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         training = TrainingQueue(hive, tuning, fine_tuned, observer, settings)
         await training.load()
         training_task = asyncio.create_task(training.run())
+        replicas: ReplicaHive | None = None
+        if settings.redis_url is not None:
+            # Imported only here: a queen on its own needs neither the module nor the redis package.
+            from queenbee.replicas import ReplicaCollector, ReplicaHive
+
+            replicas = ReplicaHive.from_settings(hive, settings)
+            app.state.replicas = replicas
+            metrics.registry.register(ReplicaCollector(replicas))
+            replicas.start()
         yield {
             "hive": hive,
             "settings": settings,
@@ -164,6 +178,7 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
             "training": training,
             "fine_tuned": fine_tuned,
             "audits": audits,
+            "replicas": replicas,
         }
         # First: a job still training stays `running` in the store, and is queued again at the next start
         # rather than counted as lost when the workers are closed below.
@@ -171,6 +186,8 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         with suppress(asyncio.CancelledError):
             await training_task
         await audits.close()
+        if replicas is not None:
+            await replicas.close()
         for worker in list(hive.workers.values()):
             await worker.close(1001, "queen shutting down")
         await tuning.close()

@@ -57,6 +57,8 @@ class Hive:
         """Per model, the extremes over the workers serving it: computed on demand, dropped on any change."""
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.replica_id: str | None = None
+        """This queen's name in a hive of replicas (--redis-url); None for a queen on its own."""
         self._activity = asyncio.Event()
         """Set on shutdown: requests already accepted finish, new ones are refused."""
 
@@ -142,7 +144,7 @@ class Hive:
 
     def busy(self) -> int:
         """Requests in flight on workers plus requests waiting for a slot."""
-        return sum(worker.in_flight for worker in self.workers.values()) + self.queue_depth()
+        return sum(worker.held_here for worker in self.workers.values()) + self.queue_depth()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight or waiting; False if that did not happen in time."""
@@ -313,6 +315,12 @@ class Hive:
         streams += [worker.reserve(f"{request_id}/hold{n}", model) for n in range(1, worker.parallel)]
         self._index.update(worker)
         return streams
+
+    def reserve_on(self, worker: WorkerSession, request_id: str, slots: int = 1) -> RequestStream:
+        """Take `slots` of a chosen worker for a request another replica of the hive scheduled here."""
+        stream = worker.reserve(request_id, "", slots)
+        self._index.update(worker)
+        return stream
 
     def slot_freed(self, worker: WorkerSession) -> None:
         """A slot opened on `worker`: wake the first request waiting for each model it serves."""

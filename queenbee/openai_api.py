@@ -302,14 +302,20 @@ async def retrieve_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """GET /health: the queen is up (or degraded: usage rows wait in the ledger's spool); its workers."""
+    """GET /health: the queen is up (or degraded: usage rows wait in the ledger's spool, or a replica
+    cannot reach Redis); its workers, and with --redis-url how it stands in the hive."""
     hive: Hive = request.state.hive
     ledger: Ledger = request.state.ledger
-    return JSONResponse(
-        {
-            "status": "degraded" if ledger.degraded else "ok",
-            "workers": len(hive.workers),
-            "models": hive.models(),
-            "ledger_spooled_rows": ledger.spooled_rows,
-        }
-    )
+    body: dict[str, Any] = {
+        "status": "degraded" if ledger.degraded else "ok",
+        "workers": len(hive.workers),
+        "models": hive.models(),
+        "ledger_spooled_rows": ledger.spooled_rows,
+    }
+    replicas = getattr(request.state, "replicas", None)
+    if replicas is not None:
+        # A replica cut off from Redis serves its own workers only: degraded, and it says why.
+        body["hive"] = replicas.health()
+        if body["hive"]["redis"] != "ok":
+            body["status"] = "degraded"
+    return JSONResponse(body)

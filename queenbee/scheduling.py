@@ -27,23 +27,24 @@ def choose_worker(
     exclude: frozenset[str] = frozenset(),
     slots: int = 1,
 ) -> WorkerSession | None:
-    """Pick the least loaded worker with `slots` free, the fastest among equals; None if none has them.
+    """Pick the least loaded worker with `slots` free, the fastest among equals, one connected to this
+    queen rather than to another replica when they tie; None if none has them.
 
     One pass over the candidates: cost grows linearly with the workers serving the model.
     """
     best: WorkerSession | None = None
-    best_key: tuple[float, float] | None = None
+    best_key: tuple[float, float, bool] | None = None
     for worker in candidates:
         if not worker.can_take(slots) or worker.id in exclude or worker.health.benched(now):
             continue
-        key = (worker.in_flight / worker.parallel, -speed_score(worker, model))
+        key = (worker.in_flight / worker.parallel, -speed_score(worker, model), worker.replica is not None)
         if best_key is None or key < best_key:
             best, best_key = worker, key
     return best
 
 
-HeapEntry = tuple[float, float, int, str, int]
-"""(load, -speed, arrival order, worker id, version): the order `choose_worker` ranks workers in."""
+HeapEntry = tuple[float, float, bool, int, str, int]
+"""(load, -speed, remote, arrival order, worker id, version): the order `choose_worker` ranks workers in."""
 
 
 class WorkerIndex:
@@ -70,9 +71,10 @@ class WorkerIndex:
             return
         self._order += 1
         load = worker.in_flight / worker.parallel
+        remote = worker.replica is not None
         for model in worker.models:
             heap = self._heaps.setdefault(model, [])
-            heapq.heappush(heap, (load, -speed_score(worker, model), self._order, worker.id, version))
+            heapq.heappush(heap, (load, -speed_score(worker, model), remote, self._order, worker.id, version))
             if len(heap) > 4 * len(self._workers) + 64:
                 self._compact(model)
 
@@ -95,8 +97,8 @@ class WorkerIndex:
         chosen: WorkerSession | None = None
         while heap:
             entry = heap[0]
-            worker = self._workers.get(entry[3])
-            if worker is None or self._versions.get(entry[3]) != entry[4] or worker.free_slots <= 0:
+            worker = self._workers.get(entry[4])
+            if worker is None or self._versions.get(entry[4]) != entry[5] or worker.free_slots <= 0:
                 heapq.heappop(heap)
                 continue
             if worker.id in exclude or worker.health.benched(now) or not worker.can_take(slots):
@@ -110,6 +112,6 @@ class WorkerIndex:
 
     def _compact(self, model: str) -> None:
         heap = self._heaps[model]
-        live = [entry for entry in heap if self._versions.get(entry[3]) == entry[4]]
+        live = [entry for entry in heap if self._versions.get(entry[4]) == entry[5]]
         heapq.heapify(live)
         self._heaps[model] = live

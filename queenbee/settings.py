@@ -289,3 +289,19 @@ class QueenSettings(BaseSettings):
         description="Seconds a new worker must be connected before its escrowed earnings are payable.",
     )
     log_json: bool = Field(default=False, description="Log JSON lines instead of text.")
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://HOST:PORT/DB of the Redis that joins queen replicas into one hive (workers, "
+        "dispatch between replicas, global rate limits; docs/scaling.md). Unset: a hive of one queen.",
+    )
+    replica_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="This replica's name in the hive (metrics label, /v1/workers). Default: a random one.",
+    )
+    replica_lease: float = Field(
+        default=3.0,
+        ge=0.3,
+        description="Seconds a replica's announcement in Redis lives unless renewed (it is renewed every "
+        "third of it): a replica that dies leaves the hive this long after.",
+    )

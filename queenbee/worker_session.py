@@ -15,8 +15,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import Message
+from starlette.websockets import WebSocketDisconnect
 
 from protocol import (
     CacheSummary,
@@ -37,6 +39,20 @@ from protocol import (
 from protocol.messages import Frame
 
 log = logging.getLogger("queenbee.worker_session")
+
+
+class FrameSocket(Protocol):
+    """What a session needs of its connection: Starlette's WebSocket, or another replica's link to a
+    worker connected there (queenbee/remote_worker.py)."""
+
+    async def send_text(self, data: str) -> None:
+        """Send one text frame."""
+
+    async def receive(self) -> Message:
+        """The next ASGI websocket message."""
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close the connection."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +180,7 @@ class WorkerSession:
     def __init__(
         self,
         worker_id: str,
-        websocket: WebSocket,
+        websocket: FrameSocket,
         registration: Register,
         *,
         on_slot_free: Callable[[WorkerSession], None],
@@ -184,6 +200,8 @@ class WorkerSession:
         self.model_hashes = {model.id: model.sha256 for model in registration.models}
         """Each model's content hash as the worker reported it (None: unknown, never resumed onto)."""
         self.parallel = registration.parallel
+        self.replica: str | None = None
+        """None for a worker connected to this queen; else the replica of the hive it is connected to."""
         self.connected_at = time.time()
         self.speed: dict[str, ModelSpeed] = {}
         self.health = health if health is not None else WorkerHealth()
@@ -214,6 +232,11 @@ class WorkerSession:
     def in_flight(self) -> int:
         """Slots held by requests on this worker, including ones being cancelled (a request with n
         choices holds n)."""
+        return self._slots_held
+
+    @property
+    def held_here(self) -> int:
+        """Slots held by this queen's own requests (`in_flight` of a remote worker counts others' too)."""
         return self._slots_held
 
     @property

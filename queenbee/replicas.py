@@ -1,0 +1,372 @@
+"""A hive of several queen replicas joined by Redis (`--redis-url`): who holds which workers.
+
+Every third of `--replica-lease` each replica writes one announcement, a key that expires after the
+lease unless renewed: its workers (registration without secrets, slots, the slots it holds for each
+other replica, draining, measured speed). It reads the others' announcements in the same beat and
+mirrors their workers into its own hive as `RemoteWorker`s, so that scheduling picks across the whole
+hive and forwarding runs a request on any worker the same way (queenbee/remote_worker.py); the jobs the
+others send here are run by `ReplicaJobs`.
+
+Nothing is a counter that a crash could leave behind: a replica that dies stops renewing, its key
+expires, the others drop its workers (their streams end with WorkerGone, which forwarding resumes or
+retries) and cancel what its clients ran on theirs. While Redis is unreachable a replica keeps serving
+its own workers, says so in /health and `queenbee_redis_up`, drops the mirrors once the lease has
+passed, and rejoins at the first beat that reaches Redis again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from protocol import Register
+from queenbee.hive import Hive
+from queenbee.remote_worker import RemoteWorker
+from queenbee.replica_jobs import ReplicaJobs
+from queenbee.replica_link import Envelope, Mailbox, channel_of
+from queenbee.settings import QueenSettings
+from queenbee.worker_session import ModelSpeed, WorkerSession
+
+log = logging.getLogger("queenbee.replicas")
+
+PREFIX = "queenbee:"
+"""Every key and channel of the hive starts with it."""
+
+_SECRETS = {"auth_key", "auditor_token", "training"}
+"""Left out of announcements: secrets, and fine-tuning, which stays with the replica holding the worker."""
+
+
+def new_replica_id() -> str:
+    """A random replica name (when --replica-id is not given)."""
+    return "replica-" + os.urandom(4).hex()
+
+
+@dataclass
+class ReplicaView:
+    """Another replica as its last announcement showed it."""
+
+    id: str
+    announced_at: float
+    workers: int
+    slots: int
+    busy: int
+    jobs_relayed: int
+
+
+@dataclass
+class ReplicaStatus:
+    """How this replica stands with Redis, for /health and the metrics."""
+
+    redis_up: bool = False
+    last_contact: float | None = None
+    """Monotonic time of the last beat that reached Redis."""
+    outages: int = 0
+    replicas: dict[str, ReplicaView] = field(default_factory=dict)
+
+
+class ReplicaHive:
+    """This queen's membership of a hive of replicas."""
+
+    def __init__(self, hive: Hive, settings: QueenSettings, redis: Redis, replica_id: str) -> None:
+        self.hive = hive
+        self.settings = settings
+        self.redis = redis
+        self.id = replica_id
+        self.status = ReplicaStatus()
+        self.mailbox = Mailbox(redis, channel_of(PREFIX, replica_id), self._received)
+        self.jobs = ReplicaJobs(hive, settings, self.mailbox, replica_id=replica_id, prefix=PREFIX)
+        self._mirrors: dict[str, RemoteWorker] = {}
+        """Workers of the other replicas, by worker id."""
+        self._registrations: dict[str, dict[str, Any]] = {}
+        """Each local worker's registration as announced (without secrets), made once."""
+        self._task: asyncio.Task[None] | None = None
+        hive.replica_id = replica_id
+
+    @classmethod
+    def from_settings(cls, hive: Hive, settings: QueenSettings) -> ReplicaHive:
+        """The membership --redis-url and --replica-id describe (nothing is contacted yet)."""
+        assert settings.redis_url is not None
+        beat = settings.replica_lease / 3
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=max(beat, 0.5),
+            socket_connect_timeout=max(beat, 0.5),
+            health_check_interval=max(1, round(settings.replica_lease)),
+        )
+        return cls(hive, settings, redis, settings.replica_id or new_replica_id())
+
+    def start(self) -> None:
+        """Join the hive: announce, listen and read the others in the background."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Leave the hive: stop, withdraw the announcement (others drop our workers at once)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            async with asyncio.timeout(self.settings.replica_lease):
+                await self.redis.delete(self._key(self.id))
+        except (RedisError, OSError, TimeoutError):
+            log.info("could not withdraw this replica's announcement; it expires with its lease")
+        await self.redis.aclose()
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.mailbox.run())
+            group.create_task(self._beat_forever())
+
+    def _key(self, replica_id: str) -> str:
+        return f"{PREFIX}announce:{replica_id}"
+
+    async def _beat_forever(self) -> None:
+        interval = self.settings.replica_lease / 3
+        while True:
+            try:
+                async with asyncio.timeout(interval * 2):
+                    await self.beat()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._unreachable(exc)
+            await asyncio.sleep(interval)
+
+    async def beat(self) -> None:
+        """Announce this replica's workers and read the others' (one heartbeat)."""
+        lease_ms = int(self.settings.replica_lease * 1000)
+        members = f"{PREFIX}replicas"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._key(self.id), self._announcement(), px=lease_ms)
+            pipe.zadd(members, {self.id: time.time()})
+            # A replica not seen for a minute is long gone: its name need not be listed any more.
+            pipe.zremrangebyscore(members, "-inf", time.time() - 60)
+            pipe.zrange(members, 0, -1)
+            results = await pipe.execute()
+        others = [name.decode() for name in results[3] if name.decode() != self.id]
+        values = cast(
+            list[bytes | None], await self.redis.mget([self._key(n) for n in others]) if others else []
+        )
+        if not self.status.redis_up:
+            log.info("replica %s is in the hive (Redis reachable)", self.id)
+        self.status.redis_up = True
+        self.status.last_contact = time.monotonic()
+        self._update(dict(zip(others, values, strict=True)))
+
+    def _unreachable(self, exc: BaseException) -> None:
+        if self.status.redis_up:
+            self.status.outages += 1
+            log.warning("Redis is unreachable (%r): serving this replica's own workers only", exc)
+        self.status.redis_up = False
+        last = self.status.last_contact
+        if last is None or time.monotonic() - last > self.settings.replica_lease:
+            # The others have dropped us by now, as we drop them: nothing sent to them would arrive.
+            for name in list(self.status.replicas):
+                self._replica_gone(name, "Redis is unreachable")
+
+    def _announcement(self) -> bytes:
+        workers = []
+        local = [worker for worker in self.hive.workers.values() if worker.replica is None]
+        live = {worker.id for worker in local}
+        for worker_id in [worker_id for worker_id in self._registrations if worker_id not in live]:
+            del self._registrations[worker_id]
+        for worker in local:
+            registration = self._registrations.get(worker.id)
+            if registration is None:
+                registration = worker.registration.model_dump(mode="json", exclude=_SECRETS)
+                self._registrations[worker.id] = registration
+            workers.append(
+                {
+                    "id": worker.id,
+                    "registration": registration,
+                    "connected_at": worker.connected_at,
+                    "in_flight": worker.in_flight,
+                    "held_for": self.jobs.held_for(worker.id),
+                    "draining": worker.draining or worker.closed,
+                    "speed": {
+                        model: [speed.ttft, speed.tokens_per_second, speed.samples]
+                        for model, speed in worker.speed.items()
+                    },
+                }
+            )
+        body = {"replica": self.id, "at": time.time(), "jobs_relayed": self.jobs.running, "workers": workers}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def _update(self, announcements: dict[str, bytes | None]) -> None:
+        """Mirror the other replicas' workers as their announcements now stand."""
+        for name in [name for name in self.status.replicas if announcements.get(name) is None]:
+            self._replica_gone(name, "its announcement expired")
+        for name, value in announcements.items():
+            if value is None:
+                continue
+            try:
+                body = json.loads(value)
+                self._mirror(name, body)
+            except (ValueError, KeyError, TypeError, ValidationError) as exc:
+                log.warning("ignored replica %s's announcement: %r", name, exc)
+
+    def _mirror(self, name: str, body: dict[str, Any]) -> None:
+        seen: set[str] = set()
+        slots = busy = 0
+        for entry in body["workers"]:
+            worker_id = str(entry["id"])
+            seen.add(worker_id)
+            mirror = self._mirrors.get(worker_id)
+            if mirror is None:
+                local = self.hive.workers.get(worker_id)
+                if local is not None:
+                    continue  # the same connection cannot be on two replicas: ours is the one that is live
+                mirror = self._add_mirror(name, worker_id, Register.model_validate(entry["registration"]))
+            held = entry.get("held_for") or {}
+            others = max(0, int(entry["in_flight"]) - int(held.get(self.id, 0)))
+            speed = {
+                model: ModelSpeed(ttft=values[0], tokens_per_second=values[1], samples=int(values[2]))
+                for model, values in (entry.get("speed") or {}).items()
+            }
+            before = (mirror.others, mirror.draining)
+            mirror.announced(
+                others=others,
+                draining=bool(entry.get("draining")),
+                speed=speed,
+                connected_at=float(entry["connected_at"]),
+            )
+            if (mirror.others, mirror.draining) != before:
+                self.hive.slot_freed(mirror)  # re-ranked, and a waiter may now fit
+            slots += mirror.parallel
+            busy += int(entry["in_flight"])
+        for worker_id in [w for w, m in self._mirrors.items() if m.replica == name and w not in seen]:
+            self._drop_mirror(worker_id, f"the worker left replica {name}")
+        self.status.replicas[name] = ReplicaView(
+            id=name,
+            announced_at=float(body.get("at", 0.0)),
+            workers=len(seen),
+            slots=slots,
+            busy=busy,
+            jobs_relayed=int(body.get("jobs_relayed", 0)),
+        )
+
+    def _add_mirror(self, name: str, worker_id: str, registration: Register) -> RemoteWorker:
+        settings = self.settings
+        mirror = RemoteWorker(
+            worker_id,
+            registration,
+            replica=name,
+            origin=self.id,
+            mailbox=self.mailbox,
+            channel=channel_of(PREFIX, name),
+            on_slot_free=self.hive.slot_freed,
+            cancel_grace=settings.cancel_grace,
+            max_frame_bytes=settings.max_frame_bytes,
+            max_buffer_bytes=settings.max_request_buffer_bytes,
+            max_response_bytes=settings.max_response_bytes,
+            health=self.hive.health_of(registration.instance_id),
+        )
+        self._mirrors[worker_id] = mirror
+        self.hive.add(mirror)
+        log.info(
+            "worker %s of replica %s joins this replica's view: models=%s parallel=%d",
+            worker_id,
+            name,
+            ",".join(sorted(mirror.models)),
+            mirror.parallel,
+        )
+        return mirror
+
+    def _drop_mirror(self, worker_id: str, reason: str) -> None:
+        mirror = self._mirrors.pop(worker_id, None)
+        if mirror is None:
+            return
+        self.hive.remove(mirror)
+        mirror.fail_all(reason)
+
+    def _replica_gone(self, name: str, why: str) -> None:
+        log.warning("replica %s left the hive: %s", name, why)
+        self.status.replicas.pop(name, None)
+        for worker_id in [w for w, m in self._mirrors.items() if m.replica == name]:
+            self._drop_mirror(worker_id, f"replica {name} left the hive ({why})")
+        self.jobs.origin_gone(name)
+
+    async def _received(self, envelope: Envelope) -> None:
+        if envelope.kind in ("job", "cancel"):
+            self.jobs.received(envelope)
+            return
+        mirror = self._mirrors.get(envelope.worker_id)
+        if mirror is None or mirror.replica != envelope.origin:
+            return  # a request of a mirror dropped meanwhile: it has already ended with WorkerGone
+        if envelope.kind == "out":
+            await mirror.deliver(envelope.frame)
+        else:
+            mirror.lost(envelope.request_id, f"on replica {envelope.origin}: {envelope.arg}")
+
+    def health(self) -> dict[str, Any]:
+        """The hive as /health shows it."""
+        return {
+            "replica": self.id,
+            "redis": "ok" if self.status.redis_up else "unavailable",
+            "replicas": sorted([self.id, *self.status.replicas]),
+            "remote_workers": len(self._mirrors),
+        }
+
+
+class ReplicaCollector:
+    """The hive's gauges, per replica, read at scrape time."""
+
+    def __init__(self, replicas: ReplicaHive) -> None:
+        self.replicas = replicas
+
+    def collect(self) -> Iterable[Metric]:
+        """Redis's reachability, and every replica's workers and slots as last announced."""
+        replicas = self.replicas
+        up = GaugeMetricFamily(
+            "queenbee_redis_up",
+            "Whether this replica reaches the hive's Redis (1) or not (0).",
+            labels=["replica"],
+        )
+        up.add_metric([replicas.id], float(replicas.status.redis_up))
+        yield up
+        yield GaugeMetricFamily(
+            "queenbee_redis_outages",
+            "Times this replica lost Redis since it started.",
+            value=replicas.status.outages,
+        )
+        workers = GaugeMetricFamily(
+            "queenbee_replica_workers", "Workers connected to each replica of the hive.", labels=["replica"]
+        )
+        slots = GaugeMetricFamily(
+            "queenbee_replica_slots", "Request slots of each replica's workers.", labels=["replica", "state"]
+        )
+        relayed = GaugeMetricFamily(
+            "queenbee_replica_jobs_relayed",
+            "Requests of other replicas' clients running on each replica's workers now.",
+            labels=["replica"],
+        )
+        local: list[WorkerSession] = [w for w in replicas.hive.workers.values() if w.replica is None]
+        views = [
+            ReplicaView(
+                id=replicas.id,
+                announced_at=time.time(),
+                workers=len(local),
+                slots=sum(worker.parallel for worker in local),
+                busy=sum(worker.in_flight for worker in local),
+                jobs_relayed=replicas.jobs.running,
+            ),
+            *replicas.status.replicas.values(),
+        ]
+        for view in views:
+            workers.add_metric([view.id], view.workers)
+            slots.add_metric([view.id, "busy"], view.busy)
+            slots.add_metric([view.id, "free"], max(0, view.slots - view.busy))
+            relayed.add_metric([view.id], view.jobs_relayed)
+        yield workers
+        yield slots
+        yield relayed
