@@ -33,8 +33,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from queenbee import ledger_spool
 from queenbee.auth import require_admin
 from queenbee.errors import InvalidRequest
+from queenbee.errors import LedgerUnavailable as ReportUnavailable
 from queenbee.escrow import escrow_split
-from queenbee.ledger import Ledger, LedgerError, Row, connect
+from queenbee.ledger import Ledger, LedgerError, Row, connect, ledger_errors
 from queenbee.ledger_db import Database, Target, default_spool, display_name, is_postgres, open_errors
 from queenbee.ledger_db import parse_target as parse_db
 from queenbee.settings import default_db_path
@@ -358,7 +359,10 @@ def _bounds(since: str | None, until: str | None) -> tuple[float | None, float |
 
 
 async def admin_usage(request: Request) -> Response:
-    """GET /admin/usage?since=&until=&format=json|table: the usage report, for the admin key only."""
+    """GET /admin/usage?since=&until=&format=json|table: the usage report, for the admin key only.
+
+    503 (`ledger_unavailable`) while the ledger's database cannot be read.
+    """
     require_admin(request)
     params = request.query_params
     output = params.get("format", "json")
@@ -369,9 +373,14 @@ async def admin_usage(request: Request) -> Response:
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="since/until") from None
     ledger: Ledger = request.state.ledger
-    workers, keys = await ledger.read(
-        lambda connection: usage_totals(connection, since, until, spool=ledger.spool_path)
-    )
+    try:
+        workers, keys = await ledger.read(
+            lambda connection: usage_totals(connection, since, until, spool=ledger.spool_path)
+        )
+    except ledger_errors() as exc:
+        # The database is unreachable (a PostgreSQL outage, say): the report would be incomplete.
+        message = " ".join(str(exc).split())
+        raise ReportUnavailable(f"The usage report cannot be read now: {message}", retry_after=5) from None
     report = UsageReport(since, until, workers, keys)
     if output == "table":
         return PlainTextResponse(report.to_table() + "\n")

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres_server import PostgresServer, running_postgres
 from servers import QueenServer
 
 from queenbee.settings import QueenSettings
@@ -46,3 +47,16 @@ def queen(queen_settings: QueenSettings) -> Iterator[QueenServer]:
     server = QueenServer(queen_settings).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole session, on a free loopback port (tests/postgres_server.py)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """The URL of a new, empty database of its own on the session's PostgreSQL."""
+    return postgres.create_database()

@@ -1,4 +1,7 @@
-"""The usage ledger: one durable row per request, versioned schema, and the usage report."""
+"""The usage ledger: one durable row per request, versioned schema, and the usage report.
+
+Tests that take `db` run on both backends: a SQLite file and a database on a real PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
-from fake_worker import FakeWorker
+from fake_worker import FakeWorker, completion
 from queen_process import QueenProcess
 from servers import QueenServer, eventually
 
-from protocol import Chunk, ErrorCode, Job
+from protocol import Chunk, ErrorCode, Job, PromptTokensDetails, Result, Usage
 from queenbee import ledger as ledger_module
 from queenbee.cli import main
 from queenbee.ledger import SCHEMA_VERSION, LedgerError, connect, insert, schema_version
+from queenbee.ledger_db import Target, is_postgres
 from queenbee.observer import RequestRecord
 from queenbee.settings import QueenSettings
 from queenbee.usage_report import parse_when, usage_totals
@@ -29,14 +34,17 @@ ADMIN_KEY = "admin-ledger-test-key"
 LN_URL = "worker-one@wallet.example"
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    """Where the test queen keeps its ledger."""
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    """Where the test queen keeps its ledger: a SQLite file, or a new database on a real PostgreSQL."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
     return tmp_path / "ledger.db"
 
 
 @pytest.fixture
-def queen_settings(db: Path, tmp_path: Path) -> QueenSettings:
+def queen_settings(db: Target, tmp_path: Path) -> QueenSettings:
     """A queen with a named key (from a keys file), an admin key, and its ledger in tmp_path."""
     keys = tmp_path / "keys.txt"
     keys.write_text(f"alice {API_KEY}\n")
@@ -50,8 +58,11 @@ def queen_settings(db: Path, tmp_path: Path) -> QueenSettings:
     )
 
 
-def rows(db: Path) -> list[dict[str, Any]]:
+def rows(db: Target) -> list[dict[str, Any]]:
     """Every usage row, read through a connection of the test's own (as another process would)."""
+    if is_postgres(db):
+        with psycopg.connect(str(db), row_factory=psycopg.rows.dict_row) as pg:
+            return list(pg.execute("SELECT * FROM usage ORDER BY id").fetchall())
     with closing(sqlite3.connect(db)) as connection:
         connection.row_factory = sqlite3.Row
         return [dict(row) for row in connection.execute("SELECT * FROM usage ORDER BY id")]
@@ -82,7 +93,7 @@ def record(request_id: str, started_at: float, **fields: Any) -> RequestRecord:
     return RequestRecord(request_id=request_id, started_at=started_at, **values)
 
 
-async def test_success_is_committed_before_the_response_ends(queen: QueenServer, db: Path) -> None:
+async def test_success_is_committed_before_the_response_ends(queen: QueenServer, db: Target) -> None:
     """The row is readable from another connection as soon as the client has the response."""
     worker = await FakeWorker(queen.worker_url, ln_url=LN_URL).connect()
     async with client(queen) as http:
@@ -103,7 +114,7 @@ async def test_success_is_committed_before_the_response_ends(queen: QueenServer,
     assert row["streamed"] == 0
 
 
-async def test_stream_row_exists_when_done_arrives(queen: QueenServer, db: Path) -> None:
+async def test_stream_row_exists_when_done_arrives(queen: QueenServer, db: Target) -> None:
     """A streamed request's row is committed by the time the client reads [DONE]."""
     worker = await FakeWorker(queen.worker_url, ln_url=LN_URL).connect()
     seen_at_done: list[dict[str, Any]] = []
@@ -121,7 +132,7 @@ async def test_stream_row_exists_when_done_arrives(queen: QueenServer, db: Path)
     assert seen_at_done[0]["duration"] >= seen_at_done[0]["ttft"] >= 0
 
 
-async def test_errors_are_recorded(queen: QueenServer, db: Path) -> None:
+async def test_errors_are_recorded(queen: QueenServer, db: Target) -> None:
     """Requests that fail, at the queen or at the worker, get a row with their status and code."""
 
     async def too_long(worker: FakeWorker, job: Job) -> None:
@@ -144,7 +155,7 @@ async def test_errors_are_recorded(queen: QueenServer, db: Path) -> None:
     assert all(row["api_key_id"] == "alice" for row in (first, second))
 
 
-async def test_client_going_away_is_recorded_as_cancelled(queen: QueenServer, db: Path) -> None:
+async def test_client_going_away_is_recorded_as_cancelled(queen: QueenServer, db: Target) -> None:
     """A stream the client abandons ends up in the ledger as cancelled, with its worker."""
 
     async def endless(worker: FakeWorker, job: Job) -> None:
@@ -168,7 +179,8 @@ async def test_client_going_away_is_recorded_as_cancelled(queen: QueenServer, db
     assert row["ln_url"] == LN_URL
 
 
-async def test_ledger_is_wal_and_holds_no_secret(queen: QueenServer, db: Path) -> None:
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+async def test_ledger_is_wal_and_holds_no_secret(queen: QueenServer, db: Target) -> None:
     """The file is in WAL mode, and the API key's secret is nowhere in it."""
     worker = await FakeWorker(queen.worker_url).connect()
     async with client(queen) as http:
@@ -177,11 +189,12 @@ async def test_ledger_is_wal_and_holds_no_secret(queen: QueenServer, db: Path) -
     with closing(sqlite3.connect(db)) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert schema_version(connection) == SCHEMA_VERSION
+    assert isinstance(db, Path)
     stored = b"".join(path.read_bytes() for path in db.parent.glob(db.name + "*"))
     assert API_KEY.encode() not in stored
 
 
-async def test_rows_survive_sigkill_right_after_the_response(tmp_path: Path, db: Path) -> None:
+async def test_rows_survive_sigkill_right_after_the_response(tmp_path: Path, db: Target) -> None:
     """A queen killed the moment its client has the answer has already committed the row."""
     queen = QueenProcess.start(tmp_path, "--db", str(db), "--api-key", API_KEY)
     try:
@@ -201,15 +214,15 @@ async def test_rows_survive_sigkill_right_after_the_response(tmp_path: Path, db:
     assert all(row["ln_url"] == LN_URL and row["completion_tokens"] == 2 for row in recorded.values())
 
 
-def test_migrations_are_versioned_and_idempotent(tmp_path: Path) -> None:
-    """A new file is brought to the latest version; opening it again changes nothing."""
-    path = tmp_path / "new.db"
-    with closing(connect(path)) as connection:
+def test_migrations_are_versioned_and_idempotent(db: Target) -> None:
+    """A new database is brought to the latest version; opening it again changes nothing."""
+    with closing(connect(db)) as connection:
         assert schema_version(connection) == SCHEMA_VERSION
         insert(connection, record("r1", 100.0))
-    with closing(connect(path)) as connection:
+        insert(connection, record("r1", 100.0, prompt_tokens=99))  # a request id is recorded once
+    with closing(connect(db)) as connection:
         assert schema_version(connection) == SCHEMA_VERSION
-        assert connection.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 1
+        assert connection.execute("SELECT COUNT(*), SUM(prompt_tokens) FROM usage").fetchone() == (1, 10)
 
 
 def test_a_failing_migration_leaves_the_ledger_as_it_was(
@@ -240,10 +253,10 @@ def test_a_ledger_from_a_newer_queen_is_refused(tmp_path: Path) -> None:
         assert schema_version(connection) == SCHEMA_VERSION + 1
 
 
-def fill(path: Path) -> None:
+def fill(path: Target) -> None:
     """Five requests: two workers (one without ln_url), two keys, every outcome."""
     with closing(connect(path)) as connection:
-        insert(connection, record("r1", 1000.0, ln_url="a@wallet", api_key_id="alice"))
+        insert(connection, record("r1", 1000.0, ln_url="a@wallet", api_key_id="alice", cached_tokens=4))
         insert(connection, record("r2", 2000.0, ln_url="a@wallet", api_key_id="bob", completion_tokens=7))
         insert(connection, record("r3", 2500.0, ln_url="", worker_id="worker-b", api_key_id="bob"))
         nothing = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -256,36 +269,41 @@ def fill(path: Path) -> None:
         )
 
 
-def test_usage_totals_per_worker_and_key(tmp_path: Path) -> None:
+def test_usage_totals_per_worker_and_key(db: Target) -> None:
     """Tokens add up per ln_url and per key; requests that reached no worker count only per key."""
-    path = tmp_path / "ledger.db"
-    fill(path)
-    with closing(connect(path)) as connection:
+    fill(db)
+    with closing(connect(db)) as connection:
         workers, keys = usage_totals(connection, None, None)
         later_workers, _ = usage_totals(connection, 1500.0, 3000.0)
     by_url = {row.name: row for row in workers}
     assert set(by_url) == {"a@wallet", ""}
     assert (by_url["a@wallet"].requests, by_url["a@wallet"].total_tokens) == (3, 15 + 17)
     assert by_url["a@wallet"].cancelled == 1
+    assert by_url["a@wallet"].cached_tokens == 4
     assert by_url[""].total_tokens == 15
+    assert by_url[""].cached_tokens == 0
     by_key = {row.name: row for row in keys}
     assert {name: row.requests for name, row in by_key.items()} == {"alice": 3, "bob": 2}
     assert by_key["alice"].failed == 1
+    assert (by_key["alice"].cached_tokens, by_key["bob"].cached_tokens) == (4, 0)
     assert {row.name: row.total_tokens for row in later_workers} == {"a@wallet": 17, "": 15}
 
 
-def test_workers_are_credited_what_they_generated(tmp_path: Path) -> None:
+def test_workers_are_credited_what_they_generated(db: Target) -> None:
     """Per-worker totals sum the credited figures, per-key totals what clients are billed."""
-    path = tmp_path / "ledger.db"
-    with closing(connect(path)) as connection:
+    with closing(connect(db)) as connection:
         insert(connection, record("r1", 1000.0, completion_tokens=2, worker_completion_tokens=9))
         insert(
             connection,
             record("r2", 1001.0, worker_prompt_tokens=4, usage_violation="prompt_tokens: 900 > 40"),
         )
-        stored = connection.execute(
-            "SELECT worker_prompt_tokens, worker_completion_tokens, usage_violation FROM usage ORDER BY id"
-        ).fetchall()
+        stored = [
+            tuple(row)
+            for row in connection.execute(
+                "SELECT worker_prompt_tokens, worker_completion_tokens, usage_violation "
+                "FROM usage ORDER BY id"
+            )
+        ]
         workers, keys = usage_totals(connection, None, None)
     assert stored == [(10, 9, None), (4, 5, "prompt_tokens: 900 > 40")]
     [worker] = workers
@@ -294,19 +312,42 @@ def test_workers_are_credited_what_they_generated(tmp_path: Path) -> None:
     assert (key.prompt_tokens, key.completion_tokens) == (20, 7)
 
 
-def test_usage_command_prints_json_and_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`queenbee usage` reports totals as JSON or tables, over a time range."""
-    path = tmp_path / "ledger.db"
-    fill(path)
-    assert main(["usage", "--db", str(path), "--format", "json", "--since", "1500", "--until", "3000"]) == 0
+def test_usage_command_prints_json_and_tables(db: Target, capsys: pytest.CaptureFixture[str]) -> None:
+    """`queenbee usage` reports totals as JSON or tables, over a time range, cached prompt tokens too."""
+    fill(db)
+    assert main(["usage", "--db", str(db), "--format", "json", "--since", "1500", "--until", "3000"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["since"] == "1970-01-01T00:25:00Z"
     assert [(row["ln_url"], row["total_tokens"]) for row in report["workers"]] == [("a@wallet", 17), ("", 15)]
     assert [row["violations"] for row in report["workers"]] == [0, 0]
     assert [(row["api_key"], row["requests"]) for row in report["api_keys"]] == [("bob", 2)]
     assert report["total"]["total_tokens"] == 32
-    assert main(["usage", "--db", str(path)]) == 0
+    assert report["total"]["cached_tokens"] == 0
+    assert main(["usage", "--db", str(db), "--format", "json"]) == 0
+    everything = json.loads(capsys.readouterr().out)
+    assert [(row["ln_url"], row["cached_tokens"]) for row in everything["workers"]] == [
+        ("a@wallet", 4),
+        ("", 0),
+    ]
+    assert [(row["api_key"], row["cached_tokens"]) for row in everything["api_keys"]] == [
+        ("bob", 0),
+        ("alice", 4),
+    ]
+    assert everything["total"]["cached_tokens"] == 4
+    assert main(["usage", "--db", str(db)]) == 0
     table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("ln_url"))
+    assert header.split()[:7] == [
+        "ln_url",
+        "requests",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "prompt_tokens",
+        "cached_tokens",
+    ]
+    alice = next(line for line in table.splitlines() if line.startswith("alice"))
+    assert alice.split()[5:7] == ["10", "4"]
     assert "a@wallet" in table
     assert "(none)" in table
     assert "alice" in table
@@ -342,8 +383,18 @@ def test_parse_when(text: str, expected: float) -> None:
 
 
 async def test_admin_usage_needs_the_admin_key(queen: QueenServer) -> None:
-    """/admin/usage answers the admin key only; the client key is not enough."""
-    worker = await FakeWorker(queen.worker_url, ln_url=LN_URL).connect()
+    """/admin/usage answers the admin key only; the client key is not enough; it shows cached tokens."""
+
+    async def cached(worker: FakeWorker, job: Job) -> None:
+        usage = Usage(
+            prompt_tokens=3,
+            completion_tokens=1,
+            total_tokens=4,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=2),
+        )
+        await worker.send(Result(request_id=job.request_id, usage=usage, response=completion("Hi")))
+
+    worker = await FakeWorker(queen.worker_url, ln_url=LN_URL, behaviour=cached).connect()
     async with client(queen) as http:
         await http.post("/v1/chat/completions", json=CHAT)
         as_client = await http.get("/admin/usage")
@@ -357,7 +408,9 @@ async def test_admin_usage_needs_the_admin_key(queen: QueenServer) -> None:
     assert as_client.json()["error"]["code"] == "invalid_api_key"
     assert report.status_code == 200
     assert report.json()["workers"][0]["ln_url"] == LN_URL
+    assert report.json()["workers"][0]["cached_tokens"] == 2
     assert report.json()["api_keys"][0]["api_key"] == "alice"
+    assert report.json()["api_keys"][0]["cached_tokens"] == 2
     assert table.headers["content-type"].startswith("text/plain")
     assert LN_URL in table.text
     assert bad.status_code == 400
