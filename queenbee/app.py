@@ -157,11 +157,15 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         replicas: ReplicaHive | None = None
         if settings.redis_url is not None:
             # Imported only here: a queen on its own needs neither the module nor the redis package.
+            from queenbee.ratelimit_redis import SharedRateLimiter
             from queenbee.replicas import ReplicaCollector, ReplicaHive
 
             replicas = ReplicaHive.from_settings(hive, settings)
             app.state.replicas = replicas
             metrics.registry.register(ReplicaCollector(replicas))
+            # The hive's limits: a key cannot multiply them by the number of replicas.
+            limiter = SharedRateLimiter.shared_from_settings(settings, clients, replicas.redis)
+            replicas.limiter = limiter
             replicas.start()
         yield {
             "hive": hive,

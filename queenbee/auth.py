@@ -277,7 +277,9 @@ def client_endpoint(endpoint: Endpoint) -> Endpoint:
         clients: ClientKeys = request.state.clients
         key = clients.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         request.state.api_key_id = key.id if key is not None else None
-        lease = request.state.limiter.admit(key)
+        limiter = request.state.limiter
+        # Only a hive's limiter (--redis-url) asks Redis: a queen on its own admits without awaiting.
+        lease = await limiter.admit_shared(key) if limiter.shared else limiter.admit(key)
         request.state.lease = lease
         try:
             return await endpoint(request)

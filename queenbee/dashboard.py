@@ -87,7 +87,8 @@ def worker_summary(
 
 
 async def list_workers(request: Request) -> Response:
-    """GET /v1/workers: the connected workers, in the order they connected, without secrets."""
+    """GET /v1/workers: the connected workers (of every replica, in a hive of them), in the order they
+    connected, without secrets."""
     hive: Hive = request.state.hive
     activity: RecentActivity = request.state.activity
     now, now_monotonic = time.time(), time.monotonic()
@@ -95,6 +96,8 @@ async def list_workers(request: Request) -> Response:
     data = [
         worker_summary(worker, activity.served(worker.id), now=now, now_monotonic=now_monotonic)
         | ({"audit": audits.worker_view(worker)} if audits is not None and audits.enabled else {})
+        # In a hive of replicas (--redis-url) every replica lists every worker, with the one it is on.
+        | ({"replica": worker.replica or hive.replica_id} if hive.replica_id is not None else {})
         for worker in sorted(hive.workers.values(), key=lambda worker: worker.connected_at)
     ]
     return JSONResponse({"object": "list", "data": data})

@@ -209,7 +209,7 @@ async def forward(
     if present is not None:
         call.presenter = present(call)
     audits = getattr(request.state, "audits", None)
-    if audits is not None and stream:
+    if audits is not None:
         call.on_delivered = audits.delivered
     if audits is not None and call.api_key_id in request.state.settings.trusted_only_key:
         call.worker_filter = audits.is_trusted
@@ -237,7 +237,10 @@ async def forward(
         size = request.state.body_bytes if prompt_bytes is None else prompt_bytes
         call.bounds = usage_bounds(parsed, size, n_ctx)
         if lease is not None:
-            lease.reserve(call.bounds.reservation)
+            if lease.shared:  # held in Redis for the hive (ratelimit_redis.py)
+                await lease.reserve_shared(call.bounds.reservation)  # type: ignore[attr-defined]
+            else:
+                lease.reserve(call.bounds.reservation)
     except QueenError as exc:
         await call.record("error", exc.status, error_code=exc.code)
         raise

@@ -59,6 +59,9 @@ class Limits:
 class Lease:
     """One admitted request's hold on its key's limits: a concurrency slot and a token reservation."""
 
+    shared = False
+    """Whether the lease is held in Redis, for the whole hive (ratelimit_redis.py): reserved by awaiting."""
+
     def __init__(self, limiter: RateLimiter | None, bucket: str) -> None:
         self._limiter = limiter
         self.bucket = bucket
@@ -83,6 +86,9 @@ class Lease:
 
 class RateLimiter:
     """Admits requests within their key's limits, and learns each request's tokens when it ends."""
+
+    shared = False
+    """Whether admission is shared by a hive of replicas (ratelimit_redis.py): admitted by awaiting."""
 
     def __init__(
         self,

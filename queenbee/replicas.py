@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from protocol import Register
 from queenbee.hive import Hive
+from queenbee.ratelimit_redis import SharedRateLimiter
 from queenbee.remote_worker import RemoteWorker
 from queenbee.replica_jobs import ReplicaJobs
 from queenbee.replica_link import Envelope, Mailbox, channel_of
@@ -92,6 +93,8 @@ class ReplicaHive:
         self._registrations: dict[str, dict[str, Any]] = {}
         """Each local worker's registration as announced (without secrets), made once."""
         self._task: asyncio.Task[None] | None = None
+        self.limiter: SharedRateLimiter | None = None
+        """The hive's rate limits, whose leases in flight each beat renews."""
         hive.replica_id = replica_id
 
     @classmethod
@@ -162,6 +165,8 @@ class ReplicaHive:
         self.status.redis_up = True
         self.status.last_contact = time.monotonic()
         self._update(dict(zip(others, values, strict=True)))
+        if self.limiter is not None:
+            await self.limiter.renew()
 
     def _unreachable(self, exc: BaseException) -> None:
         if self.status.redis_up:

@@ -10,12 +10,11 @@ from typing import Any
 
 import httpx
 import openai
-import pytest
-from fake_worker import FakeWorker, answer, reply
+from fake_worker import FakeWorker, content_chunk, reply
 from redis_server import RedisServer, redis_server
 from servers import QueenServer, eventually
 
-from protocol import Job
+from protocol import Chunk, ErrorCode, Job, Result, Usage
 from queenbee.settings import QueenSettings
 
 __all__ = ["redis_server"]
@@ -53,7 +52,8 @@ def sees(queen: QueenServer, worker: FakeWorker) -> bool:
 async def test_a_client_of_one_replica_is_served_by_a_worker_of_another(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    """Streamed and whole answers from a worker on replica A reach a client of replica B, as from a local one."""
+    """Streamed and whole answers from a worker on replica A reach a client of replica B, as from a
+    local worker."""
     with replicas(tmp_path, redis_server, "a", "b") as (a, b):
         worker = await FakeWorker(a.worker_url).connect()
         await eventually(lambda: sees(b, worker))
@@ -68,6 +68,196 @@ async def test_a_client_of_one_replica_is_served_by_a_worker_of_another(
         await client.close()
         await worker.close()
     assert whole.choices[0].message.content == "Hello there"
-    assert whole.usage is not None and whole.usage.completion_tokens == 2
+    assert whole.usage is not None
+    assert whole.usage.completion_tokens == 2
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there"
     assert len(worker.jobs) == 2
+
+
+async def streams_until_cancelled(worker: FakeWorker, job: Job) -> None:
+    """Stream a word every 20 ms until the queen cancels; then confirm with the usage so far."""
+    sent = 0
+    await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", role=True)))
+    while job.request_id not in worker.cancels:
+        await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk(" word"), tokens=1))
+        sent += 1
+        await asyncio.sleep(0.02)
+    usage = Usage(prompt_tokens=3, completion_tokens=sent, total_tokens=3 + sent)
+    await worker.send(Result(request_id=job.request_id, usage=usage))
+
+
+async def test_a_client_that_leaves_cancels_the_job_on_the_other_replica(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A client of B that disconnects mid-stream cancels the job on A's worker, whose slot frees on both."""
+    with replicas(tmp_path, redis_server, "a", "b") as (a, b):
+        worker = await FakeWorker(a.worker_url, behaviour=streams_until_cancelled).connect()
+        await eventually(lambda: sees(b, worker))
+        async with (
+            httpx.AsyncClient(base_url=b.base_url, timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            while "word" not in await anext(lines):
+                pass
+        await eventually(lambda: worker.cancels == [worker.jobs[0].request_id])
+        await eventually(lambda: a.hive.workers[worker.worker_id].in_flight == 0)
+        await eventually(lambda: b.hive.workers[worker.worker_id].held_here == 0)
+        await worker.close()
+
+
+async def test_a_failure_before_the_first_token_is_retried_on_another_worker_of_the_hive(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A remote worker that fails before answering is replaced by the next one, as a local one is."""
+
+    async def fails(worker: FakeWorker, job: Job) -> None:
+        await worker.fail(job)
+
+    with replicas(tmp_path, redis_server, "a", "b") as (a, b):
+        failing = await FakeWorker(a.worker_url, behaviour=fails).connect()
+        good = await FakeWorker(a.worker_url).connect()
+        await eventually(lambda: sees(b, failing) and sees(b, good))
+        async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as client:
+            response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        await failing.close()
+        await good.close()
+    assert response.status_code == 200
+    assert "Hello" in response.text
+    assert len(failing.jobs) == 1
+    assert len(good.jobs) == 1
+
+
+async def test_a_client_error_from_a_remote_worker_reaches_the_client_as_it_is(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The worker's own refusal of a request travels back as the same OpenAI error, not a retry."""
+
+    async def refuses(worker: FakeWorker, job: Job) -> None:
+        await worker.fail(job, ErrorCode.INVALID_REQUEST, "the prompt is not acceptable")
+
+    with replicas(tmp_path, redis_server, "a", "b") as (a, b):
+        worker = await FakeWorker(a.worker_url, behaviour=refuses).connect()
+        other = await FakeWorker(a.worker_url).connect()
+        await eventually(lambda: sees(b, worker) and sees(b, other))
+        async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT)
+        await worker.close()
+        await other.close()
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "the prompt is not acceptable"
+    assert other.jobs == []
+
+
+async def test_every_replica_shows_the_whole_hive(tmp_path: Path, redis_server: RedisServer) -> None:
+    """/v1/models, /v1/workers, /metrics and /health of B show A's worker, labelled with its replica."""
+    with replicas(tmp_path, redis_server, "a", "b") as (a, b):
+        worker = await FakeWorker(a.worker_url, models=("only-on-a",), parallel=3).connect()
+        await eventually(lambda: sees(b, worker))
+        async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as client:
+            models = (await client.get("/v1/models")).json()
+            workers = (await client.get("/v1/workers")).json()
+            metrics = (await client.get("/metrics")).text
+            health = (await client.get("/health")).json()
+        await worker.close()
+        await eventually(lambda: not sees(b, worker))
+    assert [model["id"] for model in models["data"]] == ["only-on-a"]
+    [shown] = workers["data"]
+    assert shown["id"] == worker.worker_id
+    assert shown["replica"] == "a"
+    assert shown["slots"] == {"total": 3, "busy": 0, "free": 3}
+    assert 'queenbee_replica_workers{replica="a"} 1.0' in metrics
+    assert 'queenbee_replica_workers{replica="b"} 0.0' in metrics
+    assert 'queenbee_replica_slots{replica="a",state="free"} 3.0' in metrics
+    assert 'queenbee_redis_up{replica="b"} 1.0' in metrics
+    assert health["status"] == "ok"
+    assert health["hive"] == {"replica": "b", "redis": "ok", "replicas": ["a", "b"], "remote_workers": 1}
+
+
+async def test_a_local_worker_is_preferred_when_the_scores_tie(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """With an idle worker on each replica, every replica's clients are served by its own."""
+    with replicas(tmp_path, redis_server, "a", "b") as (a, b):
+        on_a = await FakeWorker(a.worker_url).connect()
+        on_b = await FakeWorker(b.worker_url).connect()
+        await eventually(lambda: sees(a, on_b) and sees(b, on_a))
+        async with httpx.AsyncClient(timeout=30) as client:
+            for _ in range(3):
+                assert (await client.post(f"{a.base_url}/v1/chat/completions", json=CHAT)).status_code == 200
+                assert (await client.post(f"{b.base_url}/v1/chat/completions", json=CHAT)).status_code == 200
+        await on_a.close()
+        await on_b.close()
+    assert len(on_a.jobs) == 3
+    assert len(on_b.jobs) == 3
+
+
+async def test_a_key_cannot_multiply_its_limits_by_the_replicas(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A key allowed 3 requests a minute gets 3 across two replicas, not 3 on each; another key is not
+    held back by it."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice sk-alice rpm=3\nbob sk-bob rpm=3\n")
+    with replicas(tmp_path, redis_server, "a", "b", api_keys_file=keys) as (a, b):
+        on_a = await FakeWorker(a.worker_url).connect()
+        on_b = await FakeWorker(b.worker_url).connect()
+        await eventually(lambda: sees(a, on_b) and sees(b, on_a))
+        alice = {"Authorization": "Bearer sk-alice"}
+        async with httpx.AsyncClient(timeout=30) as client:
+            statuses = [
+                (
+                    await client.post(f"{queen.base_url}/v1/chat/completions", json=CHAT, headers=alice)
+                ).status_code
+                for queen in (a, b, a, b)
+            ]
+            refused = await client.post(f"{a.base_url}/v1/chat/completions", json=CHAT, headers=alice)
+            bob = await client.post(
+                f"{b.base_url}/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-bob"}
+            )
+        await on_a.close()
+        await on_b.close()
+    assert statuses == [200, 200, 200, 429]
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert error["type"] == "requests"
+    assert "limit 3" in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert bob.status_code == 200
+
+
+async def test_concurrency_and_tokens_per_key_are_held_across_replicas(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A request in flight on A holds the key's one concurrent slot against B; once it ends, its tokens
+    count against the key's minute on B too."""
+    release = asyncio.Event()
+
+    async def waits(worker: FakeWorker, job: Job) -> None:
+        await release.wait()
+        await reply(worker, job, "one two three four five", prompt_tokens=5)
+
+    with replicas(tmp_path, redis_server, "a", "b", max_concurrent_per_key=1, rate_limit_tpm=30) as (a, b):
+        on_a = await FakeWorker(a.worker_url, behaviour=waits).connect()
+        on_b = await FakeWorker(b.worker_url).connect()
+        await eventually(lambda: sees(a, on_b) and sees(b, on_a))
+        async with httpx.AsyncClient(timeout=30) as client:
+            small = {**CHAT, "max_tokens": 5}
+            first = asyncio.create_task(client.post(f"{a.base_url}/v1/chat/completions", json=small))
+            await eventually(lambda: len(on_a.jobs) == 1)
+            busy = await client.post(f"{b.base_url}/v1/chat/completions", json=small)
+            release.set()
+            assert (await first).status_code == 200
+            after = await client.post(f"{b.base_url}/v1/chat/completions", json=small)
+        await on_a.close()
+        await on_b.close()
+    assert busy.status_code == 429
+    assert "concurrent" in busy.json()["error"]["message"]
+    assert busy.json()["error"]["message"].endswith("has finished.")
+    # The 10 tokens used on A leave B no room for the next request's reservation.
+    assert after.status_code == 429
+    error = after.json()["error"]
+    assert error["type"] == "tokens"
+    assert "limit 30, used 10, reserved by requests in flight 0" in error["message"]
