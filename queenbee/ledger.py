@@ -453,6 +453,8 @@ class Ledger:
 
     REPLAY_CHUNK: Final = 2000
     """Spool lines per replay transaction: live writes get the thread between chunks."""
+    CONNECT_TIMEOUT: Final = 5.0
+    """Seconds an attempt to reach a PostgreSQL ledger may take."""
 
     def __init__(
         self,
@@ -487,6 +489,8 @@ class Ledger:
         # read on a thread and connection of their own, never queued behind a write.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queenbee-ledger")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queenbee-ledger-reports")
+        # Connections lost (PostgreSQL) are opened again here, off the writer's thread.
+        self._connector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queenbee-ledger-connect")
         self._connection: Database | None = None
         self._read_connection: Database | None = None
         # A spool holds one queen's rows: PostgreSQL replicas on one host must not share one.
@@ -509,8 +513,10 @@ class Ledger:
 
     @property
     def degraded(self) -> bool:
-        """The database refuses writes, or rows wait in the spool for it."""
-        return self._failing or self._spooled_rows > 0
+        """The database refuses writes, its connection is lost, or rows wait in the spool for it."""
+        return (
+            self._failing or self._spooled_rows > 0 or (self._task is not None and self._connection is None)
+        )
 
     @property
     def spooled_rows(self) -> int:
@@ -615,10 +621,20 @@ class Ledger:
         """
 
         def transaction() -> T:
-            with self._require().transaction() as connection:
-                return function(connection)
+            connection = self._require()
+            try:
+                with connection.transaction():
+                    return function(connection)
+            except database_errors():
+                if not connection.usable:
+                    self._close_writer()  # the write loop opens a new one
+                raise
 
-        return await self._in_writer(transaction)
+        try:
+            return await self._in_writer(transaction)
+        finally:
+            if self._connection is None:
+                self._wake.set()
 
     async def read(self, function: Callable[[Database], T]) -> T:
         """Run `function` on a connection of the reports' own, never queued behind a write.
@@ -672,7 +688,9 @@ class Ledger:
         try:
             while True:
                 next_replay = max(next_replay, self._replay_not_before)
-                if self._spool_dirty and loop.time() >= next_replay:
+                if self._connection is None and loop.time() >= next_replay and not await self._reconnect():
+                    next_replay = loop.time() + self._retry_delay()
+                if self._spool_dirty and self._connection is not None and loop.time() >= next_replay:
                     outcome = await self._in_writer(self._replay_step)
                     next_replay = loop.time() + (self._retry_delay() if outcome is _Replay.FAILED else 0)
                 if self._pending:
@@ -684,7 +702,8 @@ class Ledger:
                 if self._closing:
                     break
                 self._wake.clear()
-                wait = max(0.0, next_replay - loop.time()) if self._spool_dirty else None
+                retrying = self._spool_dirty or self._connection is None
+                wait = max(0.0, next_replay - loop.time()) if retrying else None
                 with suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._wake.wait()
@@ -714,6 +733,8 @@ class Ledger:
             self._writes_in_flight -= 1
 
     async def _last_replay(self) -> None:
+        if self._spool_dirty and self._connection is None:
+            await self._reconnect()
         while self._spool_dirty and await self._in_writer(self._replay_step) is _Replay.MORE:
             pass
 
@@ -722,6 +743,20 @@ class Ledger:
         for pending in batch:
             if not pending.committed.done():
                 pending.committed.set_exception(error)
+
+    async def _reconnect(self) -> bool:
+        """Open a new connection for the writer, on a thread of its own: a database that takes long to
+        answer a connection never holds up the spool's appends on the writer's thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            connection = await asyncio.shield(loop.run_in_executor(self._connector, self._connect_writer))
+        except open_errors() as exc:
+            if self._reconnect_failures == 0:
+                log.warning("ledger: cannot connect to %s again: %s", self.name, _one_line(exc))
+            self._reconnect_failures += 1
+            return False
+        await self._in_writer(lambda: self._adopt(connection))
+        return True
 
     def _retry_delay(self) -> float:
         """Seconds to the next replay after a failed one: `replay_interval`, or, while the connection
@@ -835,23 +870,24 @@ class Ledger:
         return _Replay.DONE
 
     def _connect_writer(self) -> Database:
-        return open_database(self.path, lock_timeout=self.write_timeout, connect_timeout=self.commit_timeout)
+        return open_database(self.path, lock_timeout=self.write_timeout, connect_timeout=self.CONNECT_TIMEOUT)
 
     def _writer_connection(self) -> Database:
-        """The writer's connection, opened again if it was lost (LedgerError if it cannot be)."""
-        if self._connection is not None:
-            return self._connection
+        """The writer's connection; LedgerError while it is lost (the write loop opens a new one)."""
         if self._closed:
             raise LedgerError(f"the ledger at {self.name} is closed")
-        try:
-            self._connection = self._connect_writer()
-        except open_errors() as exc:
-            self._reconnect_failures += 1
-            raise LedgerError(f"cannot reach the ledger at {self.name}: {_one_line(exc)}") from None
-        if self._reconnect_failures:
-            log.info("ledger: connected to %s again", self.name)
-        self._reconnect_failures = 0
+        if self._connection is None:
+            raise LedgerError(f"the connection to the ledger at {self.name} is lost; reconnecting")
         return self._connection
+
+    def _adopt(self, connection: Database) -> None:
+        """On the writer's thread: use a connection `_reconnect` opened."""
+        if self._connection is not None or self._closed:
+            connection.close()
+            return
+        self._connection = connection
+        log.info("ledger: connected to %s again", self.name)
+        self._reconnect_failures = 0
 
     def _close_writer(self) -> None:
         if self._connection is not None:
@@ -886,3 +922,4 @@ class Ledger:
     def _shutdown_threads(self) -> None:
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        self._connector.shutdown(wait=True)
