@@ -1,4 +1,8 @@
-"""The ledger when its disk fails: rows go to the spool and come back, nothing waits in line, sums hold."""
+"""The ledger when its disk fails: rows go to the spool and come back, nothing waits in line, sums hold.
+
+Tests that take `db` run on both backends: a SQLite file, and a database on a real PostgreSQL (where
+"locked" is another session's lock on the usage table).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from fake_worker import FakeWorker
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,7 +29,7 @@ from test_ledger import ADMIN_KEY, API_KEY, CHAT, client, record, rows
 from queenbee import ledger_spool
 from queenbee.cli import main
 from queenbee.ledger import MAX_TOKENS, MIGRATIONS, Ledger, LedgerUnavailable, Row, connect, insert
-from queenbee.ledger_spool import spool_path
+from queenbee.ledger_db import Target, default_spool, is_postgres
 from queenbee.metrics import LedgerCollector
 from queenbee.settings import QueenSettings
 from queenbee.usage_report import usage_totals
@@ -33,16 +38,23 @@ OLD_BUSY_TIMEOUT = 5.0
 """Seconds every write waited for a lock before the group commit: what the timing bounds sit under."""
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    """A migrated, empty ledger file."""
-    path = tmp_path / "ledger.db"
-    connect(path).close()
-    return path
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    """A migrated, empty ledger: a file, or a new database on a real PostgreSQL."""
+    target: Target = (
+        request.getfixturevalue("postgres_url") if request.param == "postgres" else tmp_path / "ledger.db"
+    )
+    connect(target).close()
+    return target
+
+
+def spool_path(db: Target) -> Path:
+    """Where a queen keeps the ledger's spool by default."""
+    return default_spool(db)
 
 
 @pytest.fixture
-def queen_settings(db: Path, tmp_path: Path) -> QueenSettings:
+def queen_settings(db: Target, tmp_path: Path) -> QueenSettings:
     """A queen with a named key, an admin key, and its ledger in tmp_path."""
     keys = tmp_path / "keys.txt"
     keys.write_text(f"alice {API_KEY}\n")
@@ -57,8 +69,14 @@ def queen_settings(db: Path, tmp_path: Path) -> QueenSettings:
 
 
 @contextmanager
-def locked(db: Path) -> Iterator[sqlite3.Connection]:
+def locked(db: Target) -> Iterator[object]:
     """Another connection holds the database's write lock (as another process would) until the block ends."""
+    if is_postgres(db):
+        with psycopg.connect(str(db)) as session:  # one transaction, rolled back on the way out
+            session.execute("LOCK TABLE usage IN EXCLUSIVE MODE")
+            yield session
+            session.rollback()
+        return
     with closing(sqlite3.connect(db, isolation_level=None)) as connection:
         connection.execute("BEGIN EXCLUSIVE")
         try:
@@ -67,12 +85,12 @@ def locked(db: Path) -> Iterator[sqlite3.Connection]:
             connection.execute("ROLLBACK")
 
 
-def spooled_ids(db: Path) -> list[str]:
+def spooled_ids(db: Target) -> list[str]:
     """The request ids of the whole rows in the spool."""
     return [obj["request_id"] for obj in ledger_spool.read(spool_path(db)).objects]
 
 
-def report(db: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+def report(db: Target, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     """`queenbee usage --format json` on the ledger file."""
     assert main(["usage", "--db", str(db), "--format", "json"]) == 0
     result: dict[str, Any] = json.loads(capsys.readouterr().out)
@@ -88,7 +106,7 @@ async def admin_report(http: httpx.AsyncClient) -> dict[str, Any]:
 
 
 async def test_a_locked_database_spools_every_row_and_replays_it(
-    queen: QueenServer, db: Path, capsys: pytest.CaptureFixture[str]
+    queen: QueenServer, db: Target, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With the database locked requests still answer, reports count the spool, and replay empties it."""
     worker = await FakeWorker(queen.worker_url, parallel=5).connect()
@@ -113,7 +131,7 @@ async def test_a_locked_database_spools_every_row_and_replays_it(
     assert report(db, capsys)["total"]["requests"] == 5
 
 
-async def test_a_locked_database_does_not_serialise_requests(queen: QueenServer, db: Path) -> None:
+async def test_a_locked_database_does_not_serialise_requests(queen: QueenServer, db: Target) -> None:
     """Eight requests with the database locked all finish within one of the old per-write lock waits."""
     worker = await FakeWorker(queen.worker_url, parallel=8).connect()
     async with client(queen) as http:
@@ -128,7 +146,7 @@ async def test_a_locked_database_does_not_serialise_requests(queen: QueenServer,
     assert elapsed < OLD_BUSY_TIMEOUT * TIME_UNIT
 
 
-async def test_records_that_arrive_together_are_written_in_one_transaction(db: Path) -> None:
+async def test_records_that_arrive_together_are_written_in_one_transaction(db: Target) -> None:
     """Group commit: records submitted while the database is locked cost it one attempt, then the spool."""
     ledger = await Ledger.open(db, write_timeout=0.05, replay_interval=60)
     try:
@@ -146,7 +164,8 @@ async def test_records_that_arrive_together_are_written_in_one_transaction(db: P
     assert len(rows(db)) == 21
 
 
-async def test_rows_survive_a_file_size_limit(tmp_path: Path, db: Path) -> None:
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+async def test_rows_survive_a_file_size_limit(tmp_path: Path, db: Target) -> None:
     """Under RLIMIT_FSIZE the WAL cannot grow: every answered request has its row once the limit is gone."""
     queen = start_limited_queen(tmp_path, db, limit=64 * 1024)
     answered: set[str] = set()
@@ -177,7 +196,7 @@ async def test_rows_survive_a_file_size_limit(tmp_path: Path, db: Path) -> None:
     assert answered <= {row["request_id"] for row in rows(db)}
 
 
-def start_limited_queen(tmp_path: Path, db: Path, *, limit: int) -> QueenProcess:
+def start_limited_queen(tmp_path: Path, db: Target, *, limit: int) -> QueenProcess:
     """A queen process that cannot make any file larger than `limit` bytes (writes fail with EFBIG)."""
 
     def limit_file_size() -> None:
@@ -195,7 +214,7 @@ def start_limited_queen(tmp_path: Path, db: Path, *, limit: int) -> QueenProcess
     )
 
 
-async def test_replay_is_idempotent_and_skips_torn_lines(db: Path) -> None:
+async def test_replay_is_idempotent_and_skips_torn_lines(db: Target) -> None:
     """Lines already in the database, garbage and a torn last line: each row ends up there exactly once."""
     with closing(connect(db)) as connection:
         insert(connection, record("already", 1000.0))
@@ -221,7 +240,7 @@ async def test_replay_is_idempotent_and_skips_torn_lines(db: Path) -> None:
     assert next(row for row in recorded if row["request_id"] == "new")["completion_tokens"] == 7
 
 
-async def test_an_append_after_a_torn_line_starts_a_line_of_its_own(db: Path) -> None:
+async def test_an_append_after_a_torn_line_starts_a_line_of_its_own(db: Target) -> None:
     """A crash's torn last line never swallows the row appended after it."""
     spool_path(db).write_text('{"request_id": "to')
     ledger = await Ledger.open(db, write_timeout=0.05, replay_interval=60)
@@ -235,7 +254,7 @@ async def test_an_append_after_a_torn_line_starts_a_line_of_its_own(db: Path) ->
 
 
 def test_a_row_both_spooled_and_committed_is_counted_once(
-    db: Path, capsys: pytest.CaptureFixture[str]
+    db: Target, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A replay interrupted before the spool was removed double-counts nothing in either report."""
     with closing(connect(db)) as connection:
@@ -251,7 +270,7 @@ def test_a_row_both_spooled_and_committed_is_counted_once(
     assert report(db, capsys)["total"]["requests"] == 2
 
 
-async def test_a_record_neither_database_nor_spool_takes_raises(db: Path) -> None:
+async def test_a_record_neither_database_nor_spool_takes_raises(db: Target) -> None:
     """With the database locked and the spool unwritable, request_finished raises LedgerUnavailable."""
     spool_path(db).mkdir()  # nothing can be appended to a directory
     ledger = await Ledger.open(db, write_timeout=0.05, replay_interval=60)
@@ -266,7 +285,7 @@ async def test_a_record_neither_database_nor_spool_takes_raises(db: Path) -> Non
     assert [row["request_id"] for row in rows(db)] == ["kept"]
 
 
-async def test_metrics_count_spooled_rows_and_write_failures(db: Path) -> None:
+async def test_metrics_count_spooled_rows_and_write_failures(db: Target) -> None:
     """The collector exports the spool's size and the database's refusals."""
     ledger = await Ledger.open(db, write_timeout=0.05, replay_interval=60)
     registry = CollectorRegistry()
@@ -282,7 +301,7 @@ async def test_metrics_count_spooled_rows_and_write_failures(db: Path) -> None:
     assert "queenbee_ledger_write_failures_total 1.0" in exposed
 
 
-async def test_close_leaves_the_spool_for_the_next_start(db: Path) -> None:
+async def test_close_leaves_the_spool_for_the_next_start(db: Target) -> None:
     """Rows still refused at close stay in the spool, and the next open replays them."""
     with locked(db):
         ledger = await Ledger.open(db, write_timeout=0.05, replay_interval=60)
@@ -297,7 +316,7 @@ async def test_close_leaves_the_spool_for_the_next_start(db: Path) -> None:
     assert [row["request_id"] for row in rows(db)] == ["r1"]
 
 
-def at_the_bound(db: Path, count: int) -> None:
+def at_the_bound(db: Target, count: int) -> None:
     """`count` requests whose every token figure is far beyond the clamp bound."""
     huge = 2**62
     with closing(connect(db)) as connection:
@@ -316,7 +335,7 @@ def at_the_bound(db: Path, count: int) -> None:
 
 
 async def test_rows_at_the_clamp_bound_sum_in_both_reports(
-    db: Path, queen_settings: QueenSettings, capsys: pytest.CaptureFixture[str]
+    db: Target, queen_settings: QueenSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Token figures are clamped when stored, so sums of many huge rows neither overflow nor fail."""
     at_the_bound(db, 8)
