@@ -250,10 +250,23 @@ def message_object(completion: dict[str, Any]) -> dict[str, Any]:
         "model": completion["model"],
         "content": content,
         **stop_fields(choice.get("finish_reason"), choice.get("stop_reason")),
-        "usage": {
-            "input_tokens": usage.get("prompt_tokens", 0),
-            "output_tokens": usage.get("completion_tokens", 0),
-        },
+        "usage": anthropic_usage(usage),
+    }
+
+
+def anthropic_usage(usage: dict[str, Any]) -> dict[str, int]:
+    """Anthropic's usage block for a chat usage: `input_tokens` are the prompt tokens the worker decoded,
+    `cache_read_input_tokens` those it reused from its cache (together the whole prompt, as Anthropic
+    counts them). Nothing is written to a cache on request, so `cache_creation_input_tokens` is 0."""
+    prompt = int(usage.get("prompt_tokens") or 0)
+    details = usage.get("prompt_tokens_details")
+    cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    cached = min(max(cached, 0), prompt)
+    return {
+        "input_tokens": prompt - cached,
+        "output_tokens": int(usage.get("completion_tokens") or 0),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
     }
 
 
@@ -356,10 +369,7 @@ class MessageEvents:
             {
                 "type": "message_delta",
                 "delta": stop_fields(self._finish_reason, self._stop_sequence),
-                "usage": {
-                    "input_tokens": usage.get("prompt_tokens", 0),
-                    "output_tokens": usage.get("completion_tokens", 0),
-                },
+                "usage": anthropic_usage(usage),
             }
         )
         events.append({"type": "message_stop"})

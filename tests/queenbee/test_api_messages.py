@@ -170,7 +170,35 @@ def test_a_whole_answer_becomes_a_message(finish_reason: str, stop_reason: str) 
         {"type": "tool_use", "id": "c9", "name": "get_weather", "input": {"city": "Oslo"}},
     ]
     assert message["stop_reason"] == stop_reason
-    assert message["usage"] == {"input_tokens": 4, "output_tokens": 2}
+    assert message["usage"] == {
+        "input_tokens": 4,
+        "output_tokens": 2,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+
+
+@pytest.mark.parametrize(("cached", "read"), [(30, 30), (0, 0), (99, 40), (-3, 0)])
+def test_cached_prompt_tokens_are_read_from_the_cache_in_anthropic_terms(cached: int, read: int) -> None:
+    """Anthropic splits the prompt: `input_tokens` decoded, `cache_read_input_tokens` reused; together
+    the whole prompt. A cached count beyond the prompt (or below zero) is clamped, never passed on."""
+    completion = _completion({"role": "assistant", "content": "Hi"}, "stop")
+    completion["usage"] = {
+        "prompt_tokens": 40,
+        "completion_tokens": 2,
+        "total_tokens": 42,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+    message = messages.message_object(completion)
+    validate("AnthropicMessage", message)
+    assert message["usage"] == {
+        "input_tokens": 40 - read,
+        "output_tokens": 2,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": read,
+    }
+    events = messages.MessageEvents("msg_1", "m").finish(completion["usage"])
+    assert events[-2]["usage"] == message["usage"]
 
 
 def test_a_stop_sequence_that_ended_the_answer_is_named() -> None:
@@ -230,7 +258,12 @@ def test_chunks_become_anthropic_stream_events() -> None:
     ]
     assert events[6]["delta"] == {"type": "input_json_delta", "partial_json": '{"city":'}
     assert events[8]["delta"]["stop_reason"] == "tool_use"
-    assert events[8]["usage"] == {"input_tokens": 3, "output_tokens": 2}
+    assert events[8]["usage"] == {
+        "input_tokens": 3,
+        "output_tokens": 2,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -282,6 +283,22 @@ def test_the_next_turn_finds_its_cache_and_the_sdk_reads_cached_tokens(real_hive
     assert response.usage is not None
     assert follow_up.usage is not None
     assert follow_up.usage.input_tokens_details.cached_tokens >= response.usage.input_tokens
+
+    # Anthropic's Messages API counts the prompt in two parts: read from the cache, and decoded.
+    claude = anthropic.Anthropic(base_url=real_hive.base_url, api_key="unused", max_retries=0)
+    turn = [{"role": "user", "content": "What do you sell?"}]
+    cold = claude.messages.create(model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8)
+    warm = claude.messages.create(model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8)
+    with claude.messages.stream(model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8) as events:
+        streamed = events.get_final_message()
+    assert warm.usage.cache_read_input_tokens is not None
+    assert warm.usage.cache_read_input_tokens > 0
+    assert warm.usage.cache_creation_input_tokens == 0
+    whole_prompt = cold.usage.input_tokens + (cold.usage.cache_read_input_tokens or 0)
+    for usage in (warm.usage, streamed.usage):
+        assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == whole_prompt
+        assert usage.input_tokens >= 1  # the last prompt token is always decoded again
+    assert streamed.usage.cache_read_input_tokens == warm.usage.cache_read_input_tokens
 
 
 def reporting(cached: int) -> Any:
