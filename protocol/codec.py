@@ -54,6 +54,7 @@ def result_frames(result: Result, limit: int) -> list[ResultPart | Result]:
 
     A result that fits is sent as it is; a bigger one as ResultPart slices of its response's JSON text,
     each small enough after JSON escaping (at most 4 bytes per character), then a Result with `parts`.
+    Token ids too many for that last frame are left out (the answer is then counted within bounds only).
     """
     if result.response is None or encoded_size(encode(result)) <= limit:
         return [result]
@@ -63,7 +64,10 @@ def result_frames(result: Result, limit: int) -> list[ResultPart | Result]:
         ResultPart(request_id=result.request_id, data=text[start : start + step])
         for start in range(0, len(text), step)
     ]
-    parts.append(result.model_copy(update={"response": None, "parts": len(parts)}))
+    last = result.model_copy(update={"response": None, "parts": len(parts)})
+    if last.token_ids is not None and encoded_size(encode(last)) > limit:
+        last = last.model_copy(update={"token_ids": None})
+    parts.append(last)
     return parts
 
 

@@ -25,7 +25,8 @@ also in 2, resumable answers: the token ids behind every chunk (`Chunk.token_ids
 hash (`ModelInfo.sha256`), and `resume` on chat and completion jobs, which continue an answer another
 worker began from the token ids it relayed.
 3 adds, without changing any frame of 2: worker verification (possession challenges and audit jobs
-for auditors), cache summaries for cache-aware routing, and training jobs for fine-tuning.
+for auditors), cache summaries for cache-aware routing, and training jobs for fine-tuning; and the
+token ids behind a whole answer's choices (`Result.token_ids`, optional and left out when unset).
 """
 
 from __future__ import annotations
@@ -414,6 +415,15 @@ class Result(Frame):
     response: dict[str, Any] | None = None
     parts: int = Field(
         default=0, ge=0, description="ResultPart frames sent before this one that hold the response instead."
+    )
+    token_ids: list[Annotated[list[int], Field(max_length=2**16)]] | None = Field(
+        default=None,
+        max_length=128,
+        # Left out when unset, so that a peer that predates the field still reads the frame.
+        exclude_if=lambda ids: ids is None,
+        description="For a whole chat or text completion: the ids of each choice's generated tokens, "
+        "one list per choice in the order of the response's choices, what the queen counts and audits. "
+        "None from a worker that does not send them (its whole answers are counted within bounds only).",
     )
 
 

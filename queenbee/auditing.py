@@ -38,6 +38,7 @@ from protocol import (
     AuditedChoice,
     AuditJob,
     ChallengeJob,
+    ErrorCode,
     Job,
     JobError,
     Register,
@@ -124,7 +125,7 @@ class AuditCounts:
     skipped: int = 0
     """Sampled answers that could not be audited (no auditor with the file, a full queue, a timeout)."""
     unauditable: int = 0
-    """Delivered answers without the token ids an audit needs (whole answers, resumed ones)."""
+    """Delivered answers without the token ids an audit needs (resumed streams, workers that send none)."""
     audited_tokens: int = 0
     auditor_seconds: float = 0.0
     challenges: int = 0
@@ -253,10 +254,16 @@ class AuditService:
     def delivered(
         self, call: ForwardedCall, worker: WorkerSession, usage: Usage, answer: AnswerSoFar
     ) -> None:
-        """A streamed answer reached its client: sample it for an audit (never blocks, never raises)."""
-        if not self.enabled or worker.id in self.trusted:
-            return
-        request_id, model, request, resumed = call.request_id, call.model, call.request, call.resumes > 0
+        """An answer reached its client: sample it for an audit (never blocks, never raises).
+
+        Streams and whole answers alike: both name the token ids behind their text. An answer that moved
+        to another worker mid-stream is no one worker's and is not audited; a whole answer that ran
+        again elsewhere is the last worker's own.
+        """
+        if not self.enabled or worker.id in self.trusted or not call.endpoint.generates:
+            return  # a token count generates nothing to audit
+        request_id, model, request = call.request_id, call.model, call.request
+        resumed = call.stream and call.resumes > 0
         if not isinstance(request, ChatCompletionRequest | CompletionRequest):
             return
         standing = self.standing(worker.identity)
@@ -302,12 +309,16 @@ class AuditService:
         if isinstance(request, CompletionRequest) and request.echo:
             return None
         n = (request.n or 1) * (len(request.prompts) if isinstance(request, CompletionRequest) else 1)
-        stops = bool(request.stop)
+        stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+        # A tool call is relayed as fields, not as the text its ids spell.
+        tools = (
+            isinstance(request, ChatCompletionRequest) and bool(request.tools) and request.tool_mode != "none"
+        )
         choices = tuple(
             DeliveredChoice(
                 index=index,
                 token_ids=tuple(answer.ids.get(index, ())),
-                text="".join(answer.texts.get(index, ())),
+                text=None if tools else "".join(answer.texts.get(index, ())),
                 # Ended by a stop sequence, the end token's probability says nothing.
                 finished=answer.finish_reasons.get(index) == "stop" and not stops,
             )
@@ -327,6 +338,7 @@ class AuditService:
             ignore_eos=request.ignore_eos or mode is None,
             reported_prompt_tokens=usage.prompt_tokens,
             reported_completion_tokens=usage.completion_tokens,
+            stops=stops,
         )
 
     # Running audits.
@@ -377,8 +389,9 @@ class AuditService:
         except TimeoutError:
             return None
 
-    async def _run_on(self, worker: WorkerSession, model: str, request: Any) -> Result | None:
-        """Run a side job on a worker's free slot; its Result, or None if it failed or took too long."""
+    async def _run_on(self, worker: WorkerSession, model: str, request: Any) -> Result | JobError | None:
+        """Run a side job on a worker's free slot: its Result, its JobError, or None if the worker went
+        away or took too long."""
         request_id = f"audit-{next(self._ids)}"
         stream = worker.reserve(request_id, model)
         await worker.send_job(Job(request_id=request_id, request=request))
@@ -390,7 +403,7 @@ class AuditService:
                         return event
                     if isinstance(event, JobError | WorkerGone):
                         log.warning("%s on worker %s failed: %s", request.kind, worker.id, event)
-                        return None
+                        return event if isinstance(event, JobError) else None
         except TimeoutError:
             worker.cancel(request_id)
             return None
@@ -417,6 +430,17 @@ class AuditService:
             ],
         )
         result = await self._run_on(auditor, delivered.model, job)
+        if (
+            isinstance(result, JobError)
+            and result.code is ErrorCode.INVALID_REQUEST
+            and result.param == "choices"
+        ):
+            # Ids the real model does not have (outside its vocabulary): no honest worker returns them.
+            verdict = Verdict(True, (f"the auditor refused its token ids: {result.message}",))
+            await self.apply(
+                delivered, verdict, AuditReport(prompt_tokens=0, choices=[], seconds=0), auditor.id
+            )
+            return verdict
         report = _parse(AUDIT_REPORT, result)
         if report is None:
             self.counts.skipped += 1
@@ -580,8 +604,8 @@ class AuditService:
         }
 
 
-def _parse(adapter: Any, result: Result | None) -> Any:
-    if result is None or result.response is None:
+def _parse(adapter: Any, result: Result | JobError | None) -> Any:
+    if not isinstance(result, Result) or result.response is None:
         return None
     try:
         return adapter.validate_python(result.response)

@@ -54,7 +54,8 @@ class DeliveredChoice:
 
     index: int
     token_ids: tuple[int, ...]
-    text: str
+    text: str | None
+    """None where the text relayed is not what the ids spell (a tool call relayed as fields)."""
     finished: bool
     """The worker ended it (end of generation), rather than the token limit or a stop sequence."""
 
@@ -76,6 +77,8 @@ class Delivered:
     ignore_eos: bool
     reported_prompt_tokens: int
     reported_completion_tokens: int
+    stops: tuple[str, ...] = ()
+    """The request's stop sequences: the ids of a choice a stop ended spell its text and the stop."""
 
     @property
     def tokens(self) -> int:
@@ -110,6 +113,12 @@ def answer_mode(request: ChatCompletionRequest | CompletionRequest) -> Mode | No
     return "sampled"
 
 
+def same_text(spelled: str, relayed: str, stops: tuple[str, ...]) -> bool:
+    """Whether ids that spell `spelled` are behind the relayed text: the same, or, for a choice a stop
+    sequence ended, the text, the stop and what followed it in the stop's last token."""
+    return spelled == relayed or any(spelled.startswith(relayed + stop) for stop in stops if stop)
+
+
 def judge(delivered: Delivered, report: AuditReport, rule: AuditRule) -> Verdict:
     """Apply the rule to an auditor's report on a delivered answer."""
     reasons: list[str] = []
@@ -124,7 +133,7 @@ def judge(delivered: Delivered, report: AuditReport, rule: AuditRule) -> Verdict
         if score is None or len(score.gaps) != len(choice.token_ids):
             reasons.append(f"choice {choice.index}: the auditor's report does not match the answer")
             continue
-        if score.text != choice.text:
+        if choice.text is not None and not same_text(score.text, choice.text, delivered.stops):
             reasons.append(f"choice {choice.index}: the token ids do not detokenize to the relayed text")
         if delivered.mode != "greedy":
             continue

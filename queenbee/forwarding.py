@@ -67,6 +67,7 @@ from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
 from queenbee.streaming import SSE_HEADERS, JsonBody, RelayResponse
 from queenbee.usage_check import UsageBounds, check_usage, counted_by_ids, text_bytes
+from queenbee.whole_answers import whole_answer
 from queenbee.worker_session import (
     BufferOverflow,
     RequestEvent,
@@ -687,6 +688,10 @@ class ForwardedCall:
             if response is not None:
                 generated = None if self.endpoint.embeddings else text_bytes(response)
                 usage, violation = self.checked(attempt, event.usage, generated)
+                if self.endpoint.generates:
+                    # Counted by the ids behind it, as a stream is, and audited from them.
+                    self._so_far = whole_answer(response, event.token_ids)
+                    usage = counted_by_ids(usage, self._so_far)
                 await self.succeeded(attempt, usage, violation)
                 return JsonBody(await self.shown.whole(self.completion(response, usage)))
         if isinstance(event, BufferOverflow):

@@ -136,11 +136,12 @@ def chunk_tokens(claimed: int, payload: dict[str, Any]) -> int:
 
 
 def counted_by_ids(usage: Usage, answer: AnswerSoFar) -> Usage:
-    """A stream's usage with its completion count no higher than the token ids the worker relayed.
+    """An answer's usage with its completion count no higher than the token ids the worker relayed.
 
-    Every chunk of a stream names the ids of its tokens; the queen counts those, not the worker's word
-    (a worker that reports one token more than it sent is not paid for it). Streams whose chunks did not
-    all name their ids keep the bounded count of `check_usage`.
+    Every chunk of a stream names the ids of its tokens, and a whole answer's Result those of each
+    choice (queenbee/whole_answers.py); the queen counts those, not the worker's word (a worker that
+    reports one token more than it sent is not paid for it). Answers that did not name all their ids
+    keep the bounded count of `check_usage`.
     """
     relayed = sum(len(ids) for ids in answer.ids.values())
     if not answer.resumable or relayed == 0 or usage.completion_tokens <= relayed:

@@ -30,6 +30,7 @@ import numpy as np
 
 from protocol import ErrorCode, ModelInfo, PromptTokensDetails, Resume, Usage
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from workerbee.answer_ids import WithTokenIds
 from workerbee.cache_ram import HostCache
 from workerbee.choices import ChatChoice, CompletionChoice
 from workerbee.decoding import Generation, Piece, Sampling, choice_seeds
@@ -234,6 +235,7 @@ class BatchedModel:
                 resumed=resumed,
             )
 
+        ids: dict[int, list[int]] = {}
         choices, completion_tokens, cached = await self._run(
             [(prompt, limit, samplers)],
             sampling,
@@ -244,6 +246,7 @@ class BatchedModel:
             n_prompt=len(prompt),
             resume=resume,
             blocks=[blocks],
+            ids=ids,
         )
         usage = Usage(
             prompt_tokens=len(prompt),
@@ -254,11 +257,8 @@ class BatchedModel:
         if chat.stream:
             return usage, None
         assert len(choices) == (n if resume is None else len(resume.choices))
-        return usage, {
-            "object": "chat.completion",
-            "choices": choices,
-            "system_fingerprint": self.fingerprint,
-        }
+        response = {"object": "chat.completion", "choices": choices, "system_fingerprint": self.fingerprint}
+        return usage, WithTokenIds(response, [ids.get(choice["index"], []) for choice in choices])
 
     def _prepare_completion(
         self, request: CompletionRequest
@@ -311,6 +311,7 @@ class BatchedModel:
                 resumed=resumed,
             )
 
+        ids: dict[int, list[int]] = {}
         choices, completion_tokens, cached = await self._run(
             runs,
             sampling,
@@ -321,6 +322,7 @@ class BatchedModel:
             n_prompt=prompt_tokens,
             resume=resume,
             blocks=blocks,
+            ids=ids,
         )
         usage = Usage(
             prompt_tokens=prompt_tokens,
@@ -330,11 +332,8 @@ class BatchedModel:
         )
         if request.stream:
             return usage, None
-        return usage, {
-            "object": "text_completion",
-            "choices": choices,
-            "system_fingerprint": self.fingerprint,
-        }
+        response = {"object": "text_completion", "choices": choices, "system_fingerprint": self.fingerprint}
+        return usage, WithTokenIds(response, [ids.get(choice["index"], []) for choice in choices])
 
     async def _run(
         self,
@@ -348,12 +347,14 @@ class BatchedModel:
         n_prompt: int,
         resume: Resume | None = None,
         blocks: list[PromptBlocks] | None = None,
+        ids: dict[int, list[int]] | None = None,
     ) -> tuple[list[dict[str, Any]], int, int]:
         """Generate every choice of every prompt (runs: tokens, limit, one sampler per choice).
 
         With `resume`, only its choices run, each as a job of its own that decodes the tokens already
         relayed after its prompt before it samples (see `_resumed_jobs`). `blocks` name each run's
-        prompt prefixes for the cache summary. Returns the whole choices in index order, the completion
+        prompt prefixes for the cache summary; `ids` gets each choice's generated token ids (the end
+        token excluded). Returns the whole choices in index order, the completion
         tokens of all of them (generated here, not the relayed ones) and the prompt tokens every job
         took from a cache instead of decoding them.
         """
@@ -436,9 +437,13 @@ class BatchedModel:
                     choice = choices[event.choice]
                     if isinstance(event, TextReady):
                         generated[event.choice] = generated.get(event.choice, 0) + event.tokens
+                        if ids is not None:
+                            ids.setdefault(event.choice, []).extend(event.ids)
                         choice.on_piece(Piece(event.text, event.logprobs, event.tokens, event.ids))
                     else:
                         generated[event.choice] = event.completion_tokens
+                        if ids is not None:
+                            ids.setdefault(event.choice, []).extend(event.tail_ids)
                         if event.tail or event.tail_logprobs:
                             choice.on_piece(
                                 Piece(event.tail, event.tail_logprobs, event.tail_tokens, event.tail_ids)

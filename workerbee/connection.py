@@ -48,6 +48,7 @@ from protocol import (
     result_frames,
 )
 from protocol.messages import Frame
+from workerbee.answer_ids import token_ids_of
 from workerbee.cache_reports import REFRESH_SECONDS, CacheReporter, CacheReports
 from workerbee.decoding import TokenIds
 from workerbee.engine import Cancelled, Engine, EngineError
@@ -333,7 +334,9 @@ class WorkerConnection:
                 # Before the Result: the client's next turn must find its prefix where it now is.
                 for summary in self._reports.pending(self.send_limit):
                     await self._send(websocket, summary)
-            result = Result(request_id=request_id, usage=usage, response=response)
+            result = Result(
+                request_id=request_id, usage=usage, response=response, token_ids=token_ids_of(response)
+            )
             for frame in result_frames(result, self.send_limit):
                 await self._send_output(websocket, frame)
             if renew:
