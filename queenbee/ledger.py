@@ -432,6 +432,18 @@ def insert_rows(connection: Database, rows: Sequence[Row]) -> int:
         return connection.executemany(_INSERT, rows)
 
 
+def retry_delay(
+    failures: int, base: float, cap: float, *, uniform: Callable[[float, float], float] = random.uniform
+) -> float:
+    """Seconds to wait before the next try after `failures` failed attempts to reconnect: `base` when
+    none failed, else doubling from it up to `cap`, drawn from the upper half (jitter keeps replicas
+    that lost one database together from coming back in step)."""
+    if failures <= 0:
+        return base
+    ceiling = min(max(base, cap), base * 2 ** min(failures, 30))
+    return uniform(max(base, ceiling / 2), ceiling)
+
+
 class _Replay(Enum):
     DONE = "done"  # the spool is empty (and removed)
     MORE = "more"  # a chunk went into the database; more lines wait
@@ -455,6 +467,8 @@ class Ledger:
     """Spool lines per replay transaction: live writes get the thread between chunks."""
     CONNECT_TIMEOUT: Final = 5.0
     """Seconds an attempt to reach a PostgreSQL ledger may take."""
+    STATEMENT_TIMEOUT: Final = 10.0
+    """Seconds a PostgreSQL statement of the writer may take before its rows go to the spool."""
 
     def __init__(
         self,
@@ -759,12 +773,7 @@ class Ledger:
         return True
 
     def _retry_delay(self) -> float:
-        """Seconds to the next replay after a failed one: `replay_interval`, or, while the connection
-        is lost, doubling from it per failed reconnection up to `max_replay_interval`, with jitter."""
-        if self._reconnect_failures == 0:
-            return self.replay_interval
-        ceiling = min(self.max_replay_interval, self.replay_interval * 2 ** min(self._reconnect_failures, 30))
-        return random.uniform(max(self.replay_interval, ceiling / 2), ceiling)
+        return retry_delay(self._reconnect_failures, self.replay_interval, self.max_replay_interval)
 
     async def _in_writer(self, function: Callable[[], T]) -> T:
         # Shielded: a transaction under way finishes (and is accounted for) even if this task is
@@ -870,7 +879,12 @@ class Ledger:
         return _Replay.DONE
 
     def _connect_writer(self) -> Database:
-        return open_database(self.path, lock_timeout=self.write_timeout, connect_timeout=self.CONNECT_TIMEOUT)
+        return open_database(
+            self.path,
+            lock_timeout=self.write_timeout,
+            connect_timeout=self.CONNECT_TIMEOUT,
+            statement_timeout=self.STATEMENT_TIMEOUT,
+        )
 
     def _writer_connection(self) -> Database:
         """The writer's connection; LedgerError while it is lost (the write loop opens a new one)."""

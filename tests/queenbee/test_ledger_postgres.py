@@ -21,7 +21,7 @@ from servers import TIME_UNIT, QueenServer, eventually
 
 from queenbee import escrow
 from queenbee.cli import main
-from queenbee.ledger import SCHEMA_VERSION, Ledger, LedgerError, Row, connect, insert
+from queenbee.ledger import SCHEMA_VERSION, Ledger, LedgerError, Row, connect, insert, retry_delay
 from queenbee.ledger_spool import append
 from queenbee.observer import RequestRecord
 from queenbee.response_store import ResponseStore
@@ -404,3 +404,57 @@ async def test_stores_and_escrow_on_postgres(postgres_url: str) -> None:
         assert escrow.release_holds(connection, "worker-a", 500.0) == 1
         [worker], _ = usage_totals(connection, None, None)
         assert (worker.payable, worker.escrowed, worker.forfeited) == (36, 0, 20)
+
+
+@pytest.mark.parametrize(
+    ("failures", "low", "high"),
+    [(0, 1.0, 1.0), (1, 1.0, 2.0), (3, 4.0, 8.0), (4, 8.0, 16.0), (5, 15.0, 30.0), (40, 15.0, 30.0)],
+)
+def test_reconnection_backs_off_exponentially_with_jitter_up_to_a_cap(
+    failures: int, low: float, high: float
+) -> None:
+    """The wait doubles per failed reconnection from the replay interval, capped, drawn from the upper
+    half of the range: both ends checked."""
+    assert retry_delay(failures, 1.0, 30.0, uniform=lambda a, b: a) == low
+    assert retry_delay(failures, 1.0, 30.0, uniform=lambda a, b: b) == high
+
+
+async def test_a_lost_connection_is_opened_again_for_rows_audits_and_stores(tmp_path: Path) -> None:
+    """A PostgreSQL restart: while it is down rows spool and an audit's write fails; once it is back the
+    ledger reconnects by itself, replays, takes audits again, and the stores' next calls just work."""
+    with running_postgres() as server:
+        url = server.create_database()
+        spool = tmp_path / "queen.spool"
+        ledger = await Ledger.open(url, spool=spool, replay_interval=0.05, max_replay_interval=0.2)
+        tuning = await TuningStore.open(url)
+        try:
+            await ledger.request_finished(record("before", 1000.0))
+            await tuning.put_job(None, {"id": "ftjob-1", "created_at": 1, "status": "queued"})
+            await asyncio.to_thread(server.stop)
+            await ledger.request_finished(record("during", 1001.0))
+            assert ledger.degraded
+            assert ledger.spooled_rows == 1
+            with pytest.raises(LedgerError):
+                await ledger.write(lambda connection: escrow.open_hold(connection, "a@x", "w", 1.0))
+            await asyncio.to_thread(server.start)
+            await eventually(lambda: not ledger.degraded, timeout=30 * TIME_UNIT)
+            assert await ledger.write(lambda connection: escrow.open_hold(connection, "a@x", "w", 2.0))
+            await ledger.request_finished(record("after", 1002.0))
+            assert await tuning.get_job(None, "ftjob-1") is not None  # its lost connection, replaced
+        finally:
+            await tuning.close()
+            await ledger.close()
+        assert usage_ids(url) == ["before", "during", "after"]
+        assert not spool.exists()
+
+
+def test_a_queen_refuses_to_start_on_an_unreachable_database(
+    postgres: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`queenbee --db postgresql://...` with no such database exits 1 with one line, no password."""
+    url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{postgres.port}/no_such_database"
+    assert main(["--db", url, "--port", "0"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("queenbee: error: --db:")
+    assert "no_such_database" in error
+    assert "s3cret-pw" not in error
