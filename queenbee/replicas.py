@@ -149,14 +149,24 @@ class ReplicaHive:
         """Announce this replica's workers and read the others' (one heartbeat)."""
         lease_ms = int(self.settings.replica_lease * 1000)
         members = f"{PREFIX}replicas"
+        # A replica whose channel is not subscribed (yet, or again) would never hear its answers: it
+        # stays out of the hive, announcing nothing and using no other replica's worker, until it is.
+        listening = self.mailbox.subscribed.is_set()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._key(self.id), self._announcement(), px=lease_ms)
+            if listening:
+                pipe.set(self._key(self.id), self._announcement(), px=lease_ms)
+            else:
+                pipe.delete(self._key(self.id))
             pipe.zadd(members, {self.id: time.time()})
             # A replica not seen for a minute is long gone: its name need not be listed any more.
             pipe.zremrangebyscore(members, "-inf", time.time() - 60)
             pipe.zrange(members, 0, -1)
             results = await pipe.execute()
         others = [name.decode() for name in results[3] if name.decode() != self.id]
+        if not listening:
+            for worker_id in list(self._mirrors):
+                self._drop_mirror(worker_id, "this replica's channel is not subscribed")
+            return
         values = cast(
             list[bytes | None], await self.redis.mget([self._key(n) for n in others]) if others else []
         )

@@ -285,8 +285,9 @@ async def serve(
             train_dir(settings),
             threads=threads or max(1, os.cpu_count() or 1),
             max_parameters=settings.train_max_parameters,
-            upload=uploader(settings.queen_url, credentials.auth_key),
-            download=downloader(settings.queen_url, credentials.auth_key),
+            # Fine-tuned files go to the first queen: training stays with the replica that holds them.
+            upload=uploader(settings.queen_url[0], credentials.auth_key),
+            download=downloader(settings.queen_url[0], credentials.auth_key),
         )
         log.info("training mode: fine-tuning jobs for %s", ", ".join(engine.models))
         # What this worker fine-tuned before a restart, served again under the same ids.
@@ -388,9 +389,10 @@ def run(
         }
         print(json.dumps(report, indent=2))
         return 0
-    warning = plaintext_token_warning(settings.queen_url, credentials.auth_key)
-    if warning is not None:
-        log.warning("%s", warning)
+    for queen_url in settings.queen_url:
+        warning = plaintext_token_warning(queen_url, credentials.auth_key)
+        if warning is not None:
+            log.warning("%s", warning)
     try:
         return asyncio.run(serve(settings, credentials, planned, threads))
     except ModelLoadError as exc:

@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +133,7 @@ class WorkerConnection:
 
     def __init__(
         self,
-        queen_url: str,
+        queen_url: str | Sequence[str],
         engine: Engine,
         registration: Callable[[], Register],
         *,
@@ -149,7 +149,10 @@ class WorkerConnection:
         """Runs `train` jobs on a worker started with --train; None elsewhere."""
         self.loader = loader
         """Runs `load_model` jobs (serve a fine-tuned model from the queen) on a --train worker."""
-        self.queen_url = queen_url
+        self.queen_urls = [queen_url] if isinstance(queen_url, str) else list(queen_url)
+        """The queens to try, in turn: the replicas of one hive (or one queen)."""
+        self.queen_url = self.queen_urls[0]
+        """The one this worker connects to now; the next is tried whenever the connection is lost."""
         self.side_jobs = side_jobs or {}
         """Job kinds beside the engine's, by kind: `challenge` on every worker, `audit` on auditors."""
         self.engine = engine
@@ -182,12 +185,16 @@ class WorkerConnection:
             except (OSError, TimeoutError, websockets.WebSocketException, FrameError) as exc:
                 if stop.is_set():
                     break
+                lost = self.queen_url
+                # Another replica of the hive may be up where this one is not.
+                self.queen_url = self.queen_urls[(self.queen_urls.index(lost) + 1) % len(self.queen_urls)]
                 delay = self.backoff.next_delay()
                 log.warning(
-                    "cannot reach the queen at %s (%s); retrying in %.1f s",
-                    self.queen_url,
+                    "cannot reach the queen at %s (%s); retrying in %.1f s at %s",
+                    lost,
                     _describe(exc),
                     delay,
+                    self.queen_url,
                 )
                 try:
                     async with asyncio.timeout(delay):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from protocol import MAX_FRAME_BYTES, MIN_FRAME_BYTES
 
@@ -27,9 +28,10 @@ class WorkerSettings(BaseSettings):
         frozen=True,
     )
 
-    queen_url: str = Field(
-        default="ws://127.0.0.1:8000/worker",
-        description="The queen's worker websocket URL (ws:// or wss://).",
+    queen_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["ws://127.0.0.1:8000/worker"],
+        description="The queen's worker websocket URL (ws:// or wss://). Repeatable (or comma-separated in "
+        "WORKERBEE_QUEEN_URL): the replicas of one hive, tried in turn whenever the connection is lost.",
     )
     model: list[str] = Field(
         default_factory=list,
@@ -124,11 +126,21 @@ class WorkerSettings(BaseSettings):
         "full fine-tuning takes about 18.5 bytes a parameter).",
     )
 
+    @field_validator("queen_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part for part in value.replace(",", " ").split() if part]
+        return value
+
     @field_validator("queen_url")
     @classmethod
-    def _websocket_url(cls, value: str) -> str:
-        if not value.startswith(("ws://", "wss://")):
-            raise ValueError("must start with ws:// or wss://")
+    def _websocket_url(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one queen URL")
+        for url in value:
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"{url[:200]!r} must start with ws:// or wss://")
         return value
 
     @model_validator(mode="after")

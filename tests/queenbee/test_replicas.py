@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,9 +13,11 @@ from typing import Any
 
 import httpx
 import openai
+import websockets
 from fake_worker import FakeWorker, content_chunk, reply
+from queen_process import QueenProcess
 from redis_server import RedisServer, redis_server
-from servers import QueenServer, eventually
+from servers import BUNDLED_MODEL_ID, QueenServer, eventually, start_worker, stop_process
 
 from protocol import Chunk, ErrorCode, Job, Result, Usage
 from queenbee.settings import QueenSettings
@@ -75,11 +80,12 @@ async def test_a_client_of_one_replica_is_served_by_a_worker_of_another(
 
 
 async def streams_until_cancelled(worker: FakeWorker, job: Job) -> None:
-    """Stream a word every 20 ms until the queen cancels; then confirm with the usage so far."""
+    """Stream a word (token 7) every 20 ms until the queen cancels; then confirm with the usage so far."""
     sent = 0
     await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", role=True)))
     while job.request_id not in worker.cancels:
-        await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk(" word"), tokens=1))
+        chunk = Chunk(request_id=job.request_id, chunk=content_chunk(" word"), tokens=1, token_ids=[7])
+        await worker.send(chunk)
         sent += 1
         await asyncio.sleep(0.02)
     usage = Usage(prompt_tokens=3, completion_tokens=sent, total_tokens=3 + sent)
@@ -261,3 +267,158 @@ async def test_concurrency_and_tokens_per_key_are_held_across_replicas(
     error = after.json()["error"]
     assert error["type"] == "tokens"
     assert "limit 30, used 10, reserved by requests in flight 0" in error["message"]
+
+
+SHA = "ab" * 32
+"""The model file both fake workers of a resume test claim to hold."""
+
+
+def ledger_rows(db: Path, request_id: str) -> list[sqlite3.Row]:
+    """The usage rows of a request and of its segments, from a replica's own SQLite ledger."""
+    connection = sqlite3.connect(db)
+    connection.row_factory = sqlite3.Row
+    try:
+        query = "SELECT * FROM usage WHERE request_id = ? OR segment_of = ? ORDER BY request_id"
+        return connection.execute(query, (request_id, request_id)).fetchall()
+    finally:
+        connection.close()
+
+
+async def test_a_replica_killed_mid_answer_leaves_the_other_replicas_client_a_resumed_stream(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """kill -9 of replica A while its worker streams to a client of B: B resumes the answer on a worker
+    with the same file, the client's stream ends well, and only B records the request, once."""
+
+    async def streams_until_gone(worker: FakeWorker, job: Job) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await streams_until_cancelled(worker, job)
+
+    a = QueenProcess.start(
+        tmp_path,
+        *("--redis-url", redis_server.url, "--replica-id", "a", "--replica-lease", "0.6"),
+        *("--db", str(tmp_path / "a.db")),
+    )
+    try:
+        with replicas(tmp_path, redis_server, "b") as (b,):
+            doomed = await FakeWorker(a.worker_url, behaviour=streams_until_gone, sha256=SHA).connect()
+            await eventually(lambda: sees(b, doomed))
+            async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as client:
+                body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    lines = response.aiter_lines()
+                    first = ""
+                    while "word" not in first:
+                        first = await anext(lines)
+                    rescuer = await FakeWorker(b.worker_url, sha256=SHA).connect()
+                    a.kill()
+                    rest = [line async for line in lines]
+            await eventually(lambda: not sees(b, doomed))
+            request_id = json.loads(first.removeprefix("data: "))["id"]
+            await eventually(lambda: len(ledger_rows(tmp_path / "b.db", request_id)) == 2)
+            await rescuer.close()
+            await doomed.close()
+    finally:
+        a.kill()
+    events = [json.loads(line.removeprefix("data: ")) for line in rest if line.startswith("data: {")]
+    assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
+    assert not any("error" in event for event in events)
+    text = "".join(
+        choice["delta"].get("content") or "" for event in events for choice in event.get("choices", [])
+    )
+    assert text.endswith("Hello there")
+    assert rescuer.jobs[0].request.resume is not None  # type: ignore[union-attr]
+    main, segment = ledger_rows(tmp_path / "b.db", request_id)
+    assert main["outcome"] == "success"
+    assert main["worker_id"] == rescuer.worker_id
+    assert segment["worker_id"] == doomed.worker_id
+    assert segment["error_code"] == "resumed_elsewhere"
+    assert segment["prompt_tokens"] == 0  # the client pays for the prompt once, on the main row
+    assert events[-1]["usage"]["completion_tokens"] == main["completion_tokens"]
+    assert ledger_rows(tmp_path / "a.db", request_id) == []
+
+
+async def test_a_worker_moves_to_the_next_replica_when_its_own_dies(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A real worker given two --queen-url values reconnects to B when A is killed, and serves B's
+    clients from there (a real answer from the bundled model)."""
+    a = QueenProcess.start(
+        tmp_path,
+        *("--redis-url", redis_server.url, "--replica-id", "a", "--replica-lease", "0.6"),
+        *("--db", str(tmp_path / "a.db")),
+    )
+    try:
+        with replicas(tmp_path, redis_server, "b", queue_timeout=30.0) as (b,):
+            worker = start_worker(a.worker_url, "--queen-url", b.worker_url, "--reconnect-max-delay", "0.5")
+            try:
+
+                def served_from(replica: str | None) -> bool:
+                    serving = b.hive.serving(BUNDLED_MODEL_ID)
+                    return any(session.replica == replica for session in serving)
+
+                await eventually(lambda: served_from("a") or worker.poll() is not None, timeout=120)
+                assert worker.poll() is None
+                a.kill()
+                await eventually(lambda: served_from(None) and not served_from("a"), timeout=30)
+                client = openai.AsyncOpenAI(base_url=b.openai_url, api_key="unused", max_retries=0)
+                answer = await client.chat.completions.create(
+                    model=BUNDLED_MODEL_ID,
+                    messages=[{"role": "user", "content": "What is the capital of France?"}],
+                    max_tokens=16,
+                    temperature=0,
+                )
+                await client.close()
+            finally:
+                code, stderr = stop_process(worker)
+    finally:
+        a.kill()
+    assert answer.choices[0].message.content
+    assert code == 0, stderr
+    assert "retrying in" in stderr
+    assert b.worker_url in stderr
+
+
+async def test_redis_stopped_and_restarted_under_traffic(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Without Redis a replica serves its own workers (rate limits its own), says so in /health and
+    /metrics, and rejoins the hive when Redis is back."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice sk-alice rpm=1000\n")
+    headers = {"Authorization": "Bearer sk-alice"}
+    with replicas(tmp_path, redis_server, "a", "b", api_keys_file=keys) as (a, b):
+        on_a = await FakeWorker(a.worker_url).connect()
+        on_b = await FakeWorker(b.worker_url).connect()
+        await eventually(lambda: sees(b, on_a))
+        async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as client:
+            statuses: list[int] = []
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                while not stop.is_set():
+                    response = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                    statuses.append(response.status_code)
+
+            running = asyncio.create_task(traffic())
+            await eventually(lambda: len(statuses) >= 5)
+            redis_server.kill()
+            await eventually(lambda: not sees(b, on_a))
+            health = (await client.get("/health")).json()
+            metrics = (await client.get("/metrics")).text
+            during = len(statuses)
+            await eventually(lambda: len(statuses) >= during + 5)
+            redis_server.launch()
+            await eventually(lambda: sees(b, on_a), timeout=20)
+            after = len(statuses)
+            await eventually(lambda: len(statuses) >= after + 5)
+            healed = (await client.get("/health")).json()
+            stop.set()
+            await running
+        await on_a.close()
+        await on_b.close()
+    assert set(statuses) == {200}
+    assert health["status"] == "degraded"
+    assert health["hive"]["redis"] == "unavailable"
+    assert 'queenbee_redis_up{replica="b"} 0.0' in metrics
+    assert "queenbee_redis_outages 1.0" in metrics
+    assert healed["status"] == "ok"
+    assert healed["hive"]["replicas"] == ["a", "b"]
