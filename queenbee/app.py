@@ -30,6 +30,7 @@ from queenbee.auth import ClientKeys, Secrets, client_endpoint, stats_endpoint, 
 from queenbee.dashboard import dashboard_routes
 from queenbee.direct_routes import DirectRoutes
 from queenbee.errors import QueenError, anthropic_error
+from queenbee.gc_guard import CollectorGuard
 from queenbee.hive import Hive
 from queenbee.http_limits import check_host_patterns
 from queenbee.ledger import Ledger
@@ -147,6 +148,11 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         app.state.audits = audits
         metrics.registry.register(AuditCollector(audits))
         audits.start()
+        collector = CollectorGuard(freeze=settings.gc_freeze, observe=metrics.gc_pause)
+        hive.on_join = collector.worker_joined
+        hive.on_leave = collector.worker_left
+        collector.start(len(hive.workers))
+        app.state.collector = collector
         # The ledger first: a record is durable before anything else hears of it.
         observer = Observers([ledger, RequestLog(), metrics, activity])
         tuning = await TuningStore.open(settings.db)
@@ -197,6 +203,7 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         await tuning.close()
         await responses.close()
         await ledger.close()
+        await collector.close()
 
     routes = [
         Route("/v1/chat/completions", client_endpoint(chat_completions), methods=["POST"]),

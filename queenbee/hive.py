@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,10 @@ class Hive:
         """This queen's name in a hive of replicas (--redis-url); None for a queen on its own."""
         self._activity = asyncio.Event()
         """Set on shutdown: requests already accepted finish, new ones are refused."""
+        self.on_join: Callable[[], None] | None = None
+        """Called when a worker is put into rotation (the garbage collector's guard)."""
+        self.on_leave: Callable[[int], None] | None = None
+        """Called with the number of workers left when one leaves."""
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a coroutine in a task of its own, holding a reference until it is done.
@@ -124,12 +128,14 @@ class Hive:
             self._by_model.setdefault(model, {})[worker.id] = worker
             self._limits.pop(model, None)
         self.slot_freed(worker)
+        if self.on_join is not None:
+            self.on_join()
 
     def remove(self, worker: WorkerSession) -> None:
         """Take a worker out of rotation (it disconnected or was dropped)."""
         self._activity.set()
         self.cache.remove_worker(worker)  # first: a worker out of `workers` holds nothing
-        self.workers.pop(worker.id, None)
+        held = self.workers.pop(worker.id, None) is not None
         self._index.remove(worker)
         for model in worker.models:
             serving = self._by_model.get(model)
@@ -141,6 +147,8 @@ class Hive:
                 del self._by_model[model]
                 # Nobody serves the model any more: waiting requests learn it now, not at their deadline.
                 self._wake_all(model)
+        if held and self.on_leave is not None:
+            self.on_leave(len(self.workers))
 
     def busy(self) -> int:
         """Requests in flight on workers plus requests waiting for a slot."""

@@ -25,6 +25,7 @@ from queenbee.observer import RequestRecord
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 def worker_failures(record: RequestRecord) -> int:
@@ -144,6 +145,13 @@ class QueenMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.gc_pauses = Histogram(
+            "queenbee_gc_pause_seconds",
+            "Seconds each cyclic garbage collection held the queen's process, by generation (2: full).",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=self.registry,
+        )
         self.usage_violations = Counter(
             "queenbee_usage_violations",
             "Requests whose worker reported usage the request could not have had (figures were bounded).",
@@ -178,6 +186,10 @@ class QueenMetrics:
         failures = worker_failures(record)
         if failures:
             self.worker_failures.labels(model).inc(failures)
+
+    def gc_pause(self, generation: int, seconds: float) -> None:
+        """Record one garbage collection (the collector guard calls this for every one)."""
+        self.gc_pauses.labels(str(generation)).observe(seconds)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus's text format."""

@@ -289,6 +289,12 @@ class QueenSettings(BaseSettings):
         description="Seconds a new worker must be connected before its escrowed earnings are payable.",
     )
     log_json: bool = Field(default=False, description="Log JSON lines instead of text.")
+    gc_freeze: bool = Field(
+        default=True,
+        description="Keep the hive's long-lived objects out of Python's cyclic garbage collector "
+        "(gc.freeze), so that full collections do not pause every request with thousands of workers "
+        "connected (queenbee/gc_guard.py).",
+    )
     redis_url: str | None = Field(
         default=None,
         description="redis://HOST:PORT/DB of the Redis that joins queen replicas into one hive (workers, "
