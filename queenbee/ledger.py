@@ -576,6 +576,8 @@ class Ledger:
         except BaseException:
             await loop.run_in_executor(ledger._writer, ledger._close_writer)
             ledger._shutdown_threads()
+            if ledger._spool_lock is not None:
+                ledger._spool_lock.release()
             raise
         ledger._task = asyncio.create_task(ledger._write_loop(), name=f"ledger {ledger.name}")
         log.info("usage ledger at %s", ledger.name)
@@ -631,7 +633,7 @@ class Ledger:
         """Run `function` in one transaction on the writer's thread (off the request path: no spool).
 
         Raises the database's error (`ledger_db.database_errors`) if it refuses, LedgerError if the
-        ledger is closed or its lost PostgreSQL connection cannot be opened again.
+        ledger is closed or its PostgreSQL connection is lost (the write loop is opening a new one).
         """
 
         def transaction() -> T:

@@ -314,7 +314,7 @@ def open_database(
     `connect_timeout`, seconds a connection may take (libpq counts whole seconds, at least 2), and
     `statement_timeout`, seconds any statement may take (None: no limit); a server that stops
     answering is noticed by TCP keepalives and a 10 s TCP user timeout. Raises the engine's own error
-    (see `database_errors`), or OSError for a file that cannot be made.
+    (see `database_errors`), or OSError for a file that cannot be made (DriverMissing without psycopg).
     """
     if is_postgres(target):
         return _open_postgres(
@@ -338,10 +338,19 @@ def open_database(
     return SqliteDatabase(connection, str(path))
 
 
+class DriverMissing(OSError):
+    """A postgresql:// ledger was asked for, and psycopg is not installed."""
+
+
 def _open_postgres(
     url: str, *, lock_timeout: float, connect_timeout: float, statement_timeout: float | None
 ) -> PostgresDatabase:
-    import psycopg
+    try:
+        import psycopg
+    except ImportError:
+        raise DriverMissing(
+            "a postgresql:// ledger needs psycopg: pip install 'queenbee-workerbee[hive]'"
+        ) from None
 
     # keepalives and a TCP user timeout: a server that vanishes without closing the socket is noticed
     # in seconds, not hours.
