@@ -96,9 +96,11 @@ def wait_until(service: Service, ready: Callable[[], bool], timeout: float) -> N
         time.sleep(0.2)
 
 
-def start_queen(logs: Path, *, cpus: set[int] | None = None, api_key: str | None = None) -> Service:
+def start_queen(
+    logs: Path, *, cpus: set[int] | None = None, api_key: str | None = None, options: Sequence[str] = ()
+) -> Service:
     """A queen on a free port with a throwaway ledger (on disk), logging warnings only; with `api_key`,
-    clients must send it."""
+    clients must send it; `options` are more command-line options."""
     port = free_port()
     command = [
         sys.executable,
@@ -116,6 +118,7 @@ def start_queen(logs: Path, *, cpus: set[int] | None = None, api_key: str | None
         "600",
         "--max-connections",
         "20000",
+        *options,
     ]
     headers = {}
     if api_key is not None:
