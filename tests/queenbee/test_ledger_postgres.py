@@ -152,7 +152,7 @@ def test_two_queens_migrating_one_empty_database_at_once(postgres_url: str, tmp_
 
 
 async def test_a_queen_killed_under_traffic_loses_no_row_its_clients_saw_end(
-    postgres_url: str, tmp_path: Path
+    postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """kill -9 of a queen with requests in flight: every answer a client received to its end has its
     row in PostgreSQL, once; `queenbee usage --db postgresql://` counts them."""
@@ -197,6 +197,10 @@ async def test_a_queen_killed_under_traffic_loses_no_row_its_clients_saw_end(
     assert len(recorded) == len(set(recorded))
     assert set(finished) <= set(recorded)
     assert len(finished) >= 40
+    assert main(["usage", "--db", postgres_url, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total"]["requests"] == len(recorded)
+    assert [row["ln_url"] for row in report["workers"]] == [LN_URL]
 
 
 def test_usage_command_reads_postgres(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
