@@ -1,9 +1,10 @@
 """Messages between queen replicas: one Redis pub/sub channel per replica, one envelope per message.
 
 The envelope is sans-I/O: a header of ids and the frame's JSON text as it is, joined by the ASCII unit
-separator (JSON text never holds a raw control character, so the frame needs no escaping). The
+separator; envelopes for one replica that are ready together travel as one message, joined by the
+record separator (JSON text never holds a raw control character, so neither needs escaping). The
 `Mailbox` is the I/O: one subscriber connection that hands each envelope to the replica in order, and
-a publisher that sends whatever is queued in one pipelined round trip and says which messages no
+a publisher that sends whatever is queued in one pipelined round trip and says which envelopes no
 replica received (PUBLISH counts the subscribers that got it: none means the replica is gone).
 
     job     origin -> owner   run `frame` (a Job's text) on the owner's worker; `arg` is the slots it takes
@@ -29,6 +30,7 @@ log = logging.getLogger("queenbee.replicas")
 Kind = Literal["job", "cancel", "out", "gone"]
 _KINDS: frozenset[str] = frozenset({"job", "cancel", "out", "gone"})
 _SEPARATOR = b"\x1f"
+_RECORDS = b"\x1e"
 
 
 class EnvelopeError(ValueError):
@@ -62,6 +64,11 @@ class Envelope:
         if kind not in _KINDS:
             raise EnvelopeError(f"unknown envelope kind {kind[:32]!r}")
         return cls(cast(Kind, kind), origin, worker_id, request_id, arg, parts[5])
+
+
+def decode_message(data: bytes) -> list[Envelope]:
+    """The envelopes of one message, in order; raises EnvelopeError if one is malformed."""
+    return [Envelope.decode(record) for record in data.split(_RECORDS)]
 
 
 def channel_of(prefix: str, replica_id: str) -> str:
@@ -110,24 +117,34 @@ class Mailbox:
             await self._ready.wait()
             self._ready.clear()
             batch, self._queue = self._queue, []
+            # One message per channel: a burst of chunks for one replica costs one PUBLISH.
+            by_channel: dict[str, list[tuple[bytes, OnLost | None]]] = {}
+            for channel, payload, on_lost in batch:
+                by_channel.setdefault(channel, []).append((payload, on_lost))
+            messages = [
+                (channel, _RECORDS.join(payload for payload, _ in entries))
+                for channel, entries in by_channel.items()
+            ]
             counts: list[int]
             try:
-                if len(batch) == 1:
-                    counts = [int(await self._redis.publish(batch[0][0], batch[0][1]))]
+                if len(messages) == 1:
+                    counts = [int(await self._redis.publish(*messages[0]))]
                 else:
                     async with self._redis.pipeline(transaction=False) as pipe:
-                        for channel, payload, _ in batch:
-                            pipe.publish(channel, payload)
+                        for channel, message in messages:
+                            pipe.publish(channel, message)
                         counts = [int(count) for count in await pipe.execute()]
                 self.connected = True
             except (RedisError, OSError) as exc:
                 if self.connected:
                     log.warning("replica messages could not be sent to Redis: %r", exc)
                 self.connected = False
-                counts = [0] * len(batch)
-            for (_, _, on_lost), count in zip(batch, counts, strict=True):
-                if count == 0 and on_lost is not None:
-                    on_lost()
+                counts = [0] * len(messages)
+            for entries, count in zip(by_channel.values(), counts, strict=True):
+                if count == 0:
+                    for _, on_lost in entries:
+                        if on_lost is not None:
+                            on_lost()
 
     async def _receive_loop(self) -> None:
         while True:
@@ -140,11 +157,12 @@ class Mailbox:
                     if message is None or message.get("type") != "message":
                         continue
                     try:
-                        envelope = Envelope.decode(message["data"])
+                        envelopes = decode_message(message["data"])
                     except EnvelopeError as exc:
                         log.warning("ignored a bad message on %s: %s", self._channel, exc)
                         continue
-                    await self._on_envelope(envelope)
+                    for envelope in envelopes:
+                        await self._on_envelope(envelope)
             except (RedisError, OSError) as exc:
                 if self.subscribed.is_set():
                     log.warning("lost the replica channel %s: %r; retrying", self._channel, exc)

@@ -30,6 +30,9 @@ def choose_worker(
     """Pick the least loaded worker with `slots` free, the fastest among equals, one connected to this
     queen rather than to another replica when they tie; None if none has them.
 
+    A worker on another replica of the hive ranks as if it held one more request: the hop between
+    replicas costs more than a slot's difference in load.
+
     One pass over the candidates: cost grows linearly with the workers serving the model.
     """
     best: WorkerSession | None = None
@@ -37,7 +40,8 @@ def choose_worker(
     for worker in candidates:
         if not worker.can_take(slots) or worker.id in exclude or worker.health.benched(now):
             continue
-        key = (worker.in_flight / worker.parallel, -speed_score(worker, model), worker.replica is not None)
+        remote = worker.replica is not None
+        key = ((worker.in_flight + remote) / worker.parallel, -speed_score(worker, model), remote)
         if best_key is None or key < best_key:
             best, best_key = worker, key
     return best
@@ -70,8 +74,8 @@ class WorkerIndex:
         if worker.free_slots <= 0:
             return
         self._order += 1
-        load = worker.in_flight / worker.parallel
         remote = worker.replica is not None
+        load = (worker.in_flight + remote) / worker.parallel
         for model in worker.models:
             heap = self._heaps.setdefault(model, [])
             heapq.heappush(heap, (load, -speed_score(worker, model), remote, self._order, worker.id, version))
