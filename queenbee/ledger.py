@@ -355,13 +355,14 @@ _INSERT: Final = (
 )
 
 
-def connect(target: Target, *, lock_timeout: float = 5.0) -> Database:
+def connect(target: Target, *, lock_timeout: float = 5.0, statement_timeout: float = 60.0) -> Database:
     """Open (creating if needed) a ledger with durable commits, and bring its schema up to date.
 
     `target` is a SQLite file (WAL mode, `synchronous=FULL`) or a `postgresql://` URL
-    (`synchronous_commit=on`). The connection is in autocommit mode: every statement outside a
-    transaction is its own, committed when `execute` returns. Opening a ledger that is up to date only
-    reads it, so it works while another process holds the write lock or the disk is full.
+    (`synchronous_commit=on`; once migrated, a statement may take at most `statement_timeout`). The
+    connection is in autocommit mode: every statement outside a transaction is its own, committed when
+    `execute` returns. Opening a ledger that is up to date only reads it, so it works while another
+    process holds the write lock or the disk is full.
     """
     name = display_name(target)
     try:
@@ -370,6 +371,7 @@ def connect(target: Target, *, lock_timeout: float = 5.0) -> Database:
         raise LedgerError(f"cannot open the ledger at {name}: {_one_line(exc)}") from None
     try:
         migrate(database, name)
+        database.limit_statements(statement_timeout)
     except database_errors() as exc:
         database.close()
         raise LedgerError(f"the ledger at {name} is not usable: {_one_line(exc)}") from None
@@ -469,6 +471,8 @@ class Ledger:
     """Seconds an attempt to reach a PostgreSQL ledger may take."""
     STATEMENT_TIMEOUT: Final = 10.0
     """Seconds a PostgreSQL statement of the writer may take before its rows go to the spool."""
+    REPORT_TIMEOUT: Final = 60.0
+    """Seconds a PostgreSQL statement of a report may take."""
 
     def __init__(
         self,
@@ -917,14 +921,14 @@ class Ledger:
     # The reports' thread.
 
     def _open_reader(self) -> None:
-        self._read_connection = open_database(self.path)
+        self._read_connection = open_database(self.path, statement_timeout=self.REPORT_TIMEOUT)
 
     def _require_reader(self) -> Database:
         if self._closed:
             raise LedgerError(f"the ledger at {self.name} is closed")
         if self._read_connection is None:
             try:
-                self._read_connection = open_database(self.path)
+                self._read_connection = open_database(self.path, statement_timeout=self.REPORT_TIMEOUT)
             except open_errors() as exc:
                 raise LedgerError(f"cannot reach the ledger at {self.name}: {_one_line(exc)}") from None
         return self._read_connection

@@ -196,6 +196,10 @@ class Database:
         """A schema statement (written for SQLite) in this engine's spelling."""
         return statement
 
+    def limit_statements(self, seconds: float) -> None:
+        """From now on, a statement that runs longer than `seconds` fails (PostgreSQL; SQLite has no
+        server to wait on)."""
+
     def close(self) -> None:
         """Close the connection."""
         raise NotImplementedError
@@ -287,6 +291,9 @@ class PostgresDatabase(Database):
             "INSERT INTO queenbee_schema (version, applied_at) VALUES (%s, %s)", (version, time.time())
         )
 
+    def limit_statements(self, seconds: float) -> None:
+        self.connection.execute(f"SET statement_timeout = {max(1, round(seconds * 1000))}")
+
     def ddl(self, statement: str) -> str:
         for pattern, replacement in _PG_TYPES:
             statement = pattern.sub(replacement, statement)
@@ -368,12 +375,13 @@ def _open_postgres(
     try:
         connection.execute("SET synchronous_commit = on")
         connection.execute(f"SET lock_timeout = {max(1, round(lock_timeout * 1000))}")
-        if statement_timeout is not None:
-            connection.execute(f"SET statement_timeout = {max(1, round(statement_timeout * 1000))}")
     except BaseException:
         connection.close()
         raise
-    return PostgresDatabase(connection, display_name(url))
+    database = PostgresDatabase(connection, display_name(url))
+    if statement_timeout is not None:
+        database.limit_statements(statement_timeout)
+    return database
 
 
 class Reconnecting:
