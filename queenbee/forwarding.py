@@ -288,6 +288,9 @@ class ForwardedCall:
             if not (isinstance(event, JobError) and event.code is ErrorCode.OVERLOADED):
                 # A full or draining worker did nothing wrong: try another without holding it against it.
                 worker.health.record_failure(time.monotonic())
+            elif worker.replica is not None:
+                # Another replica's client took its slot first: it may take this request once one frees.
+                self._tried.discard(worker.identity)
             last_error = worker_failure(event)
             log.warning(
                 "request %s: worker %s failed before its first output (attempt %d): %s",

@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 from starlette.types import Message
 
-from protocol import Cancel, Job, Register, encode
+from protocol import Cancel, ErrorCode, Job, JobError, Register, encode
 from protocol.messages import Frame
 from queenbee.replica_link import Envelope, Mailbox
-from queenbee.worker_session import ModelSpeed, WorkerGone, WorkerHealth, WorkerSession
+from queenbee.worker_session import ModelSpeed, RequestEvent, WorkerGone, WorkerHealth, WorkerSession
 
 log = logging.getLogger("queenbee.replicas")
 
@@ -122,6 +122,15 @@ class RemoteWorker(WorkerSession):
     async def deliver(self, data: bytes) -> None:
         """A frame the worker sent, relayed by its replica."""
         await self._handle(data)
+
+    def _finish(self, request_id: str, event: RequestEvent | None) -> None:
+        if isinstance(event, JobError) and event.code is ErrorCode.OVERLOADED:
+            # Its replica had no slot for it: the others took what the last announcement showed free.
+            # Until the next one says otherwise, the worker is full as far as this queen knows.
+            stream = self._pending.get(request_id)
+            held_after = self._slots_held - (stream.slots if stream is not None else 0)
+            self.others = max(self.others, self.parallel - held_after)
+        super()._finish(request_id, event)
 
     def lost(self, request_id: str, reason: str = "") -> None:
         """The worker's replica did not take the job, or ended it without the worker's word."""

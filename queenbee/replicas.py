@@ -137,6 +137,10 @@ class ReplicaHive:
 
     async def _beat_forever(self) -> None:
         interval = self.settings.replica_lease / 3
+        # The first announcement waits (a little) for the channel: a replica not listening stays out.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await self.mailbox.subscribed.wait()
         while True:
             try:
                 async with asyncio.timeout(interval * 2):

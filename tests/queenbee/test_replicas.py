@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import openai
 import websockets
-from fake_worker import FakeWorker, content_chunk, reply
+from fake_worker import FakeWorker, answer, content_chunk, reply
 from queen_process import QueenProcess
 from redis_server import RedisServer, redis_server
-from servers import BUNDLED_MODEL_ID, QueenServer, eventually, start_worker, stop_process
+from servers import BUNDLED_MODEL_ID, QueenServer, eventually, start_worker, stop_process, wait_until
 
 from protocol import Chunk, ErrorCode, Job, Result, Usage
 from queenbee.settings import QueenSettings
@@ -33,9 +33,8 @@ def replica_settings(tmp_path: Path, redis: RedisServer, name: str, **options: A
     options.setdefault("first_token_timeout", 5.0)
     options.setdefault("token_timeout", 5.0)
     options.setdefault("cancel_grace", 1.0)
-    return QueenSettings(
-        db=tmp_path / f"{name}.db", redis_url=redis.url, replica_id=name, replica_lease=0.6, **options
-    )
+    options.setdefault("replica_lease", 0.6)
+    return QueenSettings(db=tmp_path / f"{name}.db", redis_url=redis.url, replica_id=name, **options)
 
 
 @contextmanager
@@ -422,3 +421,45 @@ async def test_redis_stopped_and_restarted_under_traffic(tmp_path: Path, redis_s
     assert "queenbee_redis_outages 1.0" in metrics
     assert healed["status"] == "ok"
     assert healed["hive"]["replicas"] == ["a", "b"]
+
+
+def beat_now(queen: QueenServer) -> None:
+    """Run one heartbeat of `queen`'s replica at once, on its own event loop."""
+    replicas = queen.server.config.app.state.replicas  # type: ignore[union-attr]
+    wait_until(replicas.mailbox.subscribed.is_set)
+    loop = replicas._task.get_loop()
+    asyncio.run_coroutine_threadsafe(replicas.beat(), loop).result(10)
+
+
+async def test_a_remote_worker_taken_meanwhile_is_waited_for_not_failed(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """B dispatches to A's one-slot worker that A's own client took since the last announcement: A
+    refuses, and B's request waits for the slot, as for a busy local worker, instead of failing."""
+    release = asyncio.Event()
+
+    async def held(worker: FakeWorker, job: Job) -> None:
+        if len(worker.jobs) == 1:
+            await release.wait()
+        await answer(worker, job)
+
+    # Beats every 10 s: the test runs them itself, so that B's view is stale when it needs to be.
+    with replicas(tmp_path, redis_server, "a", "b", replica_lease=30.0, queue_timeout=20.0) as (a, b):
+        worker = await FakeWorker(a.worker_url, behaviour=held).connect()
+        await asyncio.to_thread(beat_now, a)
+        await asyncio.to_thread(beat_now, b)
+        assert b.hive.workers[worker.worker_id].free_slots == 1
+        async with httpx.AsyncClient(timeout=30) as client:
+            first = asyncio.create_task(client.post(f"{a.base_url}/v1/chat/completions", json=CHAT))
+            await eventually(lambda: len(worker.jobs) == 1)
+            second = asyncio.create_task(client.post(f"{b.base_url}/v1/chat/completions", json=CHAT))
+            await eventually(lambda: b.hive.workers[worker.worker_id].free_slots == 0)
+            await eventually(lambda: b.hive.queue_depth("fake-model") == 1)
+            release.set()
+            assert (await first).status_code == 200
+            await asyncio.to_thread(beat_now, a)
+            await asyncio.to_thread(beat_now, b)
+            response = await second
+        await worker.close()
+    assert response.status_code == 200
+    assert len(worker.jobs) == 2
