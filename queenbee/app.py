@@ -172,6 +172,7 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
             # The hive's limits: a key cannot multiply them by the number of replicas.
             limiter = SharedRateLimiter.shared_from_settings(settings, clients, replicas.redis)
             replicas.limiter = limiter
+            replicas.activity = activity
             replicas.start()
         yield {
             "hive": hive,

@@ -56,6 +56,8 @@ class ReplicaJobs:
         self._replica_id = replica_id
         self._prefix = prefix
         self._running: dict[str, _Relayed] = {}
+        self.started = 0
+        """Jobs of other replicas started here since this replica started."""
 
     def held_for(self, worker_id: str) -> dict[str, int]:
         """Slots of a local worker held for each other replica."""
@@ -103,6 +105,7 @@ class ReplicaJobs:
             return
         stream = self._hive.reserve_on(worker, request_id, slots)
         relayed = self._running[request_id] = _Relayed(origin, worker, slots)
+        self.started += 1
         self._hive.spawn(self._relay(request_id, relayed, stream, envelope.frame.decode()))
 
     async def _relay(self, request_id: str, relayed: _Relayed, stream: RequestStream, job: str) -> None:

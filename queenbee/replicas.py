@@ -26,13 +26,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from protocol import Register
 from queenbee.hive import Hive
+from queenbee.metrics import RecentActivity
 from queenbee.ratelimit_redis import SharedRateLimiter
 from queenbee.remote_worker import RemoteWorker
 from queenbee.replica_jobs import ReplicaJobs
@@ -44,6 +45,9 @@ log = logging.getLogger("queenbee.replicas")
 
 PREFIX = "queenbee:"
 """Every key and channel of the hive starts with it."""
+
+_SERVED = ("requests", "errors", "prompt_tokens", "completion_tokens")
+"""The totals each replica announces of its own clients' requests."""
 
 _SECRETS = {"auth_key", "auditor_token", "training"}
 """Left out of announcements: secrets, and fine-tuning, which stays with the replica holding the worker."""
@@ -64,6 +68,13 @@ class ReplicaView:
     slots: int
     busy: int
     jobs_relayed: int
+    jobs_run: int = 0
+    """Jobs of other replicas' clients its workers ran since it started."""
+    requests: int = 0
+    """Requests of its own clients finished since it started (the ledger rows it wrote)."""
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -93,6 +104,8 @@ class ReplicaHive:
         self._registrations: dict[str, dict[str, Any]] = {}
         """Each local worker's registration as announced (without secrets), made once."""
         self._task: asyncio.Task[None] | None = None
+        self.activity: RecentActivity | None = None
+        """This replica's totals, announced so that every replica's /metrics shows every replica's."""
         self.limiter: SharedRateLimiter | None = None
         """The hive's rate limits, whose leases in flight each beat renews."""
         hive.replica_id = replica_id
@@ -218,8 +231,31 @@ class ReplicaHive:
                     },
                 }
             )
-        body = {"replica": self.id, "at": time.time(), "jobs_relayed": self.jobs.running, "workers": workers}
+        body = {
+            "replica": self.id,
+            "at": time.time(),
+            "jobs_relayed": self.jobs.running,
+            "jobs_run": self.jobs.started,
+            "served": self._served(),
+            "workers": workers,
+        }
         return json.dumps(body, separators=(",", ":")).encode()
+
+    def served(self) -> dict[str, int]:
+        """This replica's own clients' totals, as it announces them."""
+        return self._served()
+
+    def _served(self) -> dict[str, int]:
+        activity = self.activity
+        if activity is None:
+            return {}
+        totals = activity.totals
+        return {
+            "requests": totals.requests,
+            "errors": activity.failed,
+            "prompt_tokens": totals.prompt_tokens,
+            "completion_tokens": totals.completion_tokens,
+        }
 
     def _update(self, announcements: dict[str, bytes | None]) -> None:
         """Mirror the other replicas' workers as their announcements now stand."""
@@ -272,6 +308,8 @@ class ReplicaHive:
             slots=slots,
             busy=busy,
             jobs_relayed=int(body.get("jobs_relayed", 0)),
+            jobs_run=int(body.get("jobs_run", 0)),
+            **{name: int(value) for name, value in (body.get("served") or {}).items() if name in _SERVED},
         )
 
     def _add_mirror(self, name: str, worker_id: str, registration: Register) -> RemoteWorker:
@@ -369,6 +407,20 @@ class ReplicaCollector:
             "Requests of other replicas' clients running on each replica's workers now.",
             labels=["replica"],
         )
+        run = CounterMetricFamily(
+            "queenbee_replica_jobs_run",
+            "Requests of other replicas' clients each replica's workers ran, since it started.",
+            labels=["replica"],
+        )
+        served = {
+            name: CounterMetricFamily(
+                f"queenbee_replica_{name}",
+                f"{name.replace('_', ' ').capitalize()} of each replica's own clients' requests, since it "
+                "started (finished requests; the errors among them; their tokens).",
+                labels=["replica"],
+            )
+            for name in _SERVED
+        }
         local: list[WorkerSession] = [w for w in replicas.hive.workers.values() if w.replica is None]
         views = [
             ReplicaView(
@@ -378,6 +430,8 @@ class ReplicaCollector:
                 slots=sum(worker.parallel for worker in local),
                 busy=sum(worker.in_flight for worker in local),
                 jobs_relayed=replicas.jobs.running,
+                jobs_run=replicas.jobs.started,
+                **replicas.served(),
             ),
             *replicas.status.replicas.values(),
         ]
@@ -386,6 +440,11 @@ class ReplicaCollector:
             slots.add_metric([view.id, "busy"], view.busy)
             slots.add_metric([view.id, "free"], max(0, view.slots - view.busy))
             relayed.add_metric([view.id], view.jobs_relayed)
+            run.add_metric([view.id], view.jobs_run)
+            for name, family in served.items():
+                family.add_metric([view.id], getattr(view, name))
         yield workers
         yield slots
         yield relayed
+        yield run
+        yield from served.values()

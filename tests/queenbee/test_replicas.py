@@ -17,7 +17,15 @@ import websockets
 from fake_worker import FakeWorker, answer, content_chunk, reply
 from queen_process import QueenProcess
 from redis_server import RedisServer, redis_server
-from servers import BUNDLED_MODEL_ID, QueenServer, eventually, start_worker, stop_process, wait_until
+from servers import (
+    BUNDLED_MODEL_ID,
+    TIME_UNIT,
+    QueenServer,
+    eventually,
+    start_worker,
+    stop_process,
+    wait_until,
+)
 
 from protocol import Chunk, ErrorCode, Job, Result, Usage
 from queenbee.settings import QueenSettings
@@ -156,7 +164,8 @@ async def test_a_client_error_from_a_remote_worker_reaches_the_client_as_it_is(
 
 
 async def test_every_replica_shows_the_whole_hive(tmp_path: Path, redis_server: RedisServer) -> None:
-    """/v1/models, /v1/workers, /metrics and /health of B show A's worker, labelled with its replica."""
+    """/v1/models, /v1/workers, /metrics and /health of B show A's worker, labelled with its replica;
+    A's /metrics counts what B's clients asked and what A's workers ran for them."""
     with replicas(tmp_path, redis_server, "a", "b") as (a, b):
         worker = await FakeWorker(a.worker_url, models=("only-on-a",), parallel=3).connect()
         await eventually(lambda: sees(b, worker))
@@ -165,6 +174,17 @@ async def test_every_replica_shows_the_whole_hive(tmp_path: Path, redis_server: 
             workers = (await client.get("/v1/workers")).json()
             metrics = (await client.get("/metrics")).text
             health = (await client.get("/health")).json()
+            served = await client.post("/v1/chat/completions", json={**CHAT, "model": "only-on-a"})
+            assert served.status_code == 200
+            counted = [
+                'queenbee_replica_requests_total{replica="b"} 1.0',
+                'queenbee_replica_jobs_run_total{replica="a"} 1.0',
+            ]
+            seen_by_a = ""
+            async with asyncio.timeout(10 * TIME_UNIT):
+                while not all(line in seen_by_a for line in counted):  # announced at the next beats
+                    seen_by_a = (await client.get(f"{a.base_url}/metrics")).text
+                    await asyncio.sleep(0.05)
         await worker.close()
         await eventually(lambda: not sees(b, worker))
     assert [model["id"] for model in models["data"]] == ["only-on-a"]
@@ -176,6 +196,7 @@ async def test_every_replica_shows_the_whole_hive(tmp_path: Path, redis_server: 
     assert 'queenbee_replica_workers{replica="b"} 0.0' in metrics
     assert 'queenbee_replica_slots{replica="a",state="free"} 3.0' in metrics
     assert 'queenbee_redis_up{replica="b"} 1.0' in metrics
+    assert 'queenbee_replica_requests_total{replica="a"} 0.0' in metrics
     assert health["status"] == "ok"
     assert health["hive"] == {"replica": "b", "redis": "ok", "replicas": ["a", "b"], "remote_workers": 1}
 
