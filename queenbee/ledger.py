@@ -434,6 +434,11 @@ def insert_rows(connection: Database, rows: Sequence[Row]) -> int:
         return connection.executemany(_INSERT, rows)
 
 
+def _close_unclaimed(attempt: asyncio.Future[Database]) -> None:
+    if not attempt.cancelled() and attempt.exception() is None:
+        attempt.result().close()
+
+
 def retry_delay(
     failures: int, base: float, cap: float, *, uniform: Callable[[float, float], float] = random.uniform
 ) -> float:
@@ -767,9 +772,12 @@ class Ledger:
     async def _reconnect(self) -> bool:
         """Open a new connection for the writer, on a thread of its own: a database that takes long to
         answer a connection never holds up the spool's appends on the writer's thread."""
-        loop = asyncio.get_running_loop()
+        attempt = asyncio.get_running_loop().run_in_executor(self._connector, self._connect_writer)
         try:
-            connection = await asyncio.shield(loop.run_in_executor(self._connector, self._connect_writer))
+            connection = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(_close_unclaimed)  # a connection nobody will use is closed
+            raise
         except open_errors() as exc:
             if self._reconnect_failures == 0:
                 log.warning("ledger: cannot connect to %s again: %s", self.name, _one_line(exc))
