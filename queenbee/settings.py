@@ -311,3 +311,12 @@ class QueenSettings(BaseSettings):
         description="Seconds a replica's announcement in Redis lives unless renewed (it is renewed every "
         "third of it): a replica that dies leaves the hive this long after.",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"{url[:200]!r} is not a Redis URL (redis://HOST:PORT/DB, rediss://... or unix://...)"
+            )
+        return url

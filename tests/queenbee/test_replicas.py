@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 import websockets
 from fake_worker import FakeWorker, answer, content_chunk, reply
 from queen_process import QueenProcess
@@ -484,3 +485,36 @@ async def test_a_remote_worker_taken_meanwhile_is_waited_for_not_failed(
         await worker.close()
     assert response.status_code == 200
     assert len(worker.jobs) == 2
+
+
+def test_a_bad_redis_url_is_refused_at_startup(capsys: pytest.CaptureFixture[str]) -> None:
+    """`queenbee --redis-url` with something that is not a Redis URL exits 2 naming the option."""
+    from queenbee.cli import load_settings
+
+    with pytest.raises(SystemExit) as exited:
+        load_settings(["--redis-url", "http://127.0.0.1:6379"])
+    assert exited.value.code == 2
+    assert "--redis-url" in capsys.readouterr().err
+    assert load_settings(["--redis-url", "redis://127.0.0.1:6379/0"]).redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_a_worker_takes_several_queen_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--queen-url repeats (WORKERBEE_QUEEN_URL lists them comma-separated); each is a websocket URL."""
+    from pydantic import ValidationError
+    from pydantic_settings import CliApp
+
+    from workerbee.settings import WorkerSettings
+
+    urls = ["ws://a.example:8000/worker", "wss://b.example/worker"]
+    flags = CliApp.run(WorkerSettings, cli_args=["--queen-url", urls[0], "--queen-url", urls[1]])
+    assert flags.queen_url == urls
+    monkeypatch.setenv("WORKERBEE_QUEEN_URL", ",".join(urls))
+    assert CliApp.run(WorkerSettings, cli_args=[]).queen_url == urls
+    monkeypatch.setenv("WORKERBEE_QUEEN_URL", urls[0])
+    assert CliApp.run(WorkerSettings, cli_args=[]).queen_url == urls[:1]
+    monkeypatch.delenv("WORKERBEE_QUEEN_URL")
+    assert CliApp.run(WorkerSettings, cli_args=[]).queen_url == ["ws://127.0.0.1:8000/worker"]
+    with pytest.raises(ValidationError, match="must start with ws:// or wss://"):
+        CliApp.run(
+            WorkerSettings, cli_args=["--queen-url", urls[0], "--queen-url", "http://c.example/worker"]
+        )
