@@ -2,17 +2,21 @@
 
 Honest workers are the real engine (workerbee/batching.py) on the bundled Q4_1 file run every other way
 an honest operator may run it: --parallel 1 and 4 (four answers decoded in one batch), one and two
-threads, decode batches of 512 and of the smallest the engine allows (128 + --parallel tokens), and
-prompts served a second time from the slot's prompt cache. Liars are the same engine on Q4_0, Q2_K and
-Q8_0 files made here with llama.cpp's quantizer, answering as if they were Q4_1. Every answer is a
-greedy stream of up to `--tokens` tokens, audited exactly as the queen does it: one teacher-forced
-prefill on an auditor context (workerbee/auditor.py) judged by queenbee/audits.py's rule.
+threads, decode batches of 512 and of the smallest the engine allows (128 + --parallel tokens), physical
+batches (llama.cpp's n_ubatch) of 1 and 32 tokens as another llama.cpp build may run them, and prompts
+served a second time from the slot's prompt cache. Liars are the same engine on Q4_0, Q2_K and Q8_0
+files made here with llama.cpp's quantizer, answering as if they were Q4_1. Every answer is a stream of
+up to `--tokens` tokens, greedy or, with `--temperature`, sampled with a seed per prompt, audited
+exactly as the queen does it: one teacher-forced prefill on an auditor context (workerbee/auditor.py),
+which for sampled answers also replays the worker's seeded sampler, judged by queenbee/audits.py's rule.
 
 It also measures the audit's cost (auditor seconds per audited token beside the worker's seconds per
 generated token) and, from the measured detection rate, how many requests a worker that cheats on a
 share of them gets away with under the sampling and escalation policy (a Monte Carlo over the policy).
 
     python -m bench.audit_calibration --prompts 100 --liar-prompts 40 --tokens 48
+    python -m bench.audit_calibration --setup 6 --setup 7 --no-liars
+    python -m bench.audit_calibration --temperature 0.8 --setup 0 --setup 1 --setup 6
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class Setup:
     batch: int = 512
     cached: bool = False
     """Ask each prompt twice and audit the second answer (its prompt from the slot cache)."""
+    ubatch: int | None = None
+    """llama.cpp's physical batch (n_ubatch), if not the decode batch itself."""
 
 
 @dataclass
@@ -114,6 +120,8 @@ class Tally:
     generate_seconds: float = 0.0
     audit_seconds: float = 0.0
     max_misses: list[int] = field(default_factory=list)
+    second_worst: list[float] = field(default_factory=list)
+    """Per answer, its second largest gap (greedy) or replay distance (sampled): what two misses need."""
     reasons: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -126,6 +134,8 @@ class Tally:
             "worker_ms_per_token": round(1000 * self.generate_seconds / max(1, self.tokens), 2),
             "auditor_ms_per_token": round(1000 * self.audit_seconds / max(1, self.tokens), 2),
             "misses_per_answer_median": statistics.median(self.max_misses) if self.max_misses else None,
+            "second_worst_max": round(max(self.second_worst), 4) if self.second_worst else None,
+            "second_worst_min": round(min(self.second_worst), 4) if self.second_worst else None,
             "reasons": self.reasons[:5],
         }
 
@@ -145,17 +155,41 @@ def decode_batch(size: int) -> Iterator[None]:
         batching.MAX_BATCH = before
 
 
-def request(prompt: str, tokens: int) -> ChatCompletionRequest:
-    """A greedy streamed chat request."""
-    return ChatCompletionRequest.model_validate(
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": tokens,
-            "stream": True,
-        }
-    )
+@contextmanager
+def physical_batch(size: int | None) -> Iterator[None]:
+    """Load engines whose llama.cpp contexts split each decode into physical batches of `size` tokens.
+
+    Workerbee runs n_ubatch = n_batch and has no option to change it; another llama.cpp build or an
+    operator's own fork may run 1 or 32, which changes the arithmetic of every prompt's decode.
+    """
+    if size is None:
+        yield
+        return
+    create = llama_cpp.llama_init_from_model
+
+    def with_ubatch(model: Any, params: Any) -> Any:
+        params.n_ubatch = min(size, params.n_batch)
+        return create(model, params)
+
+    llama_cpp.llama_init_from_model = with_ubatch
+    try:
+        yield
+    finally:
+        llama_cpp.llama_init_from_model = create
+
+
+def request(prompt: str, tokens: int, temperature: float = 0.0, seed: int = 0) -> ChatCompletionRequest:
+    """A streamed chat request: greedy, or sampled at `temperature` with `seed`."""
+    body: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": temperature,
+        "max_tokens": tokens,
+        "stream": True,
+    }
+    if temperature > 0:
+        body["seed"] = seed
+    return ChatCompletionRequest.model_validate(body)
 
 
 async def answer(
@@ -186,9 +220,12 @@ async def answer(
 
 async def audit(
     auditor: Auditor, chat: ChatCompletionRequest, ids: list[int], text: str, finish: str | None, prompt: int
-) -> tuple[Verdict, int, float]:
-    """Audit one answer as the queen does: the verdict, its misses, the auditor's seconds."""
+) -> tuple[Verdict, int, float, float]:
+    """Audit one answer as the queen does: the verdict, its misses (tokens above the gap threshold; for
+    a sampled answer, draws far from the replay), its second worst gap or distance, the auditor's
+    seconds."""
     finished = finish == "stop"
+    sampled = (chat.temperature or 0) > 0
     job = AuditJob(model="m", chat=chat, choices=[AuditedChoice(index=0, token_ids=ids, finished=finished)])
     report = AUDIT_REPORT.validate_python((await auditor.audit(job))[1])
     delivered = Delivered(
@@ -200,19 +237,31 @@ async def audit(
         ln_url="",
         request=chat,
         choices=(DeliveredChoice(0, tuple(ids), text, finished),),
-        mode="greedy",
+        mode="sampled" if sampled else "greedy",
         ignore_eos=False,
         reported_prompt_tokens=prompt,
         reported_completion_tokens=len(ids),
     )
     rule = AuditRule()
-    misses = sum(gap > rule.gap_threshold for gap in report.choices[0].gaps)
-    return judge(delivered, report, rule), misses, report.seconds
+    scored = report.choices[0]
+    if sampled:
+        distances = [
+            *(scored.replay_distances or []),
+            *([scored.replay_end_distance or 0.0] if finished else []),
+        ]
+        misses = sum(distance >= rule.replay_distance for distance in distances)
+    else:
+        distances = list(scored.gaps)
+        misses = sum(gap > rule.gap_threshold for gap in scored.gaps)
+    second = sorted(distances, reverse=True)[1] if len(distances) > 1 else 0.0
+    return judge(delivered, report, rule), misses, second, report.seconds
 
 
-async def run_setup(setup: Setup, auditor: Auditor, asked: list[str], tokens: int) -> Tally:
+async def run_setup(
+    setup: Setup, auditor: Auditor, asked: list[str], tokens: int, temperature: float = 0.0
+) -> Tally:
     """Answer every prompt on one setup (`parallel` at a time) and audit each answer."""
-    with decode_batch(setup.batch):
+    with decode_batch(setup.batch), physical_batch(setup.ubatch):
         model = await asyncio.to_thread(
             BatchedModel.load,
             ModelConfig(id="m", path=setup.path, n_ctx=1024),
@@ -222,12 +271,16 @@ async def run_setup(setup: Setup, auditor: Auditor, asked: list[str], tokens: in
     tally = Tally()
     try:
         for start in range(0, len(asked), setup.parallel):
-            group = [request(prompt, tokens) for prompt in asked[start : start + setup.parallel]]
+            group = [
+                request(prompt, tokens, temperature, seed=1000 + start + offset)
+                for offset, prompt in enumerate(asked[start : start + setup.parallel])
+            ]
             if setup.cached:
                 await asyncio.gather(*(answer(model, chat) for chat in group))
             answers = await asyncio.gather(*(answer(model, chat) for chat in group))
             for chat, (ids, text, finish, prompt, seconds) in zip(group, answers, strict=True):
-                verdict, misses, audit_seconds = await audit(auditor, chat, ids, text, finish, prompt)
+                verdict, misses, second, audit_seconds = await audit(auditor, chat, ids, text, finish, prompt)
+                tally.second_worst.append(second)
                 tally.answers += 1
                 tally.flagged += verdict.flagged
                 tally.tokens += len(ids)
@@ -312,17 +365,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             batch=132,
             cached=True,
         ),
+        Setup("parallel 1, 1 thread, batch 512, ubatch 1", reference, ubatch=1),
+        Setup("parallel 1, 1 thread, batch 512, ubatch 32", reference, ubatch=32),
+        Setup("parallel 4, 1 thread, batch 512, ubatch 32", reference, parallel=4, ubatch=32),
     ]
-    results: dict[str, Any] = {"honest": {}, "liars": {}}
+    results: dict[str, Any] = {"temperature": args.temperature, "honest": {}, "liars": {}}
     try:
         for setup in [honest[index] for index in args.setup]:
-            tally = await run_setup(setup, auditor, asked, args.tokens)
+            tally = await run_setup(setup, auditor, asked, args.tokens, args.temperature)
             results["honest"][setup.name] = tally.summary()
             print(json.dumps({setup.name: tally.summary()}), flush=True)
         liar_prompts = prompts(args.liar_prompts, seed=1)
         for name in args.liar:
             path = quantize(reference, folder, name)
-            tally = await run_setup(Setup(f"{name} as Q4_1", path), auditor, liar_prompts, args.tokens)
+            liar = Setup(f"{name} as Q4_1", path)
+            tally = await run_setup(liar, auditor, liar_prompts, args.tokens, args.temperature)
             results["liars"][name] = tally.summary()
             print(json.dumps({name: tally.summary()}), flush=True)
     finally:
@@ -347,15 +404,18 @@ def main() -> None:
     )
     parser.add_argument("--prompts", type=int, default=100, help="Prompts per honest setup.")
     parser.add_argument("--liar-prompts", type=int, default=40, help="Prompts per lying quantization.")
-    parser.add_argument("--tokens", type=int, default=48, help="Greedy tokens per answer at most.")
+    parser.add_argument("--tokens", type=int, default=48, help="Tokens per answer at most.")
     parser.add_argument(
-        "--setup", type=int, action="append", help="An honest setup to run, by its index (0-5; default: all)."
+        "--temperature", type=float, default=0.0, help="Sample at this temperature with a seed (0: greedy)."
+    )
+    parser.add_argument(
+        "--setup", type=int, action="append", help="An honest setup to run, by its index (0-8; default: all)."
     )
     parser.add_argument("--liar", action="append", choices=list(QUANTS), help="A lying quantization to run.")
     parser.add_argument("--no-liars", action="store_true", help="Run no lying quantization.")
     parser.add_argument("--auditor-threads", type=int, default=1, help="The auditor's CPU threads.")
     args = parser.parse_args()
-    args.setup = args.setup if args.setup is not None else list(range(6))
+    args.setup = args.setup if args.setup is not None else list(range(9))
     args.liar = args.liar if args.liar is not None else list(QUANTS)
     if args.no_liars:
         args.liar = []

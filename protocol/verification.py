@@ -30,6 +30,27 @@ class ScoredChoice(Frame):
         max_length=2**16, description="Whether ending generation was the model's best token at position i."
     )
     text: str = Field(description="The ids detokenized by the auditor's copy: what the client should have.")
+    sampled_p: list[float] | None = Field(
+        default=None,
+        max_length=2**16,
+        description="For a sampled answer: each returned token's probability in the distribution the "
+        "worker's sampler draws from (the request's top-k, top-p, min-p and temperature on the trusted "
+        "logits); 0 for a token those drop.",
+    )
+    replay_distances: list[float] | None = Field(
+        default=None,
+        max_length=2**16,
+        description="For a sampled answer with a seed: how far each returned token is from what the "
+        "worker's sampler, replayed with the choice's seed on the trusted logits (the returned tokens fed "
+        "back in), draws there: the probability mass strictly between the two in the order the draw "
+        "walks the tokens; 0 when they are the same, 1 when the sampler drops the returned one.",
+    )
+    replay_end_distance: float | None = Field(
+        default=None,
+        ge=0,
+        description="The same distance for ending generation after the last token (the nearest end "
+        "token): what a choice the worker ended must be close to.",
+    )
 
 
 class AuditReport(Frame):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from protocol.openai import ChatCompletionRequest, CompletionRequest
-from protocol.verification import AuditReport
+from protocol.verification import AuditReport, ScoredChoice
 
 Mode = Literal["greedy", "sampled"]
 """How an answer was generated: only a greedy answer's tokens must be the model's best."""
@@ -46,6 +46,12 @@ class AuditRule:
     """A greedy answer the worker ended itself needs at least this probability of ending there."""
     skipped_eos: float = 0.5
     """A greedy answer that goes on where ending had at least this probability (and was the best)."""
+    replay_distance: float = 0.05
+    """A seeded sampled token this much probability away from the replayed draw, or more, is far."""
+    max_far_draws: int = 1
+    """Far draws a seeded sampled answer may have (its end included); one more flags it."""
+    max_dropped: int = 1
+    """Tokens a sampled answer may have that the request's top-k, top-p or min-p drop; one more flags."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ def judge(delivered: Delivered, report: AuditReport, rule: AuditRule) -> Verdict
         if choice.text is not None and not same_text(score.text, choice.text, delivered.stops):
             reasons.append(f"choice {choice.index}: the token ids do not detokenize to the relayed text")
         if delivered.mode != "greedy":
+            reasons += _sampled_reasons(choice, score, rule)
             continue
         misses = sum(gap > rule.gap_threshold for gap in score.gaps)
         if misses > rule.max_misses:
@@ -162,6 +169,29 @@ def judge(delivered: Delivered, report: AuditReport, rule: AuditRule) -> Verdict
                     f"{score.eos[skipped[0]]:.3f}"
                 )
     return Verdict(bool(reasons), tuple(reasons))
+
+
+def _sampled_reasons(choice: DeliveredChoice, score: ScoredChoice, rule: AuditRule) -> list[str]:
+    """The rule for a sampled answer, from the auditor's replay of the worker's sampler."""
+    reasons: list[str] = []
+    if score.sampled_p is not None and len(score.sampled_p) == len(choice.token_ids):
+        dropped = sum(probability == 0 for probability in score.sampled_p)
+        if dropped > rule.max_dropped:
+            reasons.append(
+                f"choice {choice.index}: {dropped} of {len(score.sampled_p)} tokens the request's top-k, "
+                "top-p or min-p do not allow"
+            )
+    if score.replay_distances is not None and len(score.replay_distances) == len(choice.token_ids):
+        far = sum(distance >= rule.replay_distance for distance in score.replay_distances)
+        end = score.replay_end_distance
+        if choice.finished and end is not None and end >= rule.replay_distance:
+            far += 1
+        if far > rule.max_far_draws:
+            reasons.append(
+                f"choice {choice.index}: {far} of {len(score.replay_distances) + choice.finished} draws "
+                f"{rule.replay_distance:g} or more of probability away from the seeded sampler's replay"
+            )
+    return reasons
 
 
 @dataclass(frozen=True)

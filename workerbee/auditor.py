@@ -7,6 +7,13 @@ the logits at every completion position: how far below the best token each retur
 of its own on the same weights, a fixed batch size and no prompt cache, so that the numbers depend on
 nothing but the model file and the tokens (docs/verification.md).
 
+A sampled answer (temperature above 0) is also replayed through the worker's own sampler
+(workerbee/sampling.py: logit bias, penalties, top-k, top-p, min-p, temperature, then a draw seeded per
+choice with `seed + index`, llama.cpp's chain) on the trusted logits, the returned tokens fed back in:
+each token's probability in the distribution the sampler draws from, and, when the request has a seed,
+how far each returned token is from the replayed draw (`replay_choice`). An honest worker draws the
+replay's token, or one a sliver of probability away where its own logits moved the boundaries a little.
+
 `score_rows` is the sans-I/O core; `Auditor` owns one scoring context per model and runs every audit
 on its single thread, off the event loop.
 """
@@ -23,10 +30,14 @@ import numpy as np
 import numpy.typing as npt
 
 from protocol import AuditJob, ErrorCode, Usage
+from protocol.openai import ChatCompletionRequest, CompletionRequest
 from protocol.verification import AuditReport, ScoredChoice
 from workerbee.batching import BatchedModel
+from workerbee.decoding import Sampling, choice_seeds
 from workerbee.errors import EngineError
 from workerbee.llama_context import MultiSequenceContext, TokenBatch
+from workerbee.prompts import request_sampling
+from workerbee.sampling import SamplerChain
 
 AUDIT_BATCH = 512
 """Tokens per decode call of a prefill: fixed, whatever the audited worker used."""
@@ -61,6 +72,45 @@ def score_rows(
         best_is_eos=[bool(value) for value in best_is_eos[: len(taken)]],
         text=text,
     )
+
+
+def replay_choice(
+    sampler: SamplerChain, rows: npt.NDArray[np.float32], ids: Sequence[int], eog: Sequence[int]
+) -> tuple[list[float], list[float], float]:
+    """Replay a sampled choice through the worker's sampler on the trusted rows (len(ids) + 1 of them).
+
+    Returns, per returned token, its probability in the distribution drawn from and its distance from
+    the replayed draw (the probability mass strictly between the two in the order the draw walks the
+    tokens: 0 when the draw is the token, 1 when the sampler drops it), and the same distance for the
+    end of generation after the last token (the nearest end token).
+    """
+    probabilities: list[float] = []
+    distances: list[float] = []
+    for row, token in zip(rows[: len(ids)], ids, strict=True):
+        drawn, order, weights = sampler.replay(row, token)
+        probabilities.append(float(weights[order == token].sum()))
+        distances.append(mass_between(order, weights, drawn, token))
+    drawn, order, weights = sampler.replay(rows[len(ids)], eog[0] if eog else 0)
+    end = min((mass_between(order, weights, drawn, token) for token in eog), default=1.0)
+    return probabilities, distances, end
+
+
+def mass_between(
+    order: npt.NDArray[np.int32], weights: npt.NDArray[np.float64], drawn: int, token: int
+) -> float:
+    """The probability mass strictly between `drawn` and `token` in `order` (1 if `token` is not in it).
+
+    A draw walks the tokens in order, summing their probabilities until it passes a uniform number: a
+    worker whose logits differ a little from the auditor's draws a token a little mass away.
+    """
+    if drawn == token:
+        return 0.0
+    where = np.flatnonzero(order == token)
+    there = np.flatnonzero(order == drawn)
+    if where.size == 0 or there.size == 0:
+        return 1.0
+    low, high = sorted((int(where[0]), int(there[0])))
+    return float(weights[low + 1 : high].sum())
 
 
 def _chunks(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
@@ -119,6 +169,10 @@ class ModelScorer:
             prompt_list = [prompt.tokens for prompt in prompts.completion_prompts(job.completion)]
             per_prompt = job.completion.n or 1
         eog = self.model.weights.vocab.eog_tokens
+        request = job.chat if job.chat is not None else job.completion
+        assert request is not None
+        sampling = self._sampling(request)
+        seeds = choice_seeds(request.seed, per_prompt) if sampling is not None else []
         scored: list[ScoredChoice] = []
         for choice in job.choices:
             which = choice.index // per_prompt
@@ -131,12 +185,42 @@ class ModelScorer:
             prompts.check_token_ids(choice.token_ids, "choices")
             rows = self.prefill(prompt_list[which], choice.token_ids)
             text = self.model.weights.detokenize(choice.token_ids)
-            scored.append(score_rows(rows, choice.token_ids, eog, choice.index, text))
+            score = score_rows(rows, choice.token_ids, eog, choice.index, text)
+            if sampling is not None:
+                seed = seeds[choice.index % per_prompt]
+                banned = eog if sampling.ignore_eos else ()
+                sampler = SamplerChain(sampling, vocab=self.model.weights.vocab, seed=seed, banned=banned)
+                try:
+                    probabilities, distances, end = replay_choice(sampler, rows, choice.token_ids, eog)
+                finally:
+                    sampler.close()
+                # Without a seed the worker's draws were random: only the probabilities say anything.
+                seeded = request.seed is not None
+                update = {
+                    "sampled_p": [round(value, 9) for value in probabilities],
+                    "replay_distances": [round(value, 9) for value in distances] if seeded else None,
+                    "replay_end_distance": round(end, 9) if seeded else None,
+                }
+                score = score.model_copy(update=update)
+            scored.append(score)
         return AuditReport(
             prompt_tokens=sum(len(prompt) for prompt in prompt_list),
             choices=scored,
             seconds=round(time.perf_counter() - started, 6),
         )
+
+    @staticmethod
+    def _sampling(request: ChatCompletionRequest | CompletionRequest) -> Sampling | None:
+        """The worker's sampling for a request that samples with the model's own distribution; None for
+        greedy ones and for grammars (tools, response formats), which this replay does not follow."""
+        if isinstance(request, ChatCompletionRequest) and (
+            (request.tools and request.tool_mode != "none") or request.response_format is not None
+        ):
+            return None
+        sampling = request_sampling(request)
+        if sampling.temperature <= 0 or sampling.top_k == 1:
+            return None
+        return sampling
 
     def close(self) -> None:
         """Free the context and its batch."""

@@ -171,6 +171,40 @@ class SamplerChain:
                 llama_cpp.llama_sampler_accept(self._grammar, token)
             llama_cpp.llama_sampler_accept(self._chain, token)
 
+    def replay(
+        self, logits: npt.NDArray[np.float32], token: int
+    ) -> tuple[int, npt.NDArray[np.int32], npt.NDArray[np.float64]]:
+        """Draw from `logits` as `sample` would, then take `token` as the one sampled instead.
+
+        What an auditor does to check another worker's seeded answer on its own logits (auditor.py).
+        Returns the token drawn and the distribution it was drawn from: the tokens left after bias,
+        penalties, top-k, top-p and min-p, in the order the draw walks them, with their probabilities
+        at the temperature. The draw consumes the random state exactly as `sample` does. Not for
+        grammars.
+        """
+        if self._grammar is not None or self._dist is None:
+            raise ValueError("only a seeded chain without a grammar can be replayed")
+        if self._all is None or len(self._all.data) != len(logits):
+            self._all = _Candidates(len(logits))
+        candidates = self._all
+        candidates.fill(logits)
+        last = llama_cpp.llama_sampler_chain_n(self._chain) - 1
+        for position in range(last):
+            llama_cpp.llama_sampler_apply(
+                llama_cpp.llama_sampler_chain_get(self._chain, position), candidates.pointer
+            )
+        if ctypes.cast(candidates.array.data, ctypes.c_void_p).value != candidates.data.ctypes.data:
+            raise RuntimeError("a sampler replaced the candidates array")
+        kept = candidates.data[: candidates.array.size].copy()
+        scaled = kept["logit"].astype(np.float64)
+        finite = np.isfinite(scaled)
+        weights = np.where(finite, np.exp(scaled - scaled[finite].max(initial=-np.inf)), 0.0)
+        total = weights.sum()
+        llama_cpp.llama_sampler_apply(self._dist, candidates.pointer)
+        drawn = candidates.selected()
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return drawn, kept["id"], weights / total if total > 0 else weights
+
     def close(self) -> None:
         """Free the chain, the grammar and their samplers (idempotent)."""
         if self._chain is not None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -24,7 +25,7 @@ from protocol import AuditedChoice, AuditJob, ChallengeJob, ErrorCode
 from protocol.openai import ChatCompletionRequest, CompletionRequest
 from protocol.verification import AUDIT_REPORT, CHALLENGE_REPORT, AuditReport
 from queenbee.audits import AuditRule, Delivered, DeliveredChoice, Verdict, answer_mode, judge
-from workerbee.auditor import Auditor, score_rows
+from workerbee.auditor import Auditor, mass_between, score_rows
 from workerbee.batching import BatchedModel
 from workerbee.errors import EngineError
 from workerbee.possession import Possession, range_sha256
@@ -98,6 +99,7 @@ async def audited(
         ignore_eos=request.ignore_eos,
         reported_prompt_tokens=prompt,
         reported_completion_tokens=len(ids),
+        stops=tuple(request.stop) if isinstance(request.stop, list) else (),
     )
     return judge(delivered, report, AuditRule()), report
 
@@ -243,6 +245,84 @@ async def test_bad_audits_are_refused_with_the_parameter_at_fault(auditor: Audit
         assert (caught.value.code, caught.value.param) == (code, param)
     with pytest.raises(ValidationError, match="exactly one of chat and completion"):
         AuditJob(model="smol", choices=[AuditedChoice(index=0, token_ids=[1], finished=False)])
+
+
+def sampled(prompt: str, seed: int | None, **fields: Any) -> ChatCompletionRequest:
+    """A streamed chat request sampled at temperature 0.8 (with `seed`, if not None)."""
+    extra = {} if seed is None else {"seed": seed}
+    return chat(prompt, temperature=0.8, **extra, **fields)
+
+
+@pytest.fixture(scope="module")
+def q4_0(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedModel]:
+    """The engine on a Q4_0 quantization of the bundled Q4_1 file, made here."""
+    target = tmp_path_factory.mktemp("q4_0") / "q4_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(CONFIG.path).encode(), str(target).encode(), params) == 0
+    model = BatchedModel.load(ModelConfig(id="smol", path=target, n_ctx=1024), parallel=1, threads=1)
+    yield model
+    model.close()
+
+
+def test_a_draw_is_a_sliver_of_probability_from_the_token_next_to_it() -> None:
+    """The distance between a returned token and the replayed draw is the mass strictly between them in
+    the order the draw walks; a token the sampler dropped is a whole distribution away."""
+    order = np.array([4, 2, 7, 9], dtype=np.int32)
+    weights = np.array([0.1, 0.2, 0.3, 0.4])
+    assert mass_between(order, weights, 4, 4) == 0.0
+    assert mass_between(order, weights, 4, 2) == 0.0
+    assert mass_between(order, weights, 9, 4) == pytest.approx(0.5)
+    assert mass_between(order, weights, 2, 5) == 1.0
+
+
+async def test_honest_seeded_samples_from_a_batch_of_two_pass_the_replay(
+    engine: BatchedModel, auditor: Auditor
+) -> None:
+    """Seeded answers at temperature 0.8 decoded two at a time are the draws of their own sampler
+    replayed on the auditor's logits: most tokens exactly, the rest a sliver of probability away."""
+    requests = [sampled(prompt, 100 + index) for index, prompt in enumerate(PROMPTS)]
+    answers = await asyncio.gather(*(answer(engine, request) for request in requests))
+    for request, ids, text, finish, prompt in answers:
+        verdict, report = await audited(auditor, request, ids, text, finish == "stop", prompt)
+        assert verdict == Verdict(False, ())
+        scored = report.choices[0]
+        assert scored.replay_distances is not None
+        assert scored.sampled_p is not None
+        assert len(scored.replay_distances) == len(scored.sampled_p) == len(ids)
+        assert sum(distance == 0 for distance in scored.replay_distances) >= len(ids) * 0.7
+        assert max(scored.replay_distances) < 0.05
+        assert min(scored.sampled_p) > 0
+
+
+async def test_a_sampled_answer_of_another_seed_or_another_quantization_fails_the_replay(
+    engine: BatchedModel, auditor: Auditor, q4_0: BatchedModel
+) -> None:
+    """A worker that ignores the client's seed, or samples from a Q4_0 file posing as Q4_1, draws
+    tokens far from the replay of the seeded sampler on the trusted logits: flagged."""
+    for index, prompt in enumerate(PROMPTS):
+        _, ids, text, finish, tokens = await answer(engine, sampled(prompt, 7))
+        verdict, _ = await audited(auditor, sampled(prompt, 8), ids, text, finish == "stop", tokens)
+        assert any("from the seeded sampler's replay" in reason for reason in verdict.reasons), index
+        request, ids, text, finish, tokens = await answer(q4_0, sampled(prompt, 205 + index))
+        verdict, _ = await audited(auditor, request, ids, text, finish == "stop", tokens)
+        assert any("from the seeded sampler's replay" in reason for reason in verdict.reasons), index
+
+
+async def test_sampled_tokens_the_requests_top_k_drops_are_flagged_without_a_seed(
+    engine: BatchedModel, auditor: Auditor
+) -> None:
+    """Without a seed nothing can be replayed, but a worker may draw only what the request's top-k (or
+    top-p, min-p) allow: tokens from outside them are flagged; the honest answer is not."""
+    request, ids, text, finish, prompt = await answer(engine, sampled(PROMPTS[0], None, top_k=5))
+    verdict, report = await audited(auditor, request, ids, text, finish == "stop", prompt)
+    assert verdict == Verdict(False, ())
+    assert report.choices[0].replay_distances is None
+    rng = random.Random(3)
+    noise = [rng.randrange(100, engine.weights.vocab.n_tokens) for _ in ids]
+    verdict, _ = await audited(auditor, request, noise, engine.weights.detokenize(noise), False, prompt)
+    assert any("top-k, top-p or min-p do not allow" in reason for reason in verdict.reasons)
 
 
 async def test_a_possession_challenge_is_the_hash_of_the_asked_bytes(tmp_path: Path) -> None:
