@@ -518,3 +518,58 @@ def test_a_worker_takes_several_queen_urls(monkeypatch: pytest.MonkeyPatch) -> N
         CliApp.run(
             WorkerSettings, cli_args=["--queen-url", urls[0], "--queen-url", "http://c.example/worker"]
         )
+
+
+async def test_a_replica_killed_while_another_replicas_worker_serves_its_client(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """kill -9 of replica B while A's worker streams to B's client: A cancels the job on its worker, and
+    the key's one concurrent request held by B stops counting once B's lease expires."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice sk-alice\n")
+    alice = {"Authorization": "Bearer sk-alice"}
+    limits = {"api_keys_file": keys, "max_concurrent_per_key": 1}
+    with replicas(tmp_path, redis_server, "a", **limits) as (a,):  # type: ignore[arg-type]
+
+        async def streams_or_answers(worker: FakeWorker, job: Job) -> None:
+            await (streams_until_cancelled if job.stream else answer)(worker, job)
+
+        worker = await FakeWorker(a.worker_url, behaviour=streams_or_answers, parallel=2).connect()
+        b = QueenProcess.start(
+            tmp_path,
+            *("--redis-url", redis_server.url, "--replica-id", "b", "--replica-lease", "0.6"),
+            *("--db", str(tmp_path / "b.db"), "--api-keys-file", str(keys), "--max-concurrent-per-key", "1"),
+        )
+        try:
+
+            def b_sees_the_worker() -> bool:
+                workers = httpx.get(f"{b.base_url}/v1/workers").json()["data"]
+                return any(shown["id"] == worker.worker_id for shown in workers)
+
+            await eventually(b_sees_the_worker)
+            async with httpx.AsyncClient(timeout=30) as client:
+                body = {**CHAT, "stream": True}
+                url = f"{b.base_url}/v1/chat/completions"
+                async with client.stream("POST", url, json=body, headers=alice) as response:
+                    assert response.status_code == 200
+                    lines = response.aiter_lines()
+                    while "word" not in await anext(lines):
+                        pass
+                    held = await client.post(f"{a.base_url}/v1/chat/completions", json=CHAT, headers=alice)
+                    b.kill()
+                await eventually(lambda: worker.cancels == [worker.jobs[0].request_id])
+                await eventually(lambda: a.hive.workers[worker.worker_id].in_flight == 0)
+                statuses: list[int] = []
+                async with asyncio.timeout(10 * TIME_UNIT):
+                    while not statuses or statuses[-1] == 429:
+                        reply = await client.post(
+                            f"{a.base_url}/v1/chat/completions", json=CHAT, headers=alice
+                        )
+                        statuses.append(reply.status_code)
+                        await asyncio.sleep(0.05)
+        finally:
+            b.kill()
+        await worker.close()
+    assert held.status_code == 429  # B's client held the key's one slot, across the hive
+    assert statuses[-1] == 200
+    assert len(worker.jobs) == 2
