@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import psycopg
 import pytest
 from fake_worker import FakeWorker
@@ -462,3 +463,40 @@ def test_a_queen_refuses_to_start_on_an_unreachable_database(
     assert error.startswith("queenbee: error: --db:")
     assert "no_such_database" in error
     assert "s3cret-pw" not in error
+
+
+async def test_files_and_stored_responses_through_the_sdk_on_postgres(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The openai SDK against a queen on PostgreSQL: a file uploaded, listed, read and deleted; a stored
+    response retrieved and continued by previous_response_id; both kept in the database's tables."""
+    with queen_on(postgres_url, tmp_path) as queen:
+        worker = await FakeWorker(queen.worker_url).connect()
+        async with openai.AsyncOpenAI(base_url=queen.openai_url, api_key=API_KEY, max_retries=0) as sdk:
+            chats = (
+                json.dumps(
+                    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ho"}]}
+                )
+                + "\n"
+            ).encode()
+            uploaded = await sdk.files.create(file=("chats.jsonl", chats), purpose="fine-tune")
+            assert [file.id async for file in sdk.files.list()] == [uploaded.id]
+            assert (await sdk.files.content(uploaded.id)).content == chats
+            with psycopg.connect(postgres_url) as pg:
+                assert pg.execute("SELECT filename, bytes FROM files").fetchall() == [
+                    ("chats.jsonl", len(chats))
+                ]
+            assert (await sdk.files.delete(uploaded.id)).deleted
+            first = await sdk.responses.create(model="fake-model", input="One")
+            assert (await sdk.responses.retrieve(first.id)).output_text == first.output_text == "Hello there"
+            second = await sdk.responses.create(
+                model="fake-model", input="Two", previous_response_id=first.id
+            )
+            assert second.previous_response_id == first.id
+        await worker.close()
+    conversation = [(message.role, message.text()) for message in worker.jobs[1].request.body.messages]
+    assert conversation == [("user", "One"), ("assistant", "Hello there"), ("user", "Two")]
+    with psycopg.connect(postgres_url) as pg:
+        assert sorted(row[0] for row in pg.execute("SELECT id FROM responses")) == sorted(
+            [first.id, second.id]
+        )
