@@ -147,6 +147,7 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         audits = AuditService(settings, hive, ledger)
         app.state.audits = audits
         metrics.registry.register(AuditCollector(audits))
+        await audits.load()  # the standings a restart must not forget, before any worker joins
         audits.start()
         collector = CollectorGuard(freeze=settings.gc_freeze, observe=metrics.gc_pause)
         hive.on_join = collector.worker_joined

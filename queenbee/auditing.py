@@ -8,13 +8,15 @@
   it; one task runs the queue, sending each to an auditor serving the same file (by hash) when the
   auditor has a free slot and no client waits for the model, so that audits never take a slot a
   client is waiting for. The verdict goes into the worker's standing; a pause benches the worker's
-  identity for good (no traffic until the queen restarts), logs why, and shows in /v1/workers and the
+  identity for good (no traffic, after a restart too), logs why, and shows in /v1/workers and the
   metrics.
 - Possession: each untrusted worker joining is asked the hash of a random byte range of each model
   file an auditor also holds, and so is the auditor, and again after one audit in ten; a wrong answer
   pauses the worker.
 - Escrow (queenbee/escrow.py): an untrusted identity's earnings are held until it has passed
   `--escrow-audits` audits and been connected `--escrow-seconds`; a flagged request is forfeited.
+- Standings (queenbee/standings.py) are written to the ledger whenever they change and read back when
+  the queen starts (`load`): a pause, probation or a cleared escrow outlives a restart.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from queenbee.hive import Hive
 from queenbee.ledger import Ledger
 from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
+from queenbee.standings import load_standings, save_standing
 from queenbee.worker_session import WorkerGone, WorkerSession
 
 log = logging.getLogger("queenbee.audits")
@@ -168,6 +171,21 @@ class AuditService:
     def enabled(self) -> bool:
         """Whether audits run at all (there is an auditor token for auditors to present)."""
         return self.auditor_token is not None
+
+    async def load(self) -> None:
+        """Read back the standings the ledger keeps (queenbee/standings.py): a restart forgets none."""
+        if not self.enabled:
+            return
+        try:
+            kept = await self.ledger.read(lambda connection: load_standings(connection, MAX_STANDINGS))
+        except Exception as exc:
+            log.error("audit: could not read the workers' standings from the ledger: %s", exc)
+            return
+        for identity, standing in kept.items():
+            self._standings[identity] = standing
+            self._standings.move_to_end(identity)
+        paused = sum(standing.paused for standing in kept.values())
+        log.info("audit: %d worker standings read from the ledger (%d paused)", len(kept), paused)
 
     def start(self) -> None:
         """Start the task that runs queued audits."""
@@ -472,16 +490,19 @@ class AuditService:
             seconds=report.seconds,
         )
 
+        if verdict.flagged:
+            standing.cleared = False
+
         def store(connection: Any) -> None:
             escrow.record_audit(connection, row)
             if verdict.flagged:
                 escrow.forfeit(connection, delivered.request_id, delivered.ln_url, reasons or "flagged", now)
                 escrow.open_hold(connection, delivered.ln_url, delivered.identity, now)
+            save_standing(connection, delivered.identity, standing, now)
 
         await self._write(store)
         if verdict.flagged:
             self.counts.flagged += 1
-            standing.cleared = False
             log.warning(
                 "audit: request %s by worker %s (%s) flagged: %s",
                 delivered.request_id,
@@ -520,7 +541,12 @@ class AuditService:
         ):
             return
         standing.cleared = True
-        await self._write(lambda connection: escrow.release_holds(connection, identity, now))
+
+        def store(connection: Any) -> None:
+            escrow.release_holds(connection, identity, now)
+            save_standing(connection, identity, standing, now)
+
+        await self._write(store)
         log.info(
             "audit: worker %s passed %d audits; its escrow is released", identity, standing.passed_since_flag
         )
@@ -582,6 +608,8 @@ class AuditService:
         standing.pause_reason = reason
         self.counts.paused += 1
         self._pause(worker, reason)
+        now = time.time()
+        await self._write(lambda connection: save_standing(connection, worker.identity, standing, now))
         return False
 
     # Reporting.

@@ -227,7 +227,8 @@ def implausibly_fast(own: float | None, others: list[float], factor: float = FAS
 
 @dataclass
 class Standing:
-    """One worker identity's audit record (kept in memory, across its reconnections)."""
+    """One worker identity's audit record: in memory across its reconnections, in the ledger across the
+    queen's restarts (queenbee/standings.py)."""
 
     ln_url: str = ""
     probation_left: int = 0

@@ -199,6 +199,27 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # 7: the prompt tokens the worker took from its cache, part of prompt_tokens (they may be priced
     # differently); 0 for older rows, which did not say.
     ("ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",),
+    # 8: each worker identity's audit standing (queenbee/standings.py), so that a restart keeps pauses,
+    # probation and cleared escrow; `recent` is its last audits' outcomes, oldest first ("1" a flag).
+    (
+        """
+        CREATE TABLE audit_standings (
+            identity TEXT PRIMARY KEY,
+            ln_url TEXT NOT NULL,
+            probation_left INTEGER NOT NULL,
+            recent TEXT NOT NULL,
+            audits INTEGER NOT NULL,
+            flags INTEGER NOT NULL,
+            passed_since_flag INTEGER NOT NULL,
+            paused INTEGER NOT NULL,
+            pause_reason TEXT NOT NULL,
+            cleared INTEGER NOT NULL,
+            paused_after INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX audit_standings_updated ON audit_standings (updated_at)",
+    ),
 )
 """Every schema change, in order; never edit one that has shipped, append a new one."""
 

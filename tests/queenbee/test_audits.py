@@ -6,22 +6,37 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections import deque
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from protocol import Chunk, ModelInfo, Register, Usage
+from protocol import Chunk, ModelInfo, Register, Result, Usage, encode, result_frames
 from protocol.openai import ChatCompletionRequest
+from protocol.verification import AuditReport, ScoredChoice
 from queenbee import escrow
 from queenbee.auditing import parse_pins
-from queenbee.audits import AuditPolicy, Standing, Verdict, answer_mode, implausibly_fast
+from queenbee.audits import (
+    AuditPolicy,
+    AuditRule,
+    Delivered,
+    DeliveredChoice,
+    Standing,
+    Verdict,
+    answer_mode,
+    implausibly_fast,
+    judge,
+    same_text,
+)
 from queenbee.ledger import Ledger, connect, insert
 from queenbee.observer import RequestRecord
 from queenbee.resume import AnswerSoFar
+from queenbee.standings import load_standings, save_standing
 from queenbee.usage_check import counted_by_ids
 from queenbee.usage_report import usage_totals
+from queenbee.whole_answers import whole_answer
 
 FLAG = Verdict(True, ("choice 0: 3 of 40 tokens more than 0.5 nats below the model's best",))
 PASS = Verdict(False, ())
@@ -259,3 +274,133 @@ def test_a_worker_much_faster_than_the_others_on_its_file_is_audited_more() -> N
     rng, reference = random.Random(3), random.Random(3)
     sampled = sum(Standing().sample(policy, rng, suspicious=True) for _ in range(200))
     assert sampled == sum(reference.random() < 0.5 for _ in range(200))
+
+
+async def test_a_standing_is_kept_in_the_ledger_as_it_was(tmp_path: Path) -> None:
+    """Probation, the recent audits' window, the pause and its reason, and cleared escrow come back from
+    the ledger as they were saved; a second save of one identity replaces the first; the most
+    recently changed come first when there are more than the queen keeps."""
+    policy = AuditPolicy()
+    paused = Standing(ln_url="liar@x")
+    paused.record(PASS, policy)
+    paused.record(FLAG, policy)
+    paused.record(FLAG, policy)
+    cleared = Standing(ln_url="honest@x", cleared=True)
+    cleared.record(PASS, policy)
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    try:
+        await ledger.write(lambda connection: save_standing(connection, "liar", Standing(), 1.0))
+        await ledger.write(lambda connection: save_standing(connection, "liar", paused, 2.0))
+        await ledger.write(lambda connection: save_standing(connection, "honest", cleared, 3.0))
+        kept = await ledger.read(lambda connection: load_standings(connection, 10))
+        newest = await ledger.read(lambda connection: load_standings(connection, 1))
+    finally:
+        await ledger.close()
+    assert list(kept) == ["liar", "honest"]
+    assert kept["liar"] == paused
+    assert kept["liar"].paused
+    assert kept["liar"].recent == deque([False, True, True])
+    assert kept["liar"].probation_left == 20
+    assert kept["honest"] == cleared
+    assert list(newest) == ["honest"]
+
+
+def test_whole_answers_are_read_by_their_ids_and_refused_without_one_list_per_choice() -> None:
+    """A whole answer's ids, text and finish reason per choice (chat and text completions); ids that do
+    not match the choices one to one make it uncountable by ids (the bounded count stands)."""
+    chat_answer = {
+        "choices": [
+            {"index": 0, "message": {"content": "Hi"}, "finish_reason": "stop"},
+            {"index": 1, "message": {"content": None, "tool_calls": []}, "finish_reason": "tool_calls"},
+        ]
+    }
+    answer = whole_answer(chat_answer, [[5, 6], [7]])
+    assert answer.resumable
+    assert answer.ids == {0: [5, 6], 1: [7]}
+    assert answer.texts == {0: ["Hi"]}
+    assert answer.finish_reasons == {0: "stop", 1: "tool_calls"}
+    usage = Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)
+    assert counted_by_ids(usage, answer).completion_tokens == 3
+    text = whole_answer({"choices": [{"index": 0, "text": " blue", "finish_reason": "length"}]}, [[9]])
+    assert text.texts == {0: [" blue"]}
+    for ids in (None, [[5, 6]], [[1], [2], [3]]):
+        assert not whole_answer(chat_answer, ids).resumable
+        assert counted_by_ids(usage, whole_answer(chat_answer, ids)) == usage
+    twice = {"choices": [{"index": 0, "text": "a"}, {"index": 0, "text": "b"}]}
+    assert not whole_answer(twice, [[1], [2]]).resumable
+
+
+def test_a_result_too_big_for_its_ids_goes_without_them() -> None:
+    """A whole answer split into parts keeps its ids on the last frame when they fit, and drops them
+    (the queen then counts within bounds) when that frame would pass the peer's limit."""
+    big = {"choices": [{"index": 0, "text": "x" * 200_000}]}
+    few = Result(
+        request_id="r",
+        usage=Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3),
+        response=big,
+        token_ids=[[1, 2]],
+    )
+    assert isinstance(result_frames(few, 2**16)[-1], Result)
+    assert result_frames(few, 2**16)[-1].token_ids == [[1, 2]]
+    many = few.model_copy(update={"token_ids": [list(range(30_000))]})
+    last = result_frames(many, 2**16)[-1]
+    assert isinstance(last, Result)
+    assert last.parts > 0
+    assert last.token_ids is None
+    assert "token_ids" not in encode(few.model_copy(update={"token_ids": None}))
+
+
+def scored_answer(mode: str, finished: bool, **scores: Any) -> tuple[Delivered, AuditReport]:
+    """A delivered one-choice answer of three tokens and the auditor's report on it."""
+    delivered = Delivered(
+        request_id="r",
+        model="m",
+        model_hash="0" * 64,
+        identity="i",
+        worker_id="w",
+        ln_url="",
+        request=chat(temperature=0.8, seed=1),
+        choices=(DeliveredChoice(0, (1, 2, 3), "abc", finished),),
+        mode="sampled" if mode == "sampled" else "greedy",
+        ignore_eos=False,
+        reported_prompt_tokens=5,
+        reported_completion_tokens=3,
+        stops=("\n",),
+    )
+    score = ScoredChoice(
+        index=0, gaps=[0.0] * 3, ranks=[0] * 3, eos=[0.5] * 4, best_is_eos=[False] * 3, text="abc", **scores
+    )
+    return delivered, AuditReport(prompt_tokens=5, choices=[score], seconds=0.1)
+
+
+def test_a_sampled_answer_is_flagged_by_two_draws_far_from_the_replay_or_two_dropped_tokens() -> None:
+    """One far draw passes (an honest worker's logits move a boundary now and then), two flag, a
+    finished answer's end counting as a draw; two tokens the sampler drops flag without a seed."""
+    rule = AuditRule()
+    cases = [
+        ({"replay_distances": [0.0, 0.01, 0.2], "replay_end_distance": 0.0}, True, False),
+        ({"replay_distances": [0.0, 0.06, 0.2], "replay_end_distance": 0.0}, True, True),
+        ({"replay_distances": [0.0, 0.0, 0.2], "replay_end_distance": 0.3}, True, True),
+        ({"replay_distances": [0.0, 0.0, 0.2], "replay_end_distance": 0.3}, False, False),
+        ({"sampled_p": [0.2, 0.0, 0.1]}, False, False),
+        ({"sampled_p": [0.0, 0.0, 0.1]}, False, True),
+    ]
+    for scores, finished, flagged in cases:
+        delivered, report = scored_answer("sampled", finished, **scores)
+        assert judge(delivered, report, rule).flagged is flagged, scores
+    # A greedy answer is judged by its gaps, whatever replay fields a report carries.
+    delivered, report = scored_answer("greedy", False, replay_distances=[1.0, 1.0, 1.0])
+    assert judge(delivered, report, rule) == Verdict(False, ())
+
+
+def test_ids_spell_the_relayed_text_or_the_text_and_the_stop_that_ended_it() -> None:
+    """A choice a stop sequence ended relays the text before the stop; its ids also spell the stop and
+    what its last token held after it. Anything else is other text."""
+    assert same_text("abc", "abc", ())
+    assert same_text("abc\nde", "abc", ("\n",))
+    assert not same_text("abcde", "abc", ("\n",))
+    assert not same_text("abc\n", "abd", ("\n",))
+    assert not same_text("abc", "abc and more", ("\n",))
+    delivered, report = scored_answer("greedy", False)
+    report = report.model_copy(update={"choices": [report.choices[0].model_copy(update={"text": "abc\nx"})]})
+    assert not judge(delivered, report, AuditRule()).flagged

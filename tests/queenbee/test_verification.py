@@ -427,12 +427,14 @@ def test_a_worker_inflating_its_usage_by_one_percent_is_never_paid_for_it(tmp_pa
         queen.stop()
 
 
-def test_a_whole_answer_from_a_q4_0_worker_posing_as_q4_1_is_flagged(
+def test_a_whole_answer_from_a_q4_0_worker_posing_as_q4_1_is_flagged_and_paused_for_good(
     tmp_path: Path, variants: dict[str, Path]
 ) -> None:
     """Whole (non-streamed) answers carry their token ids and are audited as streams are: the liar's are
-    flagged and it is paused within two audits, by answers its client received whole."""
-    queen = QueenServer(queen_settings(tmp_path, possession_challenges=False)).start()
+    flagged and it is paused within two audits, by answers its client received whole. Its standing is
+    in the ledger: after the queen restarts, the liar coming back is paused before it serves anything."""
+    settings = queen_settings(tmp_path, possession_challenges=False)
+    queen = QueenServer(settings).start()
     try:
         with (
             in_process(queen, LlamaEngine, "auditor", auditor=True),
@@ -447,6 +449,34 @@ def test_a_whole_answer_from_a_q4_0_worker_posing_as_q4_1_is_flagged(
             assert liar.flags == liar.audits
             assert "nats below the model's best" in liar.pause_reason
             assert service.counts.unauditable == 0
+            session = next(w for w in queen.hive.workers.values() if w.identity == "liar-instance")
+            wait_until(lambda: session.in_flight == 0 and service.pending == 0, timeout=60)
+            served = {row["ln_url"]: row["succeeded"] for row in admin(queen, "/admin/usage")["workers"]}
+    finally:
+        queen.stop()
+    queen = QueenServer(settings).start()
+    try:
+        with (
+            in_process(queen, LlamaEngine, "auditor", auditor=True),
+            in_process(queen, LlamaEngine, "liar", model=variants["Q4_0"]),
+        ):
+            wait_until(lambda: len(queen.hive.serving(MODEL)) == 2, timeout=60)
+            kept = audits_of(queen).known_standing("liar-instance")
+            assert kept is not None
+            assert (kept.paused, kept.audits, kept.flags, kept.pause_reason) == (
+                True,
+                liar.audits,
+                liar.flags,
+                liar.pause_reason,
+            )
+            client = OpenAI(base_url=queen.openai_url, api_key="unused", max_retries=0)
+            for prompt in PROMPTS[:3]:
+                ask_whole(client, prompt)
+            now = {row["ln_url"]: row["succeeded"] for row in admin(queen, "/admin/usage")["workers"]}
+            assert now["liar@example.com"] == served["liar@example.com"]
+            assert now["auditor@example.com"] == served.get("auditor@example.com", 0) + 3
+            view = [item.get("audit") for item in admin(queen, "/v1/workers")["data"]]
+            assert any(audit and audit.get("paused") for audit in view)
     finally:
         queen.stop()
 
