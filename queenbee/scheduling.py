@@ -41,14 +41,21 @@ def choose_worker(
         if not worker.can_take(slots) or worker.id in exclude or worker.health.benched(now):
             continue
         remote = worker.replica is not None
-        key = ((worker.in_flight + remote) / worker.parallel, -speed_score(worker, model), remote)
+        load = worker.in_flight / worker.parallel + (1 / worker.parallel if remote else 0.0)
+        key = (load, -speed_score(worker, model), remote)
         if best_key is None or key < best_key:
             best, best_key = worker, key
     return best
 
 
-HeapEntry = tuple[float, float, bool, int, str, int]
-"""(load, -speed, remote, arrival order, worker id, version): the order `choose_worker` ranks workers in."""
+HeapEntry = tuple[float, float, int, str, int]
+"""(load, -speed, arrival order, worker id, version): the order `choose_worker` ranks workers in (the
+order of a worker on another replica is offset by `REMOTE_ORDER`, so that it comes after local ones
+on a tie)."""
+
+REMOTE_ORDER = 2**62
+"""Added to a remote worker's arrival order: a tie puts it after every local worker, without a sixth
+field for a queen on its own to compare."""
 
 
 class WorkerIndex:
@@ -74,11 +81,14 @@ class WorkerIndex:
         if worker.free_slots <= 0:
             return
         self._order += 1
-        remote = worker.replica is not None
-        load = (worker.in_flight + remote) / worker.parallel
+        load = worker.in_flight / worker.parallel
+        order = self._order
+        if worker.replica is not None:  # as in choose_worker: one request more, after local ones on a tie
+            load += 1 / worker.parallel
+            order += REMOTE_ORDER
         for model in worker.models:
             heap = self._heaps.setdefault(model, [])
-            heapq.heappush(heap, (load, -speed_score(worker, model), remote, self._order, worker.id, version))
+            heapq.heappush(heap, (load, -speed_score(worker, model), order, worker.id, version))
             if len(heap) > 4 * len(self._workers) + 64:
                 self._compact(model)
 
@@ -101,8 +111,8 @@ class WorkerIndex:
         chosen: WorkerSession | None = None
         while heap:
             entry = heap[0]
-            worker = self._workers.get(entry[4])
-            if worker is None or self._versions.get(entry[4]) != entry[5] or worker.free_slots <= 0:
+            worker = self._workers.get(entry[3])
+            if worker is None or self._versions.get(entry[3]) != entry[4] or worker.free_slots <= 0:
                 heapq.heappop(heap)
                 continue
             if worker.id in exclude or worker.health.benched(now) or not worker.can_take(slots):
@@ -116,6 +126,6 @@ class WorkerIndex:
 
     def _compact(self, model: str) -> None:
         heap = self._heaps[model]
-        live = [entry for entry in heap if self._versions.get(entry[4]) == entry[5]]
+        live = [entry for entry in heap if self._versions.get(entry[3]) == entry[4]]
         heapq.heapify(live)
         self._heaps[model] = live
