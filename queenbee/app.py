@@ -25,7 +25,7 @@ from queenbee.api.fine_tuning import (
 )
 from queenbee.api.messages import count_tokens, create_message, is_messages_path
 from queenbee.api.responses import create_response, delete_response, list_input_items, retrieve_response
-from queenbee.auditing import AuditCollector, AuditService, auditor_secret
+from queenbee.auditing import AuditCollector, AuditService, auditor_secret, reinstate_worker
 from queenbee.auth import ClientKeys, Secrets, client_endpoint, stats_endpoint, warn_if_exposed
 from queenbee.dashboard import dashboard_routes
 from queenbee.direct_routes import DirectRoutes
@@ -237,6 +237,7 @@ def create_app(settings: QueenSettings) -> DirectRoutes:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", stats_endpoint(metrics_endpoint), methods=["GET"]),
         Route("/admin/usage", admin_usage, methods=["GET"]),
+        Route("/admin/workers/{identity}/reinstate", reinstate_worker, methods=["POST"]),
         WebSocketRoute("/worker", worker_endpoint),
         *dashboard_routes(),
     ]

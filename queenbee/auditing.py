@@ -35,6 +35,8 @@ from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import SecretStr, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from protocol import (
     AuditedChoice,
@@ -61,7 +63,8 @@ from queenbee.audits import (
     implausibly_fast,
     judge,
 )
-from queenbee.auth import SecretFileError, read_secret_file, secret_matches
+from queenbee.auth import SecretFileError, read_secret_file, require_admin, secret_matches
+from queenbee.errors import NotFound
 from queenbee.forwarding import ForwardedCall
 from queenbee.hive import Hive
 from queenbee.ledger import Ledger
@@ -612,6 +615,37 @@ class AuditService:
         await self._write(lambda connection: save_standing(connection, worker.identity, standing, now))
         return False
 
+    async def reinstate(self, identity: str) -> Standing | None:
+        """An operator's second chance for a paused identity: unpaused, on probation, its pay escrowed.
+
+        Its audits so far stay in the `audits` table; its window of recent audits starts empty. None if
+        the queen knows no standing of that identity.
+        """
+        standing = self.known_standing(identity)
+        if standing is None:
+            return None
+        standing.paused = False
+        standing.pause_reason = ""
+        standing.paused_after = 0
+        standing.recent.clear()
+        standing.probation_left = self.policy.probation_requests
+        standing.cleared = False
+        standing.passed_since_flag = 0
+        self.hive.health_of(identity).benched_until = 0.0
+        sessions = [worker for worker in self.hive.workers.values() if worker.identity == identity]
+        for worker in sessions:
+            worker.health.benched_until = 0.0
+        now = time.time()
+
+        def store(connection: Any) -> None:
+            save_standing(connection, identity, standing, now)
+            if sessions:
+                escrow.open_hold(connection, sessions[0].registration.ln_url, identity, now)
+
+        await self._write(store)
+        log.warning("audit: worker %s is reinstated by the operator, on probation", identity)
+        return standing
+
     # Reporting.
 
     def worker_view(self, worker: WorkerSession) -> dict[str, Any]:
@@ -621,6 +655,11 @@ class AuditService:
         standing = self.known_standing(worker.identity)
         if standing is None:
             return {"trusted": False, "audits": 0, "flags": 0, "probation": False, "paused": False}
+        return self.standing_view(standing)
+
+    @staticmethod
+    def standing_view(standing: Standing) -> dict[str, Any]:
+        """An untrusted worker's standing as the admin sees it."""
         return {
             "trusted": False,
             "audits": standing.audits,
@@ -630,6 +669,21 @@ class AuditService:
             "pause_reason": standing.pause_reason or None,
             "escrow_cleared": standing.cleared,
         }
+
+
+async def reinstate_worker(request: Request) -> Response:
+    """POST /admin/workers/{identity}/reinstate: give a paused worker identity another chance (admin key).
+
+    Pauses outlive restarts (the standings are in the ledger); this is how an operator lifts one. The
+    worker comes back on probation with its pay escrowed. 404 for an identity the queen has no record of.
+    """
+    require_admin(request)
+    identity = request.path_params["identity"]
+    service: AuditService = request.state.audits
+    standing = await service.reinstate(identity)
+    if standing is None:
+        raise NotFound(f"No audit record of a worker with the instance id '{identity}'.", param="identity")
+    return JSONResponse({"identity": identity, **service.standing_view(standing)})
 
 
 def _parse(adapter: Any, result: Result | JobError | None) -> Any:

@@ -147,6 +147,9 @@ def ask(client: OpenAI, prompt: str) -> str:
     return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
 
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 def admin(queen: QueenServer, path: str) -> Any:
     """GET an admin-only JSON endpoint."""
     response = httpx.get(f"{queen.base_url}{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
@@ -432,7 +435,8 @@ def test_a_whole_answer_from_a_q4_0_worker_posing_as_q4_1_is_flagged_and_paused_
 ) -> None:
     """Whole (non-streamed) answers carry their token ids and are audited as streams are: the liar's are
     flagged and it is paused within two audits, by answers its client received whole. Its standing is
-    in the ledger: after the queen restarts, the liar coming back is paused before it serves anything."""
+    in the ledger: after the queen restarts, the liar coming back is paused before it serves anything,
+    until the operator reinstates it (admin key only), on probation."""
     settings = queen_settings(tmp_path, possession_challenges=False)
     queen = QueenServer(settings).start()
     try:
@@ -477,6 +481,18 @@ def test_a_whole_answer_from_a_q4_0_worker_posing_as_q4_1_is_flagged_and_paused_
             assert now["auditor@example.com"] == served.get("auditor@example.com", 0) + 3
             view = [item.get("audit") for item in admin(queen, "/v1/workers")["data"]]
             assert any(audit and audit.get("paused") for audit in view)
+            # Only the operator lifts a pause: the liar comes back on probation, its pay escrowed.
+            url = f"{queen.base_url}/admin/workers/liar-instance/reinstate"
+            assert httpx.post(url).status_code == 401
+            unknown = httpx.post(url.replace("liar-instance", "nobody"), headers=ADMIN)
+            assert unknown.status_code == 404
+            assert unknown.json()["error"]["param"] == "identity"
+            reinstated = httpx.post(url, headers=ADMIN)
+            assert reinstated.status_code == 200, reinstated.text
+            body = reinstated.json()
+            assert (body["paused"], body["probation"], body["escrow_cleared"]) == (False, True, False)
+            session = next(w for w in queen.hive.workers.values() if w.identity == "liar-instance")
+            assert not session.health.benched(time.monotonic())
     finally:
         queen.stop()
 
