@@ -28,17 +28,40 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench import wrk
 from bench.processes import Service, free_port, served_models, start_instant_worker, wait_until
 
 
+@dataclass(frozen=True)
+class RedisProcess:
+    """The bench's redis-server."""
+
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """CPU time it has used so far."""
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A wrk run, with the CPU the queens and Redis spent per request over it."""
+
+    run: wrk.WrkRun
+    cpu_per_request: float
+
+
 @contextmanager
-def redis_server(directory: Path) -> Iterator[str]:
-    """A redis-server without persistence on a free loopback port; yields its URL."""
+def redis_server(directory: Path) -> Iterator[RedisProcess]:
+    """A redis-server without persistence on a free loopback port."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not Path(binary).exists():
         raise SystemExit("redis-server is not installed: run scripts/install")
@@ -59,7 +82,7 @@ def redis_server(directory: Path) -> Iterator[str]:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise SystemExit(f"redis-server did not start: see {directory / 'redis.log'}")
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield RedisProcess(f"redis://127.0.0.1:{port}/0", process.pid)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -103,13 +126,18 @@ def _run(queen: Service, streamed: bool, connections: int, seconds: float, cpus:
     return wrk.run(url, _body(streamed), connections=connections, seconds=seconds, cpus=cpus)
 
 
-def latency(logs: Path, redis_url: str, seconds: float, cpus: set[int]) -> dict[str, dict[str, wrk.WrkRun]]:
-    """p50 / p99 at one connection: a request to A (its own worker) and to B (A's worker, over Redis)."""
-    hive = ("--redis-url", redis_url, "--replica-lease", "3")
+def latency(logs: Path, redis: RedisProcess, seconds: float, cpus: set[int]) -> dict[str, dict[str, Timed]]:
+    """p50 / p99 at one connection: a request to A (its own worker) and to B (A's worker, over Redis),
+    with what A, B and Redis spent on each."""
+    hive = ("--redis-url", redis.url, "--replica-lease", "3")
     a = start_replica(logs, "a", (*hive, "--replica-id", "a"), None)
     b = start_replica(logs, "b", (*hive, "--replica-id", "b"), None)
     worker = start_instant_worker(a, parallel=64, logs=logs, cpus=None)
-    figures: dict[str, dict[str, wrk.WrkRun]] = {"local": {}, "cross": {}}
+    figures: dict[str, dict[str, Timed]] = {"local": {}, "cross": {}}
+
+    def spent() -> float:
+        return a.cpu_seconds() + b.cpu_seconds() + redis.cpu_seconds()
+
     try:
         wait_until(b, lambda: "instant" in served_models(b), 30)
         for streamed in (False, True):
@@ -118,11 +146,15 @@ def latency(logs: Path, redis_url: str, seconds: float, cpus: set[int]) -> dict[
                 _run(queen, streamed, 1, 1, cpus)  # warm-up
             # Alternated in halves, so that a drift of the machine's speed lands on both sides alike.
             halves: dict[str, list[wrk.WrkRun]] = {"local": [], "cross": []}
+            cpu = {"local": 0.0, "cross": 0.0}
             for _ in range(2):
                 for queen, where in ((a, "local"), (b, "cross")):
+                    before = spent()
                     halves[where].append(_run(queen, streamed, 1, seconds / 2, cpus))
+                    cpu[where] += spent() - before
             for where, runs in halves.items():
-                figures[where][mode] = min(runs, key=lambda run: run.p50)
+                requests = max(1, sum(run.requests for run in runs))
+                figures[where][mode] = Timed(min(runs, key=lambda run: run.p50), cpu[where] / requests)
     finally:
         worker.stop()
         b.stop()
@@ -131,7 +163,7 @@ def latency(logs: Path, redis_url: str, seconds: float, cpus: set[int]) -> dict[
 
 
 def throughput(
-    logs: Path, redis_url: str, seconds: float, chunks: int, cpus: list[int]
+    logs: Path, redis: RedisProcess, seconds: float, chunks: int, cpus: list[int]
 ) -> dict[str, list[wrk.WrkRun]]:
     """Streamed answers at 16 connections per queen: one queen alone, then two replicas at once."""
     first, second = {cpus[0]}, {cpus[-1]}
@@ -144,7 +176,7 @@ def throughput(
     finally:
         worker.stop()
         alone.stop()
-    hive = ("--redis-url", redis_url, "--replica-lease", "3")
+    hive = ("--redis-url", redis.url, "--replica-lease", "3")
     queens = [
         start_replica(logs, "ta", (*hive, "--replica-id", "ta"), first),
         start_replica(logs, "tb", (*hive, "--replica-id", "tb"), second),
@@ -187,21 +219,26 @@ def _ms(value: float) -> str:
     return f"{value * 1e3:.2f} ms"
 
 
-def report(lat: dict[str, dict[str, wrk.WrkRun]], through: dict[str, list[wrk.WrkRun]], chunks: int) -> str:
+def report(lat: dict[str, dict[str, Timed]], through: dict[str, list[wrk.WrkRun]], chunks: int) -> str:
     """The figures as markdown tables."""
     lines = [
         "| one connection | local (client on A) | cross-replica (client on B) | added |",
         "|---|---|---|---|",
     ]
     for mode in ("whole", "streamed"):
-        local, cross = lat["local"][mode], lat["cross"][mode]
+        local, cross = lat["local"][mode].run, lat["cross"][mode].run
         lines.append(f"| {mode}: p50 | {_ms(local.p50)} | {_ms(cross.p50)} | {_ms(cross.p50 - local.p50)} |")
         lines.append(f"| {mode}: p99 | {_ms(local.p99)} | {_ms(cross.p99)} | {_ms(cross.p99 - local.p99)} |")
+        cpu_local, cpu_cross = lat["local"][mode].cpu_per_request, lat["cross"][mode].cpu_per_request
+        lines.append(
+            f"| {mode}: CPU of the queens and Redis per request | {_ms(cpu_local)} | {_ms(cpu_cross)} | "
+            f"{_ms(cpu_cross - cpu_local)} |"
+        )
     per_answer = chunks + 2
     one = sum(run.requests_per_second for run in through["one queen"]) * per_answer
     two = sum(run.requests_per_second for run in through["two replicas"]) * per_answer
     failures = sum(run.failures for runs in through.values() for run in runs)
-    failures += sum(run.failures for figures in lat.values() for run in figures.values())
+    failures += sum(timed.run.failures for figures in lat.values() for timed in figures.values())
     lines += [
         "",
         f"| {chunks}-chunk streams, 16 connections per queen | one queen | two replicas | two / one |",
@@ -221,9 +258,9 @@ def main() -> int:
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     logs = Path(tempfile.mkdtemp(prefix="replicas-"))
-    with redis_server(logs) as redis_url:
-        lat = latency(logs, redis_url, args.seconds, {cpus[-1]})
-        through = throughput(logs, redis_url, args.seconds, args.chunks, cpus)
+    with redis_server(logs) as redis:
+        lat = latency(logs, redis, args.seconds, {cpus[-1]})
+        through = throughput(logs, redis, args.seconds, args.chunks, cpus)
     print(report(lat, through, args.chunks))
     print(f"\nlogs: {logs}")
     return 0

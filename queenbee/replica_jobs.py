@@ -95,7 +95,7 @@ class ReplicaJobs:
             self._reply(origin, "gone", envelope.worker_id, request_id, arg="the worker left its replica")
             return
         slots = int(envelope.arg) if envelope.arg.isdigit() else 1
-        if request_id in self._running or not request_id or not worker.can_take(slots):
+        if request_id in self._running or not request_id or self._hive.draining or not worker.can_take(slots):
             refusal = JobError(
                 request_id=request_id or "-",
                 code=ErrorCode.OVERLOADED,

@@ -224,7 +224,8 @@ class ReplicaHive:
                     "connected_at": worker.connected_at,
                     "in_flight": worker.in_flight,
                     "held_for": self.jobs.held_for(worker.id),
-                    "draining": worker.draining or worker.closed,
+                    # A replica shutting down takes no more jobs: its workers show as draining.
+                    "draining": worker.draining or worker.closed or self.hive.draining,
                     "speed": {
                         model: [speed.ttft, speed.tokens_per_second, speed.samples]
                         for model, speed in worker.speed.items()

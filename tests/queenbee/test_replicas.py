@@ -573,3 +573,32 @@ async def test_a_replica_killed_while_another_replicas_worker_serves_its_client(
     assert held.status_code == 429  # B's client held the key's one slot, across the hive
     assert statuses[-1] == 200
     assert len(worker.jobs) == 2
+
+
+async def test_a_replica_shutting_down_finishes_the_other_replicas_requests_first(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """SIGTERM of replica A (a rolling restart) lets the job it runs for B's client finish, and shows
+    its workers to B as draining meanwhile, so that nothing new is sent to them."""
+    release = asyncio.Event()
+
+    async def slow(worker: FakeWorker, job: Job) -> None:
+        await release.wait()
+        await answer(worker, job)
+
+    with replicas(tmp_path, redis_server, "a", "b", shutdown_grace=20.0) as (a, b):
+        worker = await FakeWorker(a.worker_url, behaviour=slow, parallel=2).connect()
+        await eventually(lambda: sees(b, worker))
+        async with httpx.AsyncClient(timeout=30) as client:
+            pending = asyncio.create_task(client.post(f"{b.base_url}/v1/chat/completions", json=CHAT))
+            await eventually(lambda: len(worker.jobs) == 1)
+            stopping = asyncio.create_task(asyncio.to_thread(a.stop))
+            await eventually(lambda: b.hive.workers[worker.worker_id].draining)
+            assert not pending.done()
+            release.set()
+            response = await pending
+            await stopping
+        await worker.close()
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "Hello there"
+    assert len(worker.jobs) == 1
