@@ -59,13 +59,12 @@ class ReplicaJobs:
         self.started = 0
         """Jobs of other replicas started here since this replica started."""
 
-    def held_for(self, worker_id: str) -> dict[str, int]:
-        """Slots of a local worker held for each other replica."""
-        held: Counter[str] = Counter()
+    def held_by_worker(self) -> dict[str, dict[str, int]]:
+        """For each local worker running jobs of other replicas, the slots held for each of them."""
+        held: dict[str, Counter[str]] = {}
         for relayed in self._running.values():
-            if relayed.worker.id == worker_id:
-                held[relayed.origin] += relayed.slots
-        return dict(held)
+            held.setdefault(relayed.worker.id, Counter())[relayed.origin] += relayed.slots
+        return {worker_id: dict(by_origin) for worker_id, by_origin in held.items()}
 
     @property
     def running(self) -> int:

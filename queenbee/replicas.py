@@ -22,9 +22,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import ValidationError
@@ -43,6 +43,8 @@ from queenbee.worker_session import ModelSpeed, WorkerSession
 
 log = logging.getLogger("queenbee.replicas")
 
+T = TypeVar("T")
+
 PREFIX = "queenbee:"
 """Every key and channel of the hive starts with it."""
 
@@ -51,6 +53,14 @@ _SERVED = ("requests", "errors", "prompt_tokens", "completion_tokens")
 
 _SECRETS = {"auth_key", "auditor_token", "training"}
 """Left out of announcements: secrets, and fine-tuning, which stays with the replica holding the worker."""
+
+
+async def _off_loop(function: Callable[[Any], T], argument: Any, size: int) -> T:
+    """`function(argument)`, in a thread when `size` (workers, or about) makes it long enough to hold
+    up the requests on the event loop."""
+    if size < 500:
+        return function(argument)
+    return await asyncio.to_thread(function, argument)
 
 
 def new_replica_id() -> str:
@@ -101,8 +111,8 @@ class ReplicaHive:
         self.jobs = ReplicaJobs(hive, settings, self.mailbox, replica_id=replica_id, prefix=PREFIX)
         self._mirrors: dict[str, RemoteWorker] = {}
         """Workers of the other replicas, by worker id."""
-        self._registrations: dict[str, dict[str, Any]] = {}
-        """Each local worker's registration as announced (without secrets), made once."""
+        self._written: set[str] = set()
+        """Local workers whose registration is in this replica's roster in Redis."""
         self._task: asyncio.Task[None] | None = None
         self.activity: RecentActivity | None = None
         """This replica's totals, announced so that every replica's /metrics shows every replica's."""
@@ -148,6 +158,9 @@ class ReplicaHive:
     def _key(self, replica_id: str) -> str:
         return f"{PREFIX}announce:{replica_id}"
 
+    def _roster(self, replica_id: str) -> str:
+        return f"{PREFIX}roster:{replica_id}"
+
     async def _beat_forever(self) -> None:
         interval = self.settings.replica_lease / 3
         # The first announcement waits (a little) for the channel: a replica not listening stays out.
@@ -169,21 +182,40 @@ class ReplicaHive:
         # A replica whose channel is not subscribed (yet, or again) would never hear its answers: it
         # stays out of the hive, announcing nothing and using no other replica's worker, until it is.
         listening = self.mailbox.subscribed.is_set()
+        local = {worker.id: worker for worker in self.hive.workers.values() if worker.replica is None}
+        joined = {
+            worker_id: worker.registration.model_dump_json(exclude=_SECRETS)
+            for worker_id, worker in local.items()
+            if worker_id not in self._written
+        }
+        left = [worker_id for worker_id in self._written if worker_id not in local]
+        announcement = await _off_loop(json.dumps, self._announcement(local), len(local))
         async with self.redis.pipeline(transaction=False) as pipe:
             if listening:
-                pipe.set(self._key(self.id), self._announcement(), px=lease_ms)
+                # Registrations go once, to the roster; each beat carries only what changes.
+                if joined:
+                    pipe.hset(self._roster(self.id), mapping=joined)  # type: ignore[arg-type]
+                if left:
+                    pipe.hdel(self._roster(self.id), *left)
+                pipe.pexpire(self._roster(self.id), lease_ms)
+                pipe.set(self._key(self.id), announcement, px=lease_ms)
             else:
-                pipe.delete(self._key(self.id))
+                pipe.delete(self._key(self.id), self._roster(self.id))
             pipe.zadd(members, {self.id: time.time()})
             # A replica not seen for a minute is long gone: its name need not be listed any more.
             pipe.zremrangebyscore(members, "-inf", time.time() - 60)
             pipe.zrange(members, 0, -1)
             results = await pipe.execute()
-        others = [name.decode() for name in results[3] if name.decode() != self.id]
+        others = [name.decode() for name in results[-1] if name.decode() != self.id]
         if not listening:
+            self._written.clear()
             for worker_id in list(self._mirrors):
                 self._drop_mirror(worker_id, "this replica's channel is not subscribed")
             return
+        self._written.update(joined)
+        self._written.difference_update(left)
+        if not results[int(bool(joined)) + int(bool(left))]:
+            self._written.clear()  # the roster was gone (Redis restarted empty): written again next beat
         values = cast(
             list[bytes | None], await self.redis.mget([self._key(n) for n in others]) if others else []
         )
@@ -191,7 +223,7 @@ class ReplicaHive:
             log.info("replica %s is in the hive (Redis reachable)", self.id)
         self.status.redis_up = True
         self.status.last_contact = time.monotonic()
-        self._update(dict(zip(others, values, strict=True)))
+        await self._update(dict(zip(others, values, strict=True)))
         if self.limiter is not None:
             await self.limiter.renew()
 
@@ -206,33 +238,25 @@ class ReplicaHive:
             for name in list(self.status.replicas):
                 self._replica_gone(name, "Redis is unreachable")
 
-    def _announcement(self) -> bytes:
+    def _announcement(self, local: dict[str, WorkerSession]) -> dict[str, Any]:
+        """What changes from beat to beat: each local worker's load, draining and speed (empty fields
+        left out), and this replica's totals."""
+        held = self.jobs.held_by_worker()
         workers = []
-        local = [worker for worker in self.hive.workers.values() if worker.replica is None]
-        live = {worker.id for worker in local}
-        for worker_id in [worker_id for worker_id in self._registrations if worker_id not in live]:
-            del self._registrations[worker_id]
-        for worker in local:
-            registration = self._registrations.get(worker.id)
-            if registration is None:
-                registration = worker.registration.model_dump(mode="json", exclude=_SECRETS)
-                self._registrations[worker.id] = registration
-            workers.append(
-                {
-                    "id": worker.id,
-                    "registration": registration,
-                    "connected_at": worker.connected_at,
-                    "in_flight": worker.in_flight,
-                    "held_for": self.jobs.held_for(worker.id),
-                    # A replica shutting down takes no more jobs: its workers show as draining.
-                    "draining": worker.draining or worker.closed or self.hive.draining,
-                    "speed": {
-                        model: [speed.ttft, speed.tokens_per_second, speed.samples]
-                        for model, speed in worker.speed.items()
-                    },
+        for worker in local.values():
+            entry: dict[str, Any] = {"id": worker.id, "at": worker.connected_at, "busy": worker.in_flight}
+            if worker.id in held:
+                entry["held_for"] = held[worker.id]
+            # A replica shutting down takes no more jobs: its workers show as draining.
+            if worker.draining or worker.closed or self.hive.draining:
+                entry["draining"] = True
+            if worker.speed:
+                entry["speed"] = {
+                    model: [speed.ttft, speed.tokens_per_second, speed.samples]
+                    for model, speed in worker.speed.items()
                 }
-            )
-        body = {
+            workers.append(entry)
+        return {
             "replica": self.id,
             "at": time.time(),
             "jobs_relayed": self.jobs.running,
@@ -240,7 +264,6 @@ class ReplicaHive:
             "served": self._served(),
             "workers": workers,
         }
-        return json.dumps(body, separators=(",", ":")).encode()
 
     def served(self) -> dict[str, int]:
         """This replica's own clients' totals, as it announces them."""
@@ -258,33 +281,45 @@ class ReplicaHive:
             "completion_tokens": totals.completion_tokens,
         }
 
-    def _update(self, announcements: dict[str, bytes | None]) -> None:
-        """Mirror the other replicas' workers as their announcements now stand."""
+    async def _update(self, announcements: dict[str, bytes | None]) -> None:
+        """Mirror the other replicas' workers as their announcements now stand (reading the roster for
+        the workers not mirrored yet)."""
         for name in [name for name in self.status.replicas if announcements.get(name) is None]:
             self._replica_gone(name, "its announcement expired")
         for name, value in announcements.items():
             if value is None:
                 continue
             try:
-                body = json.loads(value)
-                self._mirror(name, body)
+                body = await _off_loop(json.loads, value, len(value) // 100)
+                entries = body["workers"]
+                new = [str(e["id"]) for e in entries if str(e["id"]) not in self._mirrors]
+                new = [worker_id for worker_id in new if worker_id not in self.hive.workers]
+                roster: dict[str, Register] = {}
+                if new:
+                    found = await self.redis.hmget(self._roster(name), new)
+                    for worker_id, data in zip(new, found, strict=True):
+                        if data is not None:
+                            roster[worker_id] = Register.model_validate_json(data)
+                self._mirror(name, body, roster)
             except (ValueError, KeyError, TypeError, ValidationError) as exc:
                 log.warning("ignored replica %s's announcement: %r", name, exc)
 
-    def _mirror(self, name: str, body: dict[str, Any]) -> None:
+    def _mirror(self, name: str, body: dict[str, Any], roster: dict[str, Register]) -> None:
         seen: set[str] = set()
         slots = busy = 0
         for entry in body["workers"]:
             worker_id = str(entry["id"])
-            seen.add(worker_id)
             mirror = self._mirrors.get(worker_id)
             if mirror is None:
-                local = self.hive.workers.get(worker_id)
-                if local is not None:
-                    continue  # the same connection cannot be on two replicas: ours is the one that is live
-                mirror = self._add_mirror(name, worker_id, Register.model_validate(entry["registration"]))
+                registration = roster.get(worker_id)
+                if registration is None:
+                    # Ours (the same connection cannot be on two replicas: ours is the one that is
+                    # live), or not in the roster yet: seen at a later beat.
+                    continue
+                mirror = self._add_mirror(name, worker_id, registration)
+            seen.add(worker_id)
             held = entry.get("held_for") or {}
-            others = max(0, int(entry["in_flight"]) - int(held.get(self.id, 0)))
+            others = max(0, int(entry["busy"]) - int(held.get(self.id, 0)))
             speed = {
                 model: ModelSpeed(ttft=values[0], tokens_per_second=values[1], samples=int(values[2]))
                 for model, values in (entry.get("speed") or {}).items()
@@ -294,12 +329,12 @@ class ReplicaHive:
                 others=others,
                 draining=bool(entry.get("draining")),
                 speed=speed,
-                connected_at=float(entry["connected_at"]),
+                connected_at=float(entry["at"]),
             )
             if (mirror.others, mirror.draining) != before:
                 self.hive.slot_freed(mirror)  # re-ranked, and a waiter may now fit
             slots += mirror.parallel
-            busy += int(entry["in_flight"])
+            busy += int(entry["busy"])
         for worker_id in [w for w, m in self._mirrors.items() if m.replica == name and w not in seen]:
             self._drop_mirror(worker_id, f"the worker left replica {name}")
         self.status.replicas[name] = ReplicaView(
