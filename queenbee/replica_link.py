@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 log = logging.getLogger("queenbee.replicas")
@@ -89,11 +91,13 @@ class Mailbox:
         on_envelope: Callable[[Envelope], Awaitable[None]],
         *,
         retry: float = 0.5,
+        idle: float = 5.0,
     ) -> None:
         self._redis = redis
         self._channel = channel
         self._on_envelope = on_envelope
         self._retry = retry
+        self._idle = idle
         self._queue: list[tuple[str, bytes, OnLost | None]] = []
         self._ready = asyncio.Event()
         self.subscribed = asyncio.Event()
@@ -113,51 +117,70 @@ class Mailbox:
             group.create_task(self._receive_loop())
 
     async def _send_loop(self) -> None:
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            batch, self._queue = self._queue, []
-            # One message per channel: a burst of chunks for one replica costs one PUBLISH.
-            by_channel: dict[str, list[tuple[bytes, OnLost | None]]] = {}
-            for channel, payload, on_lost in batch:
-                by_channel.setdefault(channel, []).append((payload, on_lost))
-            messages = [
-                (channel, _RECORDS.join(payload for payload, _ in entries))
-                for channel, entries in by_channel.items()
-            ]
-            counts: list[int]
-            try:
-                if len(messages) == 1:
-                    counts = [int(await self._redis.publish(*messages[0]))]
-                else:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for channel, message in messages:
-                            pipe.publish(channel, message)
-                        counts = [int(count) for count in await pipe.execute()]
-                self.connected = True
-            except (RedisError, OSError) as exc:
-                if self.connected:
-                    log.warning("replica messages could not be sent to Redis: %r", exc)
-                self.connected = False
-                counts = [0] * len(messages)
-            for entries, count in zip(by_channel.values(), counts, strict=True):
-                if count == 0:
-                    for _, on_lost in entries:
-                        if on_lost is not None:
-                            on_lost()
+        # One connection of its own, spoken to directly: the client's per-command machinery (pool,
+        # retries, hooks) cost more than the PUBLISH itself, and a channel's messages stay in order.
+        connection: Connection | None = None
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                batch, self._queue = self._queue, []
+                # One message per channel: a burst of chunks for one replica costs one PUBLISH.
+                by_channel: dict[str, list[tuple[bytes, OnLost | None]]] = {}
+                for channel, payload, on_lost in batch:
+                    by_channel.setdefault(channel, []).append((payload, on_lost))
+                commands = [
+                    ("PUBLISH", channel, _RECORDS.join(payload for payload, _ in entries))
+                    for channel, entries in by_channel.items()
+                ]
+                counts: list[int]
+                try:
+                    if connection is None:
+                        connection = await self._connection()
+                    await connection.send_packed_command(
+                        connection.pack_commands(commands), check_health=False
+                    )
+                    counts = [int(await connection.read_response()) for _ in commands]
+                    self.connected = True
+                except (RedisError, OSError) as exc:
+                    if self.connected:
+                        log.warning("replica messages could not be sent to Redis: %r", exc)
+                    self.connected = False
+                    counts = [0] * len(commands)
+                    await self._discard(connection)
+                    connection = None
+                for entries, count in zip(by_channel.values(), counts, strict=True):
+                    if count == 0:
+                        for _, on_lost in entries:
+                            if on_lost is not None:
+                                on_lost()
+        finally:
+            await self._discard(connection)
 
     async def _receive_loop(self) -> None:
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            connection: Connection | None = None
             try:
-                await pubsub.subscribe(self._channel)
+                connection = await self._connection()
+                await connection.send_command("SUBSCRIBE", self._channel, check_health=False)
+                await connection.read_response(push_request=True)  # the subscription's confirmation
                 self.subscribed.set()
+                pinged = False
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is None or message.get("type") != "message":
+                    reply = await connection.read_response(timeout=self._idle, push_request=True)
+                    if reply is None:
+                        # Quiet for a while: a PING proves the connection is still there (its answer,
+                        # or any message, comes before the next wait is over).
+                        if pinged:
+                            raise RedisConnectionError(f"Redis did not answer a PING in {self._idle:g} s")
+                        await connection.send_command("PING", check_health=False)
+                        pinged = True
+                        continue
+                    pinged = False
+                    if not isinstance(reply, list) or len(reply) != 3 or reply[0] != b"message":
                         continue
                     try:
-                        envelopes = decode_message(message["data"])
+                        envelopes = decode_message(reply[2])
                     except EnvelopeError as exc:
                         log.warning("ignored a bad message on %s: %s", self._channel, exc)
                         continue
@@ -166,9 +189,25 @@ class Mailbox:
             except (RedisError, OSError) as exc:
                 if self.subscribed.is_set():
                     log.warning("lost the replica channel %s: %r; retrying", self._channel, exc)
-                self.subscribed.clear()
+            except Exception:
+                # A bug must not leave the replica deaf for good: say so, and listen again.
+                log.exception("the replica channel %s failed; listening again", self._channel)
             finally:
                 self.subscribed.clear()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._discard(connection)
             await asyncio.sleep(self._retry)
+
+    async def _connection(self) -> Connection:
+        """A connection of the client's pool, held by this mailbox until it breaks."""
+        pool = self._redis.connection_pool
+        connection = cast(Connection, await pool.get_connection())  # type: ignore[no-untyped-call]
+        connection.health_check_interval = 0  # its loop checks it: a health PING would interleave
+        return connection
+
+    async def _discard(self, connection: Connection | None) -> None:
+        """Close a connection this mailbox held (broken, or no longer needed)."""
+        if connection is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await connection.disconnect()
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.connection_pool.release(connection)

@@ -63,6 +63,11 @@ async def _off_loop(function: Callable[[Any], T], argument: Any, size: int) -> T
     return await asyncio.to_thread(function, argument)
 
 
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("this replica left the hive: its task failed", exc_info=task.exception())
+
+
 def new_replica_id() -> str:
     """A random replica name (when --replica-id is not given)."""
     return "replica-" + os.urandom(4).hex()
@@ -107,7 +112,9 @@ class ReplicaHive:
         self.redis = redis
         self.id = replica_id
         self.status = ReplicaStatus()
-        self.mailbox = Mailbox(redis, channel_of(PREFIX, replica_id), self._received)
+        self.mailbox = Mailbox(
+            redis, channel_of(PREFIX, replica_id), self._received, idle=settings.replica_lease
+        )
         self.jobs = ReplicaJobs(hive, settings, self.mailbox, replica_id=replica_id, prefix=PREFIX)
         self._mirrors: dict[str, RemoteWorker] = {}
         """Workers of the other replicas, by worker id."""
@@ -136,6 +143,7 @@ class ReplicaHive:
     def start(self) -> None:
         """Join the hive: announce, listen and read the others in the background."""
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(_report_crash)
 
     async def close(self) -> None:
         """Leave the hive: stop, withdraw the announcement (others drop our workers at once)."""
