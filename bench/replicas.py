@@ -202,6 +202,13 @@ def throughput(
         for thread in threads:
             thread.join()
         results["two replicas"] = [run for run in runs if run is not None]
+        text = httpx.get(f"{queens[0].base_url}/metrics").text
+        crossed = sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("queenbee_replica_jobs_run_total{")
+        )
+        results["crossed"] = [wrk.WrkRun(int(crossed), 1.0, 0, 0.0, 0.0)]
     finally:
         for process in workers:
             process.stop()
@@ -237,6 +244,9 @@ def report(lat: dict[str, dict[str, Timed]], through: dict[str, list[wrk.WrkRun]
     per_answer = chunks + 2
     one = sum(run.requests_per_second for run in through["one queen"]) * per_answer
     two = sum(run.requests_per_second for run in through["two replicas"]) * per_answer
+    crossed = through.pop("crossed", [])
+    answers = sum(run.requests for run in through["two replicas"])
+    share = (sum(run.requests for run in crossed) / answers) if answers else 0.0
     failures = sum(run.failures for runs in through.values() for run in runs)
     failures += sum(timed.run.failures for figures in lat.values() for timed in figures.values())
     lines += [
@@ -244,6 +254,7 @@ def report(lat: dict[str, dict[str, Timed]], through: dict[str, list[wrk.WrkRun]
         f"| {chunks}-chunk streams, 16 connections per queen | one queen | two replicas | two / one |",
         "|---|---|---|---|",
         f"| chunks per second | {one:,.0f} | {two:,.0f} | {two / one:.2f}x |",
+        f"| answers dispatched to the other replica | | {share:.1%} | |",
         "",
         f"Failed requests over the run: {failures}.",
     ]
