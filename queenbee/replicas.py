@@ -153,7 +153,7 @@ class ReplicaHive:
                 await self._task
         try:
             async with asyncio.timeout(self.settings.replica_lease):
-                await self.redis.delete(self._key(self.id))
+                await self.redis.delete(self._key(self.id), self._roster(self.id))
         except (RedisError, OSError, TimeoutError):
             log.info("could not withdraw this replica's announcement; it expires with its lease")
         await self.redis.aclose()

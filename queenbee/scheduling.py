@@ -19,6 +19,12 @@ def speed_score(worker: WorkerSession, model: str) -> float:
     return speed.tokens_per_second
 
 
+def remote_penalty(worker: WorkerSession) -> int:
+    """Requests a worker on another replica ranks as holding beyond its own: a quarter of its slots,
+    at least one."""
+    return max(1, worker.parallel // 4)
+
+
 def choose_worker(
     candidates: Iterable[WorkerSession],
     model: str,
@@ -30,8 +36,9 @@ def choose_worker(
     """Pick the least loaded worker with `slots` free, the fastest among equals, one connected to this
     queen rather than to another replica when they tie; None if none has them.
 
-    A worker on another replica of the hive ranks as if it held one more request: the hop between
-    replicas costs more than a slot's difference in load.
+    A worker on another replica of the hive ranks as if a quarter of its slots (at least one) more
+    were busy: the hop between replicas costs both replicas CPU, worth more than a small difference in
+    load, and the load another replica announced is up to a beat old.
 
     One pass over the candidates: cost grows linearly with the workers serving the model.
     """
@@ -41,7 +48,7 @@ def choose_worker(
         if not worker.can_take(slots) or worker.id in exclude or worker.health.benched(now):
             continue
         remote = worker.replica is not None
-        load = worker.in_flight / worker.parallel + (1 / worker.parallel if remote else 0.0)
+        load = (worker.in_flight + (remote_penalty(worker) if remote else 0)) / worker.parallel
         key = (load, -speed_score(worker, model), remote)
         if best_key is None or key < best_key:
             best, best_key = worker, key
@@ -83,8 +90,8 @@ class WorkerIndex:
         self._order += 1
         load = worker.in_flight / worker.parallel
         order = self._order
-        if worker.replica is not None:  # as in choose_worker: one request more, after local ones on a tie
-            load += 1 / worker.parallel
+        if worker.replica is not None:  # as in choose_worker: busier by the penalty, after local on a tie
+            load = (worker.in_flight + remote_penalty(worker)) / worker.parallel
             order += REMOTE_ORDER
         for model in worker.models:
             heap = self._heaps.setdefault(model, [])

@@ -602,3 +602,23 @@ async def test_a_replica_shutting_down_finishes_the_other_replicas_requests_firs
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "Hello there"
     assert len(worker.jobs) == 1
+
+
+def test_a_remote_worker_ranks_as_if_a_quarter_of_its_slots_more_were_busy() -> None:
+    """Local one busy of 4 ties with a remote idle one (its penalty is one): the local worker wins; local
+    two busy of 4 loses to it. The index and the reference scan agree."""
+    from bench.scheduling import make_workers
+    from queenbee.scheduling import WorkerIndex, choose_worker
+
+    local, remote = make_workers(2)
+    remote.replica = "a"
+    for busy, expected in ((1, local), (2, remote)):
+        for n in range(busy):
+            local.reserve(f"r{busy}-{n}", "m")
+        index = WorkerIndex()
+        for worker in (remote, local):
+            index.update(worker)
+        assert choose_worker([remote, local], "m", now=0.0) is expected
+        assert index.choose("m", now=0.0) is expected
+        for n in range(busy):
+            local.release(f"r{busy}-{n}")
