@@ -13,6 +13,7 @@ cancelled on the workers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from protocol import Chunk, ErrorCode, JobError, Result, ResultPart, encode
 from queenbee.hive import Hive
 from queenbee.replica_link import Envelope, Kind, Mailbox, channel_of
 from queenbee.settings import QueenSettings
-from queenbee.worker_session import BufferOverflow, RequestStream, WorkerGone, WorkerSession
+from queenbee.worker_session import BufferOverflow, RequestEvent, RequestStream, WorkerSession
 
 log = logging.getLogger("queenbee.replicas")
 
@@ -34,6 +35,8 @@ class _Relayed:
     origin: str
     worker: WorkerSession
     slots: int
+    stream: RequestStream
+    timer: asyncio.TimerHandle | None = None
     lost: bool = False
     """The origin stopped listening: the job was cancelled, its last frames go nowhere."""
 
@@ -103,45 +106,37 @@ class ReplicaJobs:
             self._reply(origin, "out", worker.id, request_id, frame=encode(refusal).encode())
             return
         stream = self._hive.reserve_on(worker, request_id, slots)
-        relayed = self._running[request_id] = _Relayed(origin, worker, slots)
+        relayed = self._running[request_id] = _Relayed(origin, worker, slots, stream)
         self.started += 1
-        self._hive.spawn(self._relay(request_id, relayed, stream, envelope.frame.decode()))
+        # Each frame goes on as the session's reader hands it over: no task, no queue in between.
+        stream.on_event = lambda event: self._forward(request_id, relayed, event)
+        # The origin keeps the request's deadlines; this only bounds a job whose origin went quiet.
+        limit = self._settings.request_timeout + 2 * self._settings.cancel_grace
+        relayed.timer = asyncio.get_running_loop().call_later(limit, self._lose, request_id, relayed)
+        self._hive.spawn(worker.send_job(envelope.frame.decode(), request_id))
 
-    async def _relay(self, request_id: str, relayed: _Relayed, stream: RequestStream, job: str) -> None:
-        """Send the job to the worker and its frames to the origin until the request ends."""
-        worker = relayed.worker
-        try:
-            await worker.send_job(job, request_id)
-            # The origin keeps the request's deadlines; this only bounds a job whose origin went quiet.
-            limit = self._settings.request_timeout + 2 * self._settings.cancel_grace
-            while True:
-                try:
-                    event = await stream.next(limit)
-                except TimeoutError:
-                    self._lose(request_id, relayed)
-                    continue
-                if isinstance(event, Chunk):
-                    self._out(relayed, request_id, encode(event))
-                    continue
-                if isinstance(event, Result):
-                    for part in stream.parts:
-                        self._out(relayed, request_id, encode(ResultPart(request_id=request_id, data=part)))
-                    stream.parts = []
-                    self._out(relayed, request_id, encode(event))
-                    return
-                if isinstance(event, JobError):
-                    self._out(relayed, request_id, encode(event))
-                    return
-                if isinstance(event, BufferOverflow):
-                    # The session cancelled it; its last word still comes, and goes nowhere.
-                    self._gone(relayed, request_id, event.reason)
-                    relayed.lost = True
-                    continue
-                assert isinstance(event, WorkerGone)
-                self._gone(relayed, request_id, event.reason)
-                return
-        finally:
-            self._running.pop(request_id, None)
+    def _forward(self, request_id: str, relayed: _Relayed, event: RequestEvent) -> None:
+        """Relay one event of a job to its origin; the last one ends the job here."""
+        if isinstance(event, Chunk):
+            self._out(relayed, request_id, encode(event))
+            return
+        if isinstance(event, BufferOverflow):
+            # The whole response was too big: the session cancelled it; its last word goes nowhere.
+            self._gone(relayed, request_id, event.reason)
+            relayed.lost = True
+            return
+        if isinstance(event, Result):
+            for part in relayed.stream.parts:
+                self._out(relayed, request_id, encode(ResultPart(request_id=request_id, data=part)))
+            relayed.stream.parts = []
+            self._out(relayed, request_id, encode(event))
+        elif isinstance(event, JobError):
+            self._out(relayed, request_id, encode(event))
+        else:
+            self._gone(relayed, request_id, event.reason)
+        self._running.pop(request_id, None)
+        if relayed.timer is not None:
+            relayed.timer.cancel()
 
     def _out(self, relayed: _Relayed, request_id: str, frame: str) -> None:
         if relayed.lost:

@@ -89,9 +89,14 @@ class RequestStream:
         self.on_overflow: Callable[[], None] | None = None
         """Called once when the request overflows its buffer (the client stopped reading)."""
         self._queue: asyncio.Queue[tuple[RequestEvent, int]] = asyncio.Queue()
+        self.on_event: Callable[[RequestEvent], None] | None = None
+        """Takes every event as it comes, instead of `next` (a job relayed for another replica)."""
 
     def put(self, event: RequestEvent, size: int = 0) -> None:
         """Deliver an event of `size` bytes on the wire (called by the session's reader)."""
+        if self.on_event is not None:
+            self.on_event(event)
+            return
         self.buffered_bytes += size
         self._queue.put_nowait((event, size))
 
