@@ -5,10 +5,13 @@ free loopback port) and measures, with Debian's `wrk` as the client:
 
 - latency: replicas A and B (`--redis-url`), one instant worker (bench/instant_worker.py) on A; p50 and
   p99 at one connection of a request to A (served by its own worker) and of the same request to B
-  (dispatched to A's worker over Redis and relayed back), whole and streamed; "added" is B's minus A's;
+  (dispatched to A's worker over Redis and relayed back), whole and streamed, and the CPU A, B and
+  Redis spent per request; "added" is B's minus A's;
 - throughput: streamed answers of `--chunks` chunks at 16 connections per queen: one queen on its own
   (no Redis) with one instant worker, against replicas A and B each with one instant worker and a wrk
-  of its own, run at once; chunks per second, and the ratio of the hive's to the one queen's.
+  of its own, run at once; chunks per second, the ratio of the hive's to the one queen's, the queens'
+  CPU per chunk (what a replica costs beside a queen on its own) and the share of answers dispatched
+  to the other replica.
 
 On this machine's two cores the queens, the workers and wrk share the CPUs: in the one-queen run the
 queen has a core to itself, in the hive each replica shares one with its worker and its wrk.
@@ -162,17 +165,30 @@ def latency(logs: Path, redis: RedisProcess, seconds: float, cpus: set[int]) -> 
     return figures
 
 
-def throughput(
-    logs: Path, redis: RedisProcess, seconds: float, chunks: int, cpus: list[int]
-) -> dict[str, list[wrk.WrkRun]]:
+@dataclass(frozen=True)
+class Throughput:
+    """The relay runs: one queen on its own, then two replicas driven at once."""
+
+    one: wrk.WrkRun
+    two: list[wrk.WrkRun]
+    queen_cpu_one: float
+    """CPU seconds the one queen spent over its run."""
+    queen_cpu_two: float
+    """CPU seconds the two replicas spent over theirs, together."""
+    crossed: int
+    """Answers one replica dispatched to the other's worker (warm-up included)."""
+
+
+def throughput(logs: Path, redis: RedisProcess, seconds: float, chunks: int, cpus: list[int]) -> Throughput:
     """Streamed answers at 16 connections per queen: one queen alone, then two replicas at once."""
     first, second = {cpus[0]}, {cpus[-1]}
-    results: dict[str, list[wrk.WrkRun]] = {}
     alone = start_replica(logs, "alone", (), first)
     worker = start_instant_worker(alone, parallel=64, logs=logs, cpus=second, chunks=chunks)
     try:
         _run(alone, True, 4, 1, second)  # warm-up
-        results["one queen"] = [_run(alone, True, 16, seconds, second)]
+        before = alone.cpu_seconds()
+        one = _run(alone, True, 16, seconds, second)
+        cpu_one = alone.cpu_seconds() - before
     finally:
         worker.stop()
         alone.stop()
@@ -197,24 +213,24 @@ def throughput(
         threads = [
             threading.Thread(target=drive, args=(index, cpu)) for index, cpu in enumerate((first, second))
         ]
+        before = sum(queen.cpu_seconds() for queen in queens)
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        results["two replicas"] = [run for run in runs if run is not None]
+        cpu_two = sum(queen.cpu_seconds() for queen in queens) - before
         text = httpx.get(f"{queens[0].base_url}/metrics").text
         crossed = sum(
             float(line.rpartition(" ")[2])
             for line in text.splitlines()
             if line.startswith("queenbee_replica_jobs_run_total{")
         )
-        results["crossed"] = [wrk.WrkRun(int(crossed), 1.0, 0, 0.0, 0.0)]
     finally:
         for process in workers:
             process.stop()
         for queen in queens:
             queen.stop()
-    return results
+    return Throughput(one, [run for run in runs if run is not None], cpu_one, cpu_two, int(crossed))
 
 
 def _workers(queen: Service) -> list[object]:
@@ -226,7 +242,7 @@ def _ms(value: float) -> str:
     return f"{value * 1e3:.2f} ms"
 
 
-def report(lat: dict[str, dict[str, Timed]], through: dict[str, list[wrk.WrkRun]], chunks: int) -> str:
+def report(lat: dict[str, dict[str, Timed]], through: Throughput, chunks: int) -> str:
     """The figures as markdown tables."""
     lines = [
         "| one connection | local (client on A) | cross-replica (client on B) | added |",
@@ -242,18 +258,21 @@ def report(lat: dict[str, dict[str, Timed]], through: dict[str, list[wrk.WrkRun]
             f"{_ms(cpu_cross - cpu_local)} |"
         )
     per_answer = chunks + 2
-    one = sum(run.requests_per_second for run in through["one queen"]) * per_answer
-    two = sum(run.requests_per_second for run in through["two replicas"]) * per_answer
-    crossed = through.pop("crossed", [])
-    answers = sum(run.requests for run in through["two replicas"])
-    share = (sum(run.requests for run in crossed) / answers) if answers else 0.0
-    failures = sum(run.failures for runs in through.values() for run in runs)
+    one = through.one.requests_per_second * per_answer
+    two = sum(run.requests_per_second for run in through.two) * per_answer
+    answers = sum(run.requests for run in through.two)
+    share = through.crossed / answers if answers else 0.0
+    cpu_one = through.queen_cpu_one / max(1, through.one.requests * per_answer)
+    cpu_two = through.queen_cpu_two / max(1, answers * per_answer)
+    failures = through.one.failures + sum(run.failures for run in through.two)
     failures += sum(timed.run.failures for figures in lat.values() for timed in figures.values())
     lines += [
         "",
         f"| {chunks}-chunk streams, 16 connections per queen | one queen | two replicas | two / one |",
         "|---|---|---|---|",
         f"| chunks per second | {one:,.0f} | {two:,.0f} | {two / one:.2f}x |",
+        f"| queen CPU per chunk | {cpu_one * 1e6:.1f} µs | {cpu_two * 1e6:.1f} µs | "
+        f"{cpu_two / cpu_one:.2f}x |",
         f"| answers dispatched to the other replica | | {share:.1%} | |",
         "",
         f"Failed requests over the run: {failures}.",
