@@ -170,6 +170,9 @@ class Throughput:
     """The relay runs: one queen on its own, then two replicas driven at once."""
 
     one: wrk.WrkRun
+    """One queen with a core of its own (its worker and wrk on the other)."""
+    shared: wrk.WrkRun
+    """One queen sharing one core with its worker and wrk, as each replica of the two does."""
     two: list[wrk.WrkRun]
     queen_cpu_one: float
     """CPU seconds the one queen spent over its run."""
@@ -192,6 +195,14 @@ def throughput(logs: Path, redis: RedisProcess, seconds: float, chunks: int, cpu
     finally:
         worker.stop()
         alone.stop()
+    sharing = start_replica(logs, "sharing", (), first)
+    worker = start_instant_worker(sharing, parallel=64, logs=logs, cpus=first, chunks=chunks)
+    try:
+        _run(sharing, True, 4, 1, first)  # warm-up
+        shared = _run(sharing, True, 16, seconds, first)
+    finally:
+        worker.stop()
+        sharing.stop()
     hive = ("--redis-url", redis.url, "--replica-lease", "3")
     queens = [
         start_replica(logs, "ta", (*hive, "--replica-id", "ta"), first),
@@ -230,7 +241,7 @@ def throughput(logs: Path, redis: RedisProcess, seconds: float, chunks: int, cpu
             process.stop()
         for queen in queens:
             queen.stop()
-    return Throughput(one, [run for run in runs if run is not None], cpu_one, cpu_two, int(crossed))
+    return Throughput(one, shared, [run for run in runs if run is not None], cpu_one, cpu_two, int(crossed))
 
 
 def _workers(queen: Service) -> list[object]:
@@ -266,11 +277,15 @@ def report(lat: dict[str, dict[str, Timed]], through: Throughput, chunks: int) -
     cpu_two = through.queen_cpu_two / max(1, answers * per_answer)
     failures = through.one.failures + sum(run.failures for run in through.two)
     failures += sum(timed.run.failures for figures in lat.values() for timed in figures.values())
+    shared = through.shared.requests_per_second * per_answer
+    failures += through.shared.failures
     lines += [
         "",
         f"| {chunks}-chunk streams, 16 connections per queen | one queen | two replicas | two / one |",
         "|---|---|---|---|",
         f"| chunks per second | {one:,.0f} | {two:,.0f} | {two / one:.2f}x |",
+        f"| chunks per second, the one queen sharing a core with its worker and wrk as each replica does "
+        f"| {shared:,.0f} | {two:,.0f} | {two / shared:.2f}x |",
         f"| queen CPU per chunk | {cpu_one * 1e6:.1f} µs | {cpu_two * 1e6:.1f} µs | "
         f"{cpu_two / cpu_one:.2f}x |",
         f"| answers dispatched to the other replica | | {share:.1%} | |",
