@@ -622,3 +622,25 @@ def test_a_remote_worker_ranks_as_if_a_quarter_of_its_slots_more_were_busy() -> 
         assert index.choose("m", now=0.0) is expected
         for n in range(busy):
             local.release(f"r{busy}-{n}")
+
+
+async def test_a_silent_remote_worker_runs_into_the_first_token_deadline(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A worker on A that never starts its answer times out for B's client as a local one would (504),
+    and the job is cancelled on A's worker."""
+
+    async def never_answers(worker: FakeWorker, job: Job) -> None:
+        await asyncio.Event().wait()
+
+    with replicas(tmp_path, redis_server, "a", "b", first_token_timeout=0.5) as (a, b):
+        worker = await FakeWorker(a.worker_url, behaviour=never_answers).connect()
+        await eventually(lambda: sees(b, worker))
+        async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as client:
+            response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        await eventually(lambda: worker.cancels == [worker.jobs[0].request_id])
+        await worker.close()
+    assert response.status_code == 504
+    error = response.json()["error"]
+    assert error["code"] == "worker_timeout"
+    assert error["message"] == "The worker sent nothing for 0.5 s."
