@@ -105,10 +105,11 @@ class Hive:
 
 @pytest.fixture
 async def hive() -> AsyncIterator[Hive]:
-    """Three workers behind a queen whose token deadline (the silence that reads as death) is 2 s and
-    which moves a draining worker's streams on after 0.5 s."""
+    """Three workers behind a queen whose token deadline (the silence that reads as death) is 4 s and
+    which moves a draining worker's streams on after 0.5 s. (At 2 s a surviving worker, taking over the
+    lost one's streams on a loaded 2-core machine, was once taken for dead too.)"""
     settings = QueenSettings(
-        queue_timeout=120, first_token_timeout=60, token_timeout=2.0, max_resumes=3, drain_handover=0.5
+        queue_timeout=120, first_token_timeout=60, token_timeout=4.0, max_resumes=3, drain_handover=0.5
     )
     queen = QueenServer(settings).start()
     running = Hive(queen)

@@ -18,6 +18,7 @@ from servers import QueenServer, eventually
 from protocol import ChatJob, Chunk, CompletionJob, Draining, Job, Result, Usage
 from protocol.openai import ChatCompletionRequest
 from queenbee.ledger import Row
+from queenbee.ledger_db import open_database
 from queenbee.observer import RequestRecord
 from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
@@ -172,7 +173,8 @@ async def test_the_ledger_credits_each_worker_its_tokens(tmp_path: Path) -> None
     with closing(sqlite3.connect(db)) as connection:
         connection.row_factory = sqlite3.Row
         rows = [dict(row) for row in connection.execute("SELECT * FROM usage ORDER BY id")]
-        workers, keys = usage_totals(connection, None, None)
+    with closing(open_database(db)) as database:
+        workers, keys = usage_totals(database, None, None)
     request, segment = sorted(rows, key=lambda row: row["segment_of"] is not None)
     assert (request["prompt_tokens"], request["completion_tokens"]) == (3, 12)
     assert (request["ln_url"], request["worker_completion_tokens"]) == ("second@example.com", 7)
