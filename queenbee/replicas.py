@@ -181,6 +181,9 @@ class ReplicaHive:
                     await self.beat()
             except (RedisError, OSError, TimeoutError) as exc:
                 self._unreachable(exc)
+            except Exception:
+                # A bug must not take the replica out of the hive for good: say so, and beat again.
+                log.exception("a heartbeat of replica %s failed", self.id)
             await asyncio.sleep(interval)
 
     async def beat(self) -> None:
