@@ -9,7 +9,8 @@ renewing, and its requests stop counting one lease later. Nothing is a counter a
 behind.
 
 When Redis cannot be reached the replica falls back to its own in-memory limits (a key may then use
-them once per replica) and says so once in the log; /health and `queenbee_redis_up` show the outage.
+them once per replica) and says so once in the log, without trying Redis again per request until a
+heartbeat reaches it; /health and `queenbee_redis_up` show the outage.
 """
 
 from __future__ import annotations
@@ -192,6 +193,10 @@ class SharedRateLimiter(RateLimiter):
         limits = self.limits(bucket)
         if limits.unlimited:
             return Lease(None, bucket)
+        if not self.reachable:
+            # Not a connection attempt per request while Redis is out: the replica's beat says when
+            # it is back (`reachable_again`).
+            return self.admit(key)
         lease = SharedLease(self, bucket)
         args: list[int | str] = [self._window_ms, self._lease_ms, lease.id, limits.rpm or 0, limits.tpm or 0]
         try:
@@ -281,3 +286,7 @@ class SharedRateLimiter(RateLimiter):
         if not self.reachable:
             log.info("Redis is reachable again: rate limits are the hive's")
         self.reachable = True
+
+    def reachable_again(self) -> None:
+        """A heartbeat reached Redis: admissions go to the hive's limits again."""
+        self._reachable()

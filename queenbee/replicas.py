@@ -237,6 +237,7 @@ class ReplicaHive:
         await self._update(dict(zip(others, values, strict=True)))
         if self.limiter is not None:
             await self.limiter.renew()
+            self.limiter.reachable_again()
 
     def _unreachable(self, exc: BaseException) -> None:
         if self.status.redis_up:
