@@ -183,9 +183,17 @@ class TrainingQueue:
                 )
                 self.models.add(job["fine_tuned_model"], owner, job["model"], sha256, kept=kept)
         for owner, job in await self.store.jobs_with_status("running"):
+            started_by = job.get(INTERNAL, {}).get("replica")
+            mine = self.settings.replica_id is not None and started_by == self.settings.replica_id
+            if self.settings.redis_url is not None and not mine:
+                # Another replica's job (or one started under a replica id that is not this one's): that
+                # replica runs it, or requeues it when it restarts under its --replica-id.
+                continue
             job["status"] = "queued"
-            await self.store.put_job(owner, job)
-            await self.store.add_event(job["id"], new_event("The queen restarted; the job is queued again."))
+            if await self.store.claim_job(owner, job, expected="running"):
+                await self.store.add_event(
+                    job["id"], new_event("The queen restarted; the job is queued again.")
+                )
 
     def wake(self) -> None:
         """Look at the queue now (a job was created or cancelled, a worker left)."""
@@ -384,10 +392,21 @@ class TrainingQueue:
                 f"({worker.max_job_bytes} bytes).",
             )
             return
-        streams = self.hive.reserve_all(worker, request_id, job["model"])
-        internal.update(base_sha256=base_sha256, attempts=attempt, worker=worker.id)
+        internal.update(
+            base_sha256=base_sha256, attempts=attempt, worker=worker.id, replica=self.hive.replica_id
+        )
         job["status"] = "running"
-        await self.store.put_job(owner, job)
+        if not await self.store.claim_job(owner, job, expected="queued"):
+            # Cancelled meanwhile, or started by another replica sharing the database.
+            internal.update(attempts=attempt - 1)
+            job["status"] = "queued"
+            return
+        if worker.in_flight or worker.free_slots == 0:  # taken while the claim was written
+            job["status"] = "queued"
+            internal.update(attempts=attempt - 1)
+            await self.store.claim_job(owner, job, expected="running")
+            return
+        streams = self.hive.reserve_all(worker, request_id, job["model"])
         await self.store.add_event(job["id"], new_event(f"Fine-tuning job started on worker {worker.id}."))
         running = _Running(worker, request_id, streams)
         self._running[job["id"]] = running

@@ -179,6 +179,21 @@ class TuningStore:
             )
         )
 
+    async def claim_job(self, owner: str | None, job: dict[str, Any], *, expected: str) -> bool:
+        """Store `job` only if its stored status is still `expected`; whether it was stored.
+
+        One statement, so that of several queens sharing the database (replicas) only one starts a
+        queued job, and a job cancelled meanwhile stays cancelled.
+        """
+        changed = await self._run(
+            lambda: self._write(
+                "UPDATE fine_tuning_jobs SET status = ?, job = ? "
+                "WHERE id = ? AND owner IS NOT DISTINCT FROM ? AND status = ?",
+                (job["status"], json.dumps(job), job["id"], owner, expected),
+            )
+        )
+        return changed == 1
+
     async def get_job(self, owner: str | None, job_id: str) -> dict[str, Any] | None:
         """`owner`'s job `job_id`, or None."""
         row = await self._run(
