@@ -9,7 +9,11 @@ itself saw (the relayed text, the counts the worker reported):
   `max_rank` or lower down (the 11th best and below, by default), is another model's output;
 - an end of generation where the model gave ending little probability (`min_end_eos`): a cut answer;
   an end skipped where it was the best token by far (`skipped_eos`): a padded one;
-- any answer: ids that do not detokenize to the relayed text, or a prompt count above the auditor's.
+- sampled answers, from the auditor's replay of the worker's sampler: with a seed, two or more draws
+  (the end included) `replay_distance` or more of probability away from the replayed draw; with or
+  without one, two or more tokens the request's top-k, top-p or min-p drop;
+- any answer: ids that do not detokenize to the relayed text (a stop sequence may follow it), or a
+  prompt count above the auditor's.
 
 `Standing` is one worker identity's record: one flag puts it on probation (its next
 `probation_requests` requests audited at `probation_rate`), two flags within `flag_window` audits pause
