@@ -86,8 +86,9 @@ class RemoteWorker(WorkerSession):
 
     @property
     def free_slots(self) -> int:
-        """Slots that can take a new request, as far as this queen knows."""
-        if self.closed or self.draining:
+        """Slots that can take a new request, as far as this queen knows (none while the replica
+        channel cannot send)."""
+        if self.closed or self.draining or not self._mailbox.connected:
             return 0
         return max(0, self.parallel - self._slots_held - self.others)
 

@@ -230,6 +230,11 @@ class ReplicaHive:
         values = cast(
             list[bytes | None], await self.redis.mget([self._key(n) for n in others]) if others else []
         )
+        if not self.mailbox.connected:
+            # A send failed since: the mirrors looked full meanwhile, and are ranked again now.
+            self.mailbox.connected = True
+            for mirror in list(self._mirrors.values()):
+                self.hive.slot_freed(mirror)
         if not self.status.redis_up:
             log.info("replica %s is in the hive (Redis reachable)", self.id)
         self.status.redis_up = True
