@@ -280,6 +280,16 @@ async def test_a_standing_is_kept_in_the_ledger_as_it_was(tmp_path: Path) -> Non
     """Probation, the recent audits' window, the pause and its reason, and cleared escrow come back from
     the ledger as they were saved; a second save of one identity replaces the first; the most
     recently changed come first when there are more than the queen keeps."""
+    await standings_round_trip(tmp_path / "ledger.db")
+
+
+async def test_a_standing_is_kept_in_a_postgresql_ledger_as_it_was(postgres_url: str, tmp_path: Path) -> None:
+    """The same on PostgreSQL: migration 8 and the upsert are portable."""
+    await standings_round_trip(postgres_url, spool=tmp_path / "spool")
+
+
+async def standings_round_trip(db: Path | str, spool: Path | None = None) -> None:
+    """Save standings to a ledger on `db`, read them back, and check them."""
     policy = AuditPolicy()
     paused = Standing(ln_url="liar@x")
     paused.record(PASS, policy)
@@ -287,7 +297,7 @@ async def test_a_standing_is_kept_in_the_ledger_as_it_was(tmp_path: Path) -> Non
     paused.record(FLAG, policy)
     cleared = Standing(ln_url="honest@x", cleared=True)
     cleared.record(PASS, policy)
-    ledger = await Ledger.open(tmp_path / "ledger.db")
+    ledger = await Ledger.open(db, spool=spool)
     try:
         await ledger.write(lambda connection: save_standing(connection, "liar", Standing(), 1.0))
         await ledger.write(lambda connection: save_standing(connection, "liar", paused, 2.0))
