@@ -59,6 +59,8 @@ class Hive:
         self.draining = False
         self.replica_id: str | None = None
         """This queen's name in a hive of replicas (--redis-url); None for a queen on its own."""
+        self.summary_listener: Callable[[WorkerSession, CacheSummary], None] | None = None
+        """Told of every cache summary of a worker connected here (the replicas share them)."""
         self._activity = asyncio.Event()
         """Set on shutdown: requests already accepted finish, new ones are refused."""
         self.on_join: Callable[[], None] | None = None
@@ -312,6 +314,8 @@ class Hive:
         """A worker says what its caches hold of a model now (models it does not serve are ignored)."""
         if worker.id in self.workers and summary.model in worker.models:
             self.cache.index.update(worker.id, summary, time.monotonic())
+            if self.summary_listener is not None and worker.replica is None:
+                self.summary_listener(worker, summary)
 
     def reserve_all(self, worker: WorkerSession, request_id: str, model: str) -> list[RequestStream]:
         """Take every slot of an idle worker for one job (fine-tuning): no other request goes to it.

@@ -11,6 +11,7 @@ replica received (PUBLISH counts the subscribers that got it: none means the rep
     cancel  origin -> owner   the client left: cancel `request_id`
     out     owner -> origin   a frame the worker sent for `request_id` (Chunk, ResultPart, Result, JobError)
     gone    owner -> origin   the request ended without the worker's word; `arg` says why
+    cache   owner -> others   a CacheSummary one of its workers sent (cache-aware routing across the hive)
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("queenbee.replicas")
 
-Kind = Literal["job", "cancel", "out", "gone"]
-_KINDS: frozenset[str] = frozenset({"job", "cancel", "out", "gone"})
+Kind = Literal["job", "cancel", "out", "gone", "cache"]
+_KINDS: frozenset[str] = frozenset({"job", "cancel", "out", "gone", "cache"})
 _SEPARATOR = b"\x1f"
 _RECORDS = b"\x1e"
 

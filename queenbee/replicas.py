@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from protocol import Register
+from protocol import CacheSummary, FrameError, Register, decode_worker_frame, encode
 from queenbee.hive import Hive
 from queenbee.metrics import RecentActivity
 from queenbee.ratelimit_redis import SharedRateLimiter
@@ -47,6 +47,9 @@ T = TypeVar("T")
 
 PREFIX = "queenbee:"
 """Every key and channel of the hive starts with it."""
+
+_EARLY_SUMMARIES = 4096
+"""At most this many summaries wait for their workers to be mirrored."""
 
 _SERVED = ("requests", "errors", "prompt_tokens", "completion_tokens")
 """The totals each replica announces of its own clients' requests."""
@@ -123,6 +126,12 @@ class ReplicaHive:
         self._task: asyncio.Task[None] | None = None
         self.activity: RecentActivity | None = None
         """This replica's totals, announced so that every replica's /metrics shows every replica's."""
+        self._summaries: dict[tuple[str, str], bytes] = {}
+        """The last cache summary of each local worker and model, encoded: shared with the others, and
+        again with a replica that joins."""
+        self._early: dict[tuple[str, str, str], tuple[CacheSummary, float]] = {}
+        """Summaries of other replicas' workers not mirrored yet (they come before the next beat)."""
+        hive.summary_listener = self._share_summary
         self.limiter: SharedRateLimiter | None = None
         """The hive's rate limits, whose leases in flight each beat renews."""
         hive.replica_id = replica_id
@@ -200,6 +209,8 @@ class ReplicaHive:
             if worker_id not in self._written
         }
         left = [worker_id for worker_id in self._written if worker_id not in local]
+        for key in [key for key in self._summaries if key[0] not in local]:
+            del self._summaries[key]
         announcement = await _off_loop(json.dumps, self._announcement(local), len(local))
         async with self.redis.pipeline(transaction=False) as pipe:
             if listening:
@@ -240,6 +251,10 @@ class ReplicaHive:
         self.status.redis_up = True
         self.status.last_contact = time.monotonic()
         await self._update(dict(zip(others, values, strict=True)))
+        # Summaries of workers not announced within a lease are not coming: let them go.
+        stale = time.monotonic() - self.settings.replica_lease
+        for early in [early for early, (_, at) in self._early.items() if at < stale]:
+            del self._early[early]
         if self.limiter is not None:
             await self.limiter.renew()
             self.limiter.reachable_again()
@@ -321,6 +336,32 @@ class ReplicaHive:
             except (ValueError, KeyError, TypeError, ValidationError) as exc:
                 log.warning("ignored replica %s's announcement: %r", name, exc)
 
+    def _cached(self, envelope: Envelope, mirror: RemoteWorker | None) -> None:
+        """Another replica's worker holds these prefixes: routed by here too (kept until the worker is
+        mirrored, if it is not yet)."""
+        try:
+            summary = decode_worker_frame(envelope.frame, limit=self.settings.max_frame_bytes)
+        except FrameError as exc:
+            log.warning("ignored a cache summary from replica %s: %s", envelope.origin, exc.message)
+            return
+        if not isinstance(summary, CacheSummary):
+            return
+        if mirror is not None and mirror.replica == envelope.origin:
+            self.hive.cache_summary(mirror, summary)
+        elif mirror is None and len(self._early) < _EARLY_SUMMARIES:
+            self._early[(envelope.origin, envelope.worker_id, summary.model)] = (summary, time.monotonic())
+
+    def _share_summary(self, worker: WorkerSession, summary: CacheSummary) -> None:
+        """A local worker's cache summary goes to every other replica, and is kept for newcomers."""
+        frame = encode(summary).encode()
+        self._summaries[(worker.id, summary.model)] = frame
+        for name in self.status.replicas:
+            self._send_summary(name, worker.id, frame)
+
+    def _send_summary(self, name: str, worker_id: str, frame: bytes) -> None:
+        envelope = Envelope("cache", self.id, worker_id, "", "", frame)
+        self.mailbox.send(channel_of(PREFIX, name), envelope)
+
     def _mirror(self, name: str, body: dict[str, Any], roster: dict[str, Register]) -> None:
         seen: set[str] = set()
         slots = busy = 0
@@ -354,6 +395,10 @@ class ReplicaHive:
             busy += int(entry["busy"])
         for worker_id in [w for w, m in self._mirrors.items() if m.replica == name and w not in seen]:
             self._drop_mirror(worker_id, f"the worker left replica {name}")
+        if name not in self.status.replicas:
+            # A replica new to this one: what this one's workers hold, so that it can route by it.
+            for (worker_id, _), frame in list(self._summaries.items()):
+                self._send_summary(name, worker_id, frame)
         self.status.replicas[name] = ReplicaView(
             id=name,
             announced_at=float(body.get("at", 0.0)),
@@ -383,6 +428,8 @@ class ReplicaHive:
         )
         self._mirrors[worker_id] = mirror
         self.hive.add(mirror)
+        for key in [key for key in self._early if key[:2] == (name, worker_id)]:
+            self.hive.cache_summary(mirror, self._early.pop(key)[0])
         log.info(
             "worker %s of replica %s joins this replica's view: models=%s parallel=%d",
             worker_id,
@@ -411,6 +458,9 @@ class ReplicaHive:
             self.jobs.received(envelope)
             return
         mirror = self._mirrors.get(envelope.worker_id)
+        if envelope.kind == "cache":
+            self._cached(envelope, mirror)
+            return
         if mirror is None or mirror.replica != envelope.origin:
             return  # a request of a mirror dropped meanwhile: it has already ended with WorkerGone
         if envelope.kind == "out":

@@ -644,3 +644,25 @@ async def test_a_silent_remote_worker_runs_into_the_first_token_deadline(
     error = response.json()["error"]
     assert error["code"] == "worker_timeout"
     assert error["message"] == "The worker sent nothing for 0.5 s."
+
+
+async def test_cache_summaries_are_shared_with_every_replica(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """What a worker on A says its cache holds reaches B's cache-aware routing, and a replica that
+    joins later, C, is told too; the prefixes go with the worker when it leaves."""
+    from protocol import CacheSummary
+
+    def holds(queen: QueenServer, worker: FakeWorker) -> bool:
+        return worker.worker_id in queen.hive.cache.index.matches("fake-model", [11, 22], 0.0)
+
+    with replicas(tmp_path, redis_server, "a", "b") as (a, b):
+        worker = await FakeWorker(a.worker_url).connect()
+        await eventually(lambda: sees(b, worker))
+        await worker.send(CacheSummary(model="fake-model", prefixes=[(22, 700), (11, 300)]))
+        await eventually(lambda: holds(b, worker))
+        with replicas(tmp_path, redis_server, "c") as (c,):
+            await eventually(lambda: sees(c, worker) and holds(c, worker))
+            await worker.close()
+            await eventually(lambda: not holds(b, worker) and not holds(c, worker))
+    assert holds(a, worker) is False
