@@ -46,7 +46,8 @@ def answer(request_id: str, stream: bool, chunks: int = 2) -> list[str]:
             "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
         }
-        return [encode(Result(request_id=request_id, usage=USAGE, response=response))]
+        ids = [[1] * USAGE.completion_tokens]  # the token ids behind the answer, as protocol 4 requires
+        return [encode(Result(request_id=request_id, usage=USAGE, response=response, token_ids=ids))]
     # With the generated tokens each chunk's text took (Chunk.tokens): one a word, none for role or finish.
     words = [" there" if n % 2 else "Hello" for n in range(chunks)]
     content = [(_chunk({"content": word}), 1) for word in words]

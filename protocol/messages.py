@@ -25,8 +25,10 @@ also in 2, resumable answers: the token ids behind every chunk (`Chunk.token_ids
 hash (`ModelInfo.sha256`), and `resume` on chat and completion jobs, which continue an answer another
 worker began from the token ids it relayed.
 3 adds, without changing any frame of 2: worker verification (possession challenges and audit jobs
-for auditors), cache summaries for cache-aware routing, and training jobs for fine-tuning; and the
-token ids behind a whole answer's choices (`Result.token_ids`, optional and left out when unset).
+for auditors), cache summaries for cache-aware routing, and training jobs for fine-tuning.
+4: the token ids behind a whole answer's choices (`Result.token_ids`, one list per choice of a chat or
+text completion). A queen of 3 refuses the field, and a queen of 4 benches a worker whose whole answer
+leaves it out (it could be neither counted by its ids nor audited), so 3 and 4 do not mix.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from protocol.errors import ErrorCode
 from protocol.lnurl import check_ln_url
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Bumped on every incompatible change to the frames below."""
 
 MIN_FRAME_BYTES = 64 * 2**10
@@ -419,11 +421,11 @@ class Result(Frame):
     token_ids: list[Annotated[list[int], Field(max_length=2**16)]] | None = Field(
         default=None,
         max_length=128,
-        # Left out when unset, so that a peer that predates the field still reads the frame.
+        # Left out when unset: the results of other jobs (embeddings, audits, training) have none.
         exclude_if=lambda ids: ids is None,
-        description="For a whole chat or text completion: the ids of each choice's generated tokens, "
-        "one list per choice in the order of the response's choices, what the queen counts and audits. "
-        "None from a worker that does not send them (its whole answers are counted within bounds only).",
+        description="For a whole chat or text completion, required: the ids of each choice's generated "
+        "tokens, one list per choice in the order of the response's choices, what the queen counts and "
+        "audits (a worker that leaves them out is benched). None for the results of other jobs.",
     )
 
 

@@ -508,6 +508,20 @@ class ForwardedCall:
         )
         return fixed, checked.violation
 
+    def unverifiable(self, attempt: Attempt) -> str:
+        """A whole answer without one list of token ids per choice (protocol 4 requires them): it cannot
+        be counted by its ids or audited, so the worker is benched like one inflating its usage, and
+        its figures stay the bounded ones."""
+        violation = "the whole answer did not name the token ids of each of its choices"
+        log.warning(
+            "request %s: worker %s: %s; benched, figures bounded",
+            self.request_id,
+            attempt.worker.id,
+            violation,
+        )
+        attempt.worker.health.bench(time.monotonic())
+        return violation
+
     async def succeeded(self, attempt: Attempt, usage: Usage, violation: str | None) -> Usage:
         """Credit the worker with a good request and record it; returns what the client is billed.
 
@@ -695,6 +709,9 @@ class ForwardedCall:
                     # Counted by the ids behind it, as a stream is, and audited from them.
                     self._so_far = whole_answer(response, event.token_ids)
                     usage = counted_by_ids(usage, self._so_far)
+                    if not self._so_far.resumable and not event.parts and violation is None:
+                        # (A split answer may leave out ids too many for its last frame: protocol.codec.)
+                        violation = self.unverifiable(attempt)
                 await self.succeeded(attempt, usage, violation)
                 return JsonBody(await self.shown.whole(self.completion(response, usage)))
         if isinstance(event, BufferOverflow):

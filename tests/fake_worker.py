@@ -132,6 +132,10 @@ async def reply(
     await worker.send(Result(request_id=request_id, usage=usage))
 
 
+FAKE_TOKEN = 42
+"""The token id a fake worker names for every token of its whole answers."""
+
+
 class FakeWorker:
     """Connects to a queen, registers, and runs `behaviour` for every job it gets."""
 
@@ -148,8 +152,12 @@ class FakeWorker:
         max_frame_bytes: int = MAX_FRAME_BYTES,
         n_ctx: int = 2048,
         sha256: str | None = None,
+        names_ids: bool = True,
     ) -> None:
         self.url = url
+        self.names_ids = names_ids
+        """Whether whole answers name their token ids (protocol 4 requires it; off to test a worker that
+        leaves them out)."""
         self.sha256 = sha256
         """The content hash it reports for its models (None: none, so its answers are never resumed)."""
         self.instance_id = instance_id or "fake-" + uuid.uuid4().hex[:12]
@@ -198,9 +206,21 @@ class FakeWorker:
         return self
 
     async def send(self, frame: Frame) -> None:
-        """Send a frame to the queen."""
+        """Send a frame to the queen; a whole answer without token ids gets them (see `names_ids`)."""
         assert self._websocket is not None
-        await self._websocket.send(encode(frame))
+        await self._websocket.send(encode(self.with_ids(frame)))
+
+    def with_ids(self, frame: Frame) -> Frame:
+        """A Result of a whole answer with `token_ids` as protocol 4 requires (the first choice holds the
+        usage's completion tokens, as ids of FAKE_TOKEN), unless it has some or `names_ids` is off."""
+        if not (self.names_ids and isinstance(frame, Result) and frame.token_ids is None):
+            return frame
+        choices = frame.response.get("choices") if isinstance(frame.response, dict) else None
+        if not isinstance(choices, list) or not choices:
+            return frame
+        generated = min(frame.usage.completion_tokens, 2**16)  # a choice names at most 2**16 ids
+        ids = [[FAKE_TOKEN] * (generated if index == 0 else 0) for index in range(len(choices))]
+        return frame.model_copy(update={"token_ids": ids})
 
     async def send_raw(self, data: str | bytes) -> None:
         """Send arbitrary text or bytes to the queen."""

@@ -291,6 +291,51 @@ async def test_inflated_usage_is_bounded_recorded_counted_and_benches_the_worker
     assert benched
 
 
+async def test_a_whole_answer_without_its_token_ids_benches_the_worker(queen: QueenServer, db: Path) -> None:
+    """Protocol 4: a whole answer names the ids behind each choice. One that leaves them out could be
+    neither counted by them nor audited: the client gets it, within bounds, and the worker is benched."""
+    worker = await FakeWorker(queen.worker_url, behaviour=inflating(3, 2), names_ids=False).connect()
+    async with http(queen) as client:
+        whole = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5})
+        metrics = await client.get("/metrics")
+    benched = session(queen, worker).health.benched(time.monotonic())
+    await worker.close()
+    assert whole.status_code == 200
+    assert whole.json()["choices"][0]["message"]["content"] == "Hi"
+    (row,) = rows(db)
+    assert "token ids" in row["usage_violation"]
+    assert row["completion_tokens"] == 2
+    assert 'queenbee_usage_violations_total{model="fake-model"} 1.0' in metrics.text
+    assert benched
+
+
+async def test_a_whole_answer_naming_its_token_ids_is_counted_by_them(queen: QueenServer, db: Path) -> None:
+    """The same answer with its ids: no violation, no bench, and a count of more tokens than it named
+    is cut to the ids."""
+
+    async def named(worker: FakeWorker, job: Job) -> None:
+        response = {
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
+            ]
+        }
+        usage = Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)
+        await worker.send(
+            Result(request_id=job.request_id, usage=usage, response=response, token_ids=[[7, 8]])
+        )
+
+    worker = await FakeWorker(queen.worker_url, behaviour=named).connect()
+    async with http(queen) as client:
+        whole = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5})
+    benched = session(queen, worker).health.benched(time.monotonic())
+    await worker.close()
+    assert whole.status_code == 200
+    assert whole.json()["usage"]["completion_tokens"] == 2
+    (row,) = rows(db)
+    assert row["usage_violation"] is None
+    assert not benched
+
+
 async def test_a_stream_cannot_claim_more_tokens_than_it_relayed(queen: QueenServer, db: Path) -> None:
     """Two bytes relayed cannot be five hundred tokens, even with no max_tokens to bound them."""
     worker = await FakeWorker(queen.worker_url, behaviour=inflating(3, 500)).connect()
