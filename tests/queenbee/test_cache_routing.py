@@ -241,64 +241,68 @@ def test_the_next_turn_finds_its_cache_and_the_sdk_reads_cached_tokens(real_hive
     """Turn 2 of a conversation goes to the worker that ran turn 1 and reuses all of turn 1's prompt
     (the least-loaded policy would send it to the other, unmeasured worker, which holds nothing);
     a stream's usage chunk and the Responses API say the same."""
-    client = openai.OpenAI(base_url=real_hive.openai_url, api_key="unused", max_retries=0)
-    system = "You are a terse assistant for a bakery that sells rye, sourdough and croissants. " * 6
-    messages: list[Any] = [
-        {"role": "system", "content": system},
-        {"role": "user", "content": "What do you sell?"},
-    ]
-    stream = client.chat.completions.create(
-        model=BUNDLED_MODEL_ID,
-        messages=messages,
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    first = chunks[-1].usage
-    assert first is not None
-    assert first.prompt_tokens_details is not None
-    assert first.prompt_tokens_details.cached_tokens == 0
-    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
-    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "And on Sunday?"}]
-    second = client.chat.completions.create(
-        model=BUNDLED_MODEL_ID, messages=messages, max_tokens=12, temperature=0
-    )
-    assert second.usage is not None
-    assert second.usage.prompt_tokens_details is not None
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.prompt_tokens
-    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    with (
+        openai.OpenAI(base_url=real_hive.openai_url, api_key="unused", max_retries=0) as client,
+        anthropic.Anthropic(base_url=real_hive.base_url, api_key="unused", max_retries=0) as claude,
+    ):
+        system = "You are a terse assistant for a bakery that sells rye, sourdough and croissants. " * 6
+        messages: list[Any] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "What do you sell?"},
+        ]
+        stream = client.chat.completions.create(
+            model=BUNDLED_MODEL_ID,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        first = chunks[-1].usage
+        assert first is not None
+        assert first.prompt_tokens_details is not None
+        assert first.prompt_tokens_details.cached_tokens == 0
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "And on Sunday?"}]
+        second = client.chat.completions.create(
+            model=BUNDLED_MODEL_ID, messages=messages, max_tokens=12, temperature=0
+        )
+        assert second.usage is not None
+        assert second.usage.prompt_tokens_details is not None
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.prompt_tokens
+        assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
 
-    response = client.responses.create(
-        model=BUNDLED_MODEL_ID, instructions=system, input="Hi", max_output_tokens=8
-    )
-    follow_up = client.responses.create(  # instructions do not carry over: they are sent again
-        model=BUNDLED_MODEL_ID,
-        instructions=system,
-        input="Anything else?",
-        previous_response_id=response.id,
-        max_output_tokens=8,
-    )
-    assert response.usage is not None
-    assert follow_up.usage is not None
-    assert follow_up.usage.input_tokens_details.cached_tokens >= response.usage.input_tokens
+        response = client.responses.create(
+            model=BUNDLED_MODEL_ID, instructions=system, input="Hi", max_output_tokens=8
+        )
+        follow_up = client.responses.create(  # instructions do not carry over: they are sent again
+            model=BUNDLED_MODEL_ID,
+            instructions=system,
+            input="Anything else?",
+            previous_response_id=response.id,
+            max_output_tokens=8,
+        )
+        assert response.usage is not None
+        assert follow_up.usage is not None
+        assert follow_up.usage.input_tokens_details.cached_tokens >= response.usage.input_tokens
 
-    # Anthropic's Messages API counts the prompt in two parts: read from the cache, and decoded.
-    claude = anthropic.Anthropic(base_url=real_hive.base_url, api_key="unused", max_retries=0)
-    turn = [{"role": "user", "content": "What do you sell?"}]
-    cold = claude.messages.create(model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8)
-    warm = claude.messages.create(model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8)
-    with claude.messages.stream(model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8) as events:
-        streamed = events.get_final_message()
-    assert warm.usage.cache_read_input_tokens is not None
-    assert warm.usage.cache_read_input_tokens > 0
-    assert warm.usage.cache_creation_input_tokens == 0
-    whole_prompt = cold.usage.input_tokens + (cold.usage.cache_read_input_tokens or 0)
-    for usage in (warm.usage, streamed.usage):
-        assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == whole_prompt
-        assert usage.input_tokens >= 1  # the last prompt token is always decoded again
-    assert streamed.usage.cache_read_input_tokens == warm.usage.cache_read_input_tokens
+        # Anthropic's Messages API counts the prompt in two parts: read from the cache, and decoded.
+        turn = [{"role": "user", "content": "What do you sell?"}]
+        cold = claude.messages.create(model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8)
+        warm = claude.messages.create(model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8)
+        with claude.messages.stream(
+            model=BUNDLED_MODEL_ID, system=system, messages=turn, max_tokens=8
+        ) as events:
+            streamed = events.get_final_message()
+        assert warm.usage.cache_read_input_tokens is not None
+        assert warm.usage.cache_read_input_tokens > 0
+        assert warm.usage.cache_creation_input_tokens == 0
+        whole_prompt = cold.usage.input_tokens + (cold.usage.cache_read_input_tokens or 0)
+        for usage in (warm.usage, streamed.usage):
+            assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == whole_prompt
+            assert usage.input_tokens >= 1  # the last prompt token is always decoded again
+        assert streamed.usage.cache_read_input_tokens == warm.usage.cache_read_input_tokens
 
 
 def reporting(cached: int) -> Any:

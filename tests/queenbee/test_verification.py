@@ -14,7 +14,7 @@ import json
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -69,6 +69,22 @@ def posing_as(variant: Path, reference: Path, folder: Path) -> Path:
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(reference)}
     cache_path(liar).write_text(json.dumps(stamp))
     return liar
+
+
+@pytest.fixture
+def sdk() -> Iterator[Callable[..., OpenAI]]:
+    """Makes openai clients for a queen (`sdk(queen, api_key)`), closed when the test ends: a client left
+    to the garbage collector leaves its pooled socket unclosed."""
+    opened: list[OpenAI] = []
+
+    def make(queen: QueenServer, api_key: str = "unused") -> OpenAI:
+        client = OpenAI(base_url=queen.openai_url, api_key=api_key, max_retries=0)
+        opened.append(client)
+        return client
+
+    yield make
+    for client in opened:
+        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +174,7 @@ def admin(queen: QueenServer, path: str) -> Any:
 
 
 def test_a_worker_serving_q4_0_as_q4_1_is_paused_within_two_audits_and_forfeits_the_flagged_pay(
-    tmp_path: Path, variants: dict[str, Path], stopping: list[Any]
+    tmp_path: Path, variants: dict[str, Path], stopping: list[Any], sdk: Callable[..., OpenAI]
 ) -> None:
     """The liar's first two audits flag it and pause it, and it gets no traffic after that; an honest
     worker with --parallel 2 beside it is never flagged; the usage report splits each address's tokens
@@ -177,7 +193,7 @@ def test_a_worker_serving_q4_0_as_q4_1_is_paused_within_two_audits_and_forfeits_
         service = audits_of(queen)
         liar = service.standing(identity(queen, "liar"))
         honest = service.standing(identity(queen, "honest"))
-        client = OpenAI(base_url=queen.openai_url, api_key="unused", max_retries=0)
+        client = sdk(queen, "unused")
         with ThreadPoolExecutor(3) as pool:
             for round_ in range(6):
                 list(pool.map(lambda prompt: ask(client, prompt), PROMPTS[round_ % 4 : round_ % 4 + 3]))
@@ -281,7 +297,9 @@ def test_a_wrong_auditor_token_is_refused(tmp_path: Path, stopping: list[Any]) -
         queen.stop()
 
 
-def test_a_trusted_only_key_sends_its_prompts_to_auditors_alone(tmp_path: Path, stopping: list[Any]) -> None:
+def test_a_trusted_only_key_sends_its_prompts_to_auditors_alone(
+    tmp_path: Path, stopping: list[Any], sdk: Callable[..., OpenAI]
+) -> None:
     """A key named by --trusted-only-key is served by the auditor only (a 503 saying why while none is
     connected); another key is served by whichever worker routing picks."""
     keys = tmp_path / "keys.txt"
@@ -290,12 +308,12 @@ def test_a_trusted_only_key_sends_its_prompts_to_auditors_alone(tmp_path: Path, 
     try:
         worker(queen, stopping, "stranger")
         wait_until(lambda: len(queen.hive.serving(MODEL)) == 1, timeout=120)
-        vip = OpenAI(base_url=queen.openai_url, api_key="sk-vip", max_retries=0)
+        vip = sdk(queen, "sk-vip")
         with pytest.raises(openai.APIStatusError) as refused:
             ask(vip, PROMPTS[0])
         assert refused.value.status_code == 503
         assert "this API key's prompts go only to the queen's auditors" in refused.value.message
-        ask(OpenAI(base_url=queen.openai_url, api_key="sk-plain", max_retries=0), PROMPTS[0])
+        ask(sdk(queen, "sk-plain"), PROMPTS[0])
         worker(queen, stopping, "auditor", "--auditor-token", AUDITOR_TOKEN)
         wait_until(lambda: len(audits_of(queen).trusted) == 1, timeout=120)
         with ThreadPoolExecutor(3) as pool:
@@ -395,7 +413,9 @@ class Inflating(LlamaEngine):
         return inflated, response
 
 
-def test_a_worker_inflating_its_usage_by_one_percent_is_never_paid_for_it(tmp_path: Path) -> None:
+def test_a_worker_inflating_its_usage_by_one_percent_is_never_paid_for_it(
+    tmp_path: Path, sdk: Callable[..., OpenAI]
+) -> None:
     """Streamed or whole, the client is billed, and the worker credited, the token ids the worker
     returned, never its report of more (which the usage bounds alone would let through)."""
     queen = QueenServer(queen_settings(tmp_path)).start()
@@ -403,7 +423,7 @@ def test_a_worker_inflating_its_usage_by_one_percent_is_never_paid_for_it(tmp_pa
         with in_process(queen, Inflating, "inflater") as engine:
             assert isinstance(engine, Inflating)
             wait_until(lambda: MODEL in queen.hive.models(), timeout=60)
-            client = OpenAI(base_url=queen.openai_url, api_key="unused", max_retries=0)
+            client = sdk(queen, "unused")
             chunks = list(
                 client.chat.completions.create(
                     model=MODEL,
@@ -431,7 +451,7 @@ def test_a_worker_inflating_its_usage_by_one_percent_is_never_paid_for_it(tmp_pa
 
 
 def test_a_whole_answer_from_a_q4_0_worker_posing_as_q4_1_is_flagged_and_paused_for_good(
-    tmp_path: Path, variants: dict[str, Path]
+    tmp_path: Path, variants: dict[str, Path], sdk: Callable[..., OpenAI]
 ) -> None:
     """Whole (non-streamed) answers carry their token ids and are audited as streams are: the liar's are
     flagged and it is paused within two audits, by answers its client received whole. Its standing is
@@ -446,7 +466,7 @@ def test_a_whole_answer_from_a_q4_0_worker_posing_as_q4_1_is_flagged_and_paused_
         ):
             wait_until(lambda: len(queen.hive.serving(MODEL)) == 2, timeout=60)
             service = audits_of(queen)
-            client = OpenAI(base_url=queen.openai_url, api_key="unused", max_retries=0)
+            client = sdk(queen, "unused")
             liar = until_audited(service, "liar", 2, lambda prompt: ask_whole(client, prompt))
             assert liar.paused
             assert liar.paused_after == 2
@@ -473,7 +493,7 @@ def test_a_whole_answer_from_a_q4_0_worker_posing_as_q4_1_is_flagged_and_paused_
                 liar.flags,
                 liar.pause_reason,
             )
-            client = OpenAI(base_url=queen.openai_url, api_key="unused", max_retries=0)
+            client = sdk(queen, "unused")
             for prompt in PROMPTS[:3]:
                 ask_whole(client, prompt)
             now = {row["ln_url"]: row["succeeded"] for row in admin(queen, "/admin/usage")["workers"]}
@@ -514,7 +534,9 @@ class Retexting(LlamaEngine):
         return usage, WithTokenIds({**response, "choices": choices}, response.token_ids)
 
 
-def test_a_whole_answer_whose_ids_do_not_spell_its_text_is_flagged(tmp_path: Path) -> None:
+def test_a_whole_answer_whose_ids_do_not_spell_its_text_is_flagged(
+    tmp_path: Path, sdk: Callable[..., OpenAI]
+) -> None:
     """A worker on the real file whose whole answers' text is not what their ids detokenize to is
     flagged on its first audit, and that request's pay is forfeited."""
     queen = QueenServer(queen_settings(tmp_path, possession_challenges=False)).start()
@@ -525,7 +547,7 @@ def test_a_whole_answer_whose_ids_do_not_spell_its_text_is_flagged(tmp_path: Pat
         ):
             wait_until(lambda: len(queen.hive.serving(MODEL)) == 2, timeout=60)
             service = audits_of(queen)
-            client = OpenAI(base_url=queen.openai_url, api_key="unused", max_retries=0)
+            client = sdk(queen, "unused")
             answers: list[str] = []
 
             def send(prompt: str) -> None:
