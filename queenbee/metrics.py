@@ -152,6 +152,7 @@ class QueenMetrics:
             buckets=GC_PAUSE_BUCKETS,
             registry=self.registry,
         )
+        self._gc_generations = [self.gc_pauses.labels(str(generation)) for generation in range(3)]
         self.usage_violations = Counter(
             "queenbee_usage_violations",
             "Requests whose worker reported usage the request could not have had (figures were bounded).",
@@ -188,8 +189,9 @@ class QueenMetrics:
             self.worker_failures.labels(model).inc(failures)
 
     def gc_pause(self, generation: int, seconds: float) -> None:
-        """Record one garbage collection (the collector guard calls this for every one)."""
-        self.gc_pauses.labels(str(generation)).observe(seconds)
+        """Record one garbage collection (the collector guard calls this for every one, so the three
+        generations' series are looked up once)."""
+        self._gc_generations[min(generation, 2)].observe(seconds)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus's text format."""

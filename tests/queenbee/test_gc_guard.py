@@ -4,7 +4,6 @@ measured. These use the real collector of the test process; each test gives back
 from __future__ import annotations
 
 import gc
-import sys
 import weakref
 from collections.abc import AsyncIterator
 
@@ -26,15 +25,10 @@ class Cycle:
 
 @pytest.fixture
 async def thawed() -> AsyncIterator[None]:
-    """Nothing frozen before or after; other tests' garbage collected first, and not reported here (an
-    earlier test's unclosed socket is that test's to answer for, not a collection's)."""
+    """Nothing frozen before or after, and no garbage of earlier tests left (conftest collects each
+    module's as it ends, so a leak is reported where it happened, not here)."""
     gc.unfreeze()
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda _: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
+    gc.collect()
     yield
     gc.unfreeze()
 
