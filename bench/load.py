@@ -22,6 +22,17 @@ class RequestResult:
     tokens: int
     text: str = ""
     error: str | None = None
+    chunk_times: tuple[float, ...] = ()
+    """When each streamed chunk with generated output (content or tool-call arguments) arrived."""
+
+    def tokens_until(self, moment: float) -> float:
+        """The share of its tokens that had arrived by `moment`, pro rata by its chunks."""
+        if self.error is not None:
+            return 0.0
+        if not self.chunk_times:
+            return float(self.tokens) if self.ended <= moment else 0.0
+        arrived = sum(1 for time_ in self.chunk_times if time_ <= moment)
+        return self.tokens * arrived / len(self.chunk_times)
 
     @property
     def ttft(self) -> float:
@@ -48,6 +59,8 @@ class LoadRun:
     results: list[RequestResult]
     started: float
     ended: float
+    drained: float | None = None
+    """When a client first found no request left to send: from then on fewer than `concurrency` ran."""
 
     @property
     def tokens(self) -> int:
@@ -60,6 +73,15 @@ class LoadRun:
         return self.tokens / (self.ended - self.started)
 
     @property
+    def steady_throughput(self) -> float:
+        """Output tokens per second while every client had a request in flight (from the start until
+        the queue ran dry), requests then running counted by the chunks they had received: the rate
+        at the run's concurrency, without the tail where the last requests run with fewer beside them."""
+        until = self.drained if self.drained is not None else self.ended
+        tokens = sum(result.tokens_until(until) for result in self.results)
+        return tokens / (until - self.started)
+
+    @property
     def errors(self) -> list[str]:
         """The errors, if any."""
         return [result.error for result in self.results if result.error is not None]
@@ -68,7 +90,7 @@ class LoadRun:
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
     started = time.perf_counter()
     first: float | None = None
-    chunks = 0
+    chunks: list[float] = []
     usage_tokens: int | None = None
     text: list[str] = []
     if not body.get("stream"):
@@ -97,21 +119,27 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Req
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     return RequestResult(
-                        started, first, time.perf_counter(), chunks, error=str(chunk["error"])
+                        started, first, time.perf_counter(), len(chunks), error=str(chunk["error"])
                     )
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", ()):
-                    content = choice["delta"].get("content")
-                    if content:
-                        first = first or time.perf_counter()
-                        chunks += 1
-                        text.append(content)
+                    delta = choice["delta"]
+                    content = delta.get("content")
+                    arguments = "".join(
+                        (call.get("function") or {}).get("arguments") or ""
+                        for call in delta.get("tool_calls") or ()
+                    )
+                    if content or arguments:
+                        now = time.perf_counter()
+                        first = first or now
+                        chunks.append(now)
+                        text.append(content or arguments)
     except httpx.HTTPError as exc:
-        return RequestResult(started, first, time.perf_counter(), chunks, error=repr(exc))
+        return RequestResult(started, first, time.perf_counter(), len(chunks), error=repr(exc))
     # Servers that report usage in the stream are counted exactly; others send one chunk per token.
-    tokens = usage_tokens if usage_tokens is not None else chunks
-    return RequestResult(started, first, time.perf_counter(), tokens, "".join(text))
+    tokens = usage_tokens if usage_tokens is not None else len(chunks)
+    return RequestResult(started, first, time.perf_counter(), tokens, "".join(text), None, tuple(chunks))
 
 
 async def run_load(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -> LoadRun:
@@ -122,15 +150,17 @@ async def run_load(base_url: str, bodies: list[dict[str, Any]], concurrency: int
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+        drained: list[float] = []
 
         async def client_loop() -> None:
             while pending:
                 index, body = pending.pop(0)
                 results[index] = await _one(client, url, body)
+            drained.append(time.perf_counter())
 
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
             for _ in range(concurrency):
                 group.create_task(client_loop())
         ended = time.perf_counter()
-    return LoadRun([result for result in results if result is not None], started, ended)
+    return LoadRun([result for result in results if result is not None], started, ended, min(drained))

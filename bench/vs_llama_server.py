@@ -9,6 +9,10 @@ the machine's shared load hits both; a side's figure is the median over rounds o
 Then, on A alone, also alternating within each round: 4 concurrent streams of tool calls, JSON-schema
 answers and logprobs requests against 4 plain chats, and one request with n = 4 against 4 separate
 concurrent requests. Every request is greedy and streamed; plain ones generate exactly --max-tokens.
+A run's rate is taken while all its streams are in flight (LoadRun.steady_throughput): until the first
+client finds no request left, counting requests still running by the chunks they have received. The
+mixed kinds end where their JSON closes, at different lengths, so without that the last of them would
+run alone for a while and the figure would measure the queue's tail, not the engine at 4 streams.
 
 Prints the results and writes them between the markers in docs/benchmarks.md.
 """
@@ -128,12 +132,12 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
                 for side in order:
                     bodies = [plain(name, topic, args.max_tokens) for topic in topics]
                     runs[side] = go(sides[side], bodies, level, f"{side} at {level}")
-                    rates[side, level].append(runs[side].throughput)
+                    rates[side, level].append(runs[side].steady_throughput)
                     ttft[side, level].append(p50_ttft(runs[side]))
-                ratios[level].append(runs["A"].throughput / runs["B"].throughput)
+                ratios[level].append(runs["A"].steady_throughput / runs["B"].steady_throughput)
                 print(
-                    f"round {round_index} conc {level}: A {runs['A'].throughput:6.1f} tok/s, "
-                    f"B {runs['B'].throughput:6.1f} tok/s, ratio {ratios[level][-1]:.2f}; "
+                    f"round {round_index} conc {level}: A {runs['A'].steady_throughput:6.1f} tok/s, "
+                    f"B {runs['B'].steady_throughput:6.1f} tok/s, ratio {ratios[level][-1]:.2f}; "
                     f"TTFT p50 A {ttft['A', level][-1]:.2f} s, B {ttft['B', level][-1]:.2f} s",
                     flush=True,
                 )
@@ -158,7 +162,7 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
             }
             keys = list(tasks) if round_index % 2 == 0 else ["plain", "mixed", "separate", "n4"]
             for key in keys:
-                pair[key] = tasks[key](topics).throughput
+                pair[key] = tasks[key](topics).steady_throughput
             mixed.append(pair["mixed"] / pair["plain"])
             several.append(pair["n4"] / pair["separate"])
             print(
