@@ -12,6 +12,9 @@ token, as the original sampling did, so a seeded answer continues with the draws
 A grammar is checked the way llama.cpp's own server does it: the chain picks a token from the raw
 logits; only if the grammar refuses it is the grammar applied to the whole vocabulary and the token
 picked again. Most steps then cost one grammar check of one token instead of one per vocabulary entry.
+At temperature 0 a refused token costs less still: the grammar checks the 64 best tokens in greedy's
+order (then 2,048), and the first it allows is the answer, the one the whole vocabulary would give
+(about 7 ms for SmolLM2's 49,152 tokens on one core, against well under one for the 64).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from workerbee.llama_context import MultiSequenceContext, Vocabulary
 
 PENALTY_LAST_N = 64
 """Tokens the repetition penalties look back over: llama-cpp-python's `last_n_tokens_size` default."""
+
+GRAMMAR_WIDTHS = (64, 2048)
+"""How many of the best tokens a greedy grammar check tries, in turn, before the whole vocabulary."""
 
 # llama_token_data as numpy lays it out: candidates are filled from the logits row without a Python loop.
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
@@ -76,6 +82,8 @@ class SamplerChain:
         """The chain's seeded draw (owned by the chain); None when greedy."""
         self._all: _Candidates | None = None
         self._one: _Candidates | None = None
+        self._few: dict[int, _Candidates] = {}
+        """Candidate arrays for the narrower grammar checks (`_best_allowed`), by width."""
         try:
             self._build(sampling, vocab.n_tokens, seed, tuple(banned))
             if sampling.grammar is not None:
@@ -135,9 +143,13 @@ class SamplerChain:
         """Sample the token for the logits at `index` of the last decoded batch (and remember it)."""
         if self._grammar is None:
             return int(llama_cpp.llama_sampler_sample(self._chain, context.raw, index))
+        return self.sample_row(context.logits_row(index))
+
+    def sample_row(self, logits: npt.NDArray[np.float32]) -> int:
+        """Sample the token for a row of logits with the grammar (and remember it)."""
+        assert self._grammar is not None
         assert self._all is not None
         assert self._one is not None
-        logits = context.logits_row(index)
         candidates = self._all
         candidates.fill(logits)
         llama_cpp.llama_sampler_apply(self._chain, candidates.pointer)
@@ -147,13 +159,44 @@ class SamplerChain:
         one.array.size, one.array.selected, one.array.sorted = 1, -1, False
         llama_cpp.llama_sampler_apply(self._grammar, one.pointer)
         if not np.isfinite(one.data[0]["logit"]):
-            candidates.fill(logits)
-            llama_cpp.llama_sampler_apply(self._grammar, candidates.pointer)
-            llama_cpp.llama_sampler_apply(self._chain, candidates.pointer)
-            token = candidates.selected()
+            allowed = self._best_allowed(candidates) if self._dist is None else None
+            if allowed is None:
+                candidates.fill(logits)
+                llama_cpp.llama_sampler_apply(self._grammar, candidates.pointer)
+                llama_cpp.llama_sampler_apply(self._chain, candidates.pointer)
+                allowed = candidates.selected()
+            token = allowed
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self._chain, token)
         return token
+
+    def _best_allowed(self, candidates: _Candidates) -> int | None:
+        """Greedy under the grammar without checking the whole vocabulary: the best token it allows.
+
+        `candidates` hold every token after the chain's bias and penalties (greedy only selects, it
+        moves nothing). The grammar checks the best GRAMMAR_WIDTHS[0] of them, then more, in the order
+        greedy would rank them (logit, then id): the first it allows is what the whole-vocabulary check
+        would pick. None if none of the widest set passes (then the caller checks them all).
+        """
+        assert self._grammar is not None
+        logits = candidates.data["logit"]
+        for width in GRAMMAR_WIDTHS:
+            if width >= len(logits):
+                return None
+            best = np.argpartition(logits, -width)[-width:]
+            ranked = best[np.lexsort((best, -logits[best]))]
+            few = self._few.get(width)
+            if few is None:
+                few = self._few[width] = _Candidates(width)
+            few.data["id"] = ranked
+            few.data["logit"] = logits[ranked]
+            few.data["p"] = 0.0
+            few.array.size, few.array.selected, few.array.sorted = width, -1, False
+            llama_cpp.llama_sampler_apply(self._grammar, few.pointer)
+            passed = np.isfinite(few.data["logit"][: few.array.size])
+            if passed.any():
+                return int(few.data["id"][int(np.argmax(passed))])
+        return None
 
     def advance(self, tokens: Iterable[int]) -> None:
         """Take tokens as if this chain had sampled them: a resumed choice's relayed tokens.
