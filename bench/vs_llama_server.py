@@ -13,6 +13,8 @@ A run's rate is taken while all its streams are in flight (LoadRun.steady_throug
 client finds no request left, counting requests still running by the chunks they have received. The
 mixed kinds end where their JSON closes, at different lengths, so without that the last of them would
 run alone for a while and the figure would measure the queue's tail, not the engine at 4 streams.
+Each run's prompts carry a tag of their own, so that neither side answers from a prompt cached in an
+earlier run.
 
 Prints the results and writes them between the markers in docs/benchmarks.md.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -42,10 +45,23 @@ STORY = {
     "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
     "required": ["title", "story"],
 }
-TOOL = {
-    "type": "function",
-    "function": {"name": "save_story", "description": "Save a story.", "parameters": STORY},
+LONG_STORY = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "story": {"type": "string", "minLength": 1000},
+    },
+    "required": ["title", "story"],
 }
+"""A schema whose answers run to any --max-tokens of this bench: the story is 1,000 characters at least."""
+
+
+def tool(schema: dict[str, Any]) -> dict[str, Any]:
+    """The tool the tool-call requests name."""
+    return {
+        "type": "function",
+        "function": {"name": "save_story", "description": "Save a story.", "parameters": schema},
+    }
 
 
 def plain(model: str, topic: str, max_tokens: int) -> dict[str, Any]:
@@ -61,17 +77,23 @@ def plain(model: str, topic: str, max_tokens: int) -> dict[str, Any]:
     }
 
 
-def kind(model: str, topic: str, max_tokens: int, index: int) -> dict[str, Any]:
-    """The index-th of the mixed kinds: a named tool call, a JSON-schema answer, a logprobs request."""
+def kind(
+    model: str, topic: str, max_tokens: int, index: int, schema: dict[str, Any] = STORY
+) -> dict[str, Any]:
+    """The index-th of the mixed kinds: a named tool call, a JSON-schema answer, a logprobs request.
+
+    With STORY the JSON answers end where the model closes them (about 25 tokens for this model); with
+    LONG_STORY they run to max_tokens, as the plain ones do.
+    """
     body = plain(model, topic, max_tokens)
     which = index % 3
     if which == 0:
         del body["ignore_eos"]  # a grammar ends the answer itself
-        body["tools"] = [TOOL]
+        body["tools"] = [tool(schema)]
         body["tool_choice"] = {"type": "function", "function": {"name": "save_story"}}
     elif which == 1:
         del body["ignore_eos"]
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY}}
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": schema}}
     else:
         body["logprobs"] = True
         body["top_logprobs"] = 3
@@ -108,6 +130,7 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
         ttft: dict[tuple[str, int], list[float]] = {(side, level): [] for side in sides for level in LEVELS}
         rates: dict[tuple[str, int], list[float]] = {(side, level): [] for side in sides for level in LEVELS}
         mixed: list[float] = []
+        mixed_long: list[float] = []
         several: list[float] = []
 
         def go(url: str, bodies: list[dict[str, Any]], concurrency: int, what: str) -> LoadRun:
@@ -120,6 +143,7 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
                 run = asyncio.run(run_load(url, bodies, concurrency))
             return check(run, what)
 
+        takes = itertools.count(1)
         # One warm-up request each: the first request pays for allocations on both.
         for url in sides.values():
             go(url, [plain(name, TOPICS[0], 8)], 1, "warm-up")
@@ -127,7 +151,11 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
             order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
             for level in LEVELS:
                 count = max(3, 2 * level)
-                topics = [TOPICS[(round_index * 7 + i) % len(TOPICS)] for i in range(count)]
+                # Tagged per run: neither side has these prompts cached from an earlier run.
+                take = next(takes)
+                topics = [
+                    f"{TOPICS[(round_index * 7 + i) % len(TOPICS)]} (take {take})" for i in range(count)
+                ]
                 runs: dict[str, LoadRun] = {}
                 for side in order:
                     bodies = [plain(name, topic, args.max_tokens) for topic in topics]
@@ -141,11 +169,17 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
                     f"TTFT p50 A {ttft['A', level][-1]:.2f} s, B {ttft['B', level][-1]:.2f} s",
                     flush=True,
                 )
-            topics = [TOPICS[(round_index * 5 + i) % len(TOPICS)] for i in range(12)]
+            base = [TOPICS[(round_index * 5 + i) % len(TOPICS)] for i in range(12)]
             pair: dict[str, float] = {}
             tasks: dict[str, Callable[[list[str]], LoadRun]] = {
                 "mixed": lambda ts: go(
                     queen.base_url, [kind(name, t, args.max_tokens, i) for i, t in enumerate(ts)], 4, "mixed"
+                ),
+                "mixed_long": lambda ts: go(
+                    queen.base_url,
+                    [kind(name, t, args.max_tokens, i, LONG_STORY) for i, t in enumerate(ts)],
+                    4,
+                    "mixed, long answers",
                 ),
                 "plain": lambda ts: go(
                     queen.base_url, [plain(name, t, args.max_tokens) for t in ts], 4, "plain"
@@ -160,14 +194,17 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
                     "separate",
                 ),
             }
-            keys = list(tasks) if round_index % 2 == 0 else ["plain", "mixed", "separate", "n4"]
+            keys = list(tasks) if round_index % 2 == 0 else ["plain", "mixed_long", "mixed", "separate", "n4"]
             for key in keys:
-                pair[key] = tasks[key](topics).steady_throughput
+                take = next(takes)
+                pair[key] = tasks[key]([f"{topic} (take {take})" for topic in base]).steady_throughput
             mixed.append(pair["mixed"] / pair["plain"])
+            mixed_long.append(pair["mixed_long"] / pair["plain"])
             several.append(pair["n4"] / pair["separate"])
             print(
                 f"round {round_index}: mixed {pair['mixed']:.1f} vs plain {pair['plain']:.1f} tok/s "
-                f"({mixed[-1]:.2f}); n=4 {pair['n4']:.1f} vs 4 separate {pair['separate']:.1f} "
+                f"({mixed[-1]:.2f}), with long answers {pair['mixed_long']:.1f} ({mixed_long[-1]:.2f}); "
+                f"n=4 {pair['n4']:.1f} vs 4 separate {pair['separate']:.1f} "
                 f"({several[-1]:.2f})",
                 flush=True,
             )
@@ -199,11 +236,15 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
         "|---|---|",
         "| tool calls, JSON-schema answers and logprobs requests / 4 plain chats, tok/s "
         f"| **{med(mixed):.2f}x** |",
+        "| the same, every answer running to max_tokens (a schema with a 1,000-character story) / 4 plain "
+        f"chats, tok/s | **{med(mixed_long):.2f}x** |",
         f"| one request with n = 4 / 4 separate concurrent requests, tok/s | **{med(several):.2f}x** |",
         "",
         "Per-round ratios: "
         + "; ".join(f"{level} streams {', '.join(f'{r:.2f}' for r in ratios[level])}" for level in LEVELS)
-        + f"; mixed {', '.join(f'{r:.2f}' for r in mixed)}; n=4 {', '.join(f'{r:.2f}' for r in several)}.",
+        + f"; mixed {', '.join(f'{r:.2f}' for r in mixed)}"
+        + f"; mixed, long answers {', '.join(f'{r:.2f}' for r in mixed_long)}"
+        + f"; n=4 {', '.join(f'{r:.2f}' for r in several)}.",
     ]
     return lines
 
