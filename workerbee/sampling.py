@@ -159,13 +159,13 @@ class SamplerChain:
         one.array.size, one.array.selected, one.array.sorted = 1, -1, False
         llama_cpp.llama_sampler_apply(self._grammar, one.pointer)
         if not np.isfinite(one.data[0]["logit"]):
-            allowed = self._best_allowed(candidates) if self._dist is None else None
-            if allowed is None:
+            best = self._best_allowed(candidates) if self._dist is None else None
+            if best is None:
                 candidates.fill(logits)
                 llama_cpp.llama_sampler_apply(self._grammar, candidates.pointer)
                 llama_cpp.llama_sampler_apply(self._chain, candidates.pointer)
-                allowed = candidates.selected()
-            token = allowed
+                best = candidates.selected()
+            token = best
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self._chain, token)
         return token
@@ -193,7 +193,7 @@ class SamplerChain:
             few.data["p"] = 0.0
             few.array.size, few.array.selected, few.array.sorted = width, -1, False
             llama_cpp.llama_sampler_apply(self._grammar, few.pointer)
-            passed = np.isfinite(few.data["logit"][: few.array.size])
+            passed = np.isfinite(few.data["logit"])
             if passed.any():
                 return int(few.data["id"][int(np.argmax(passed))])
         return None

@@ -584,12 +584,14 @@ class Scheduler:
         # The batch lists the sequences by id: with a stream per sequence, llama.cpp splits a batch into
         # micro-batches of consecutive sequence ids (each a pass over the weights), so the order of
         # admission would cut 8 generating tokens into several passes.
-        taking = {id(seq): take for seq, take in fed}
-        for seq in sorted([*generating, *(seq for seq, _ in fed)], key=lambda seq: seq.slot.seq_id):
+        # A generating sequence takes its next token, a prompt's `take` of its tokens.
+        for seq, take in sorted(
+            [*((seq, 0) for seq in generating), *fed], key=lambda pair: pair[0].slot.seq_id
+        ):
             if seq.next_token is not None:
                 outputs.append((seq, batch.add(seq.next_token, seq.position, seq.slot.seq_id, True)))
                 continue
-            start, take = seq.position, taking[id(seq)]
+            start = seq.position
             complete = start + take == len(seq.job.prompt)
             for position in range(start, start + take):
                 index = batch.add(
