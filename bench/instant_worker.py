@@ -1,8 +1,15 @@
 """A scripted worker that answers every job at once: the queen's own cost, with no model behind it.
 
-`python -m bench.instant_worker WS_URL PARALLEL [CHUNKS]` registers model "instant" and answers each job
-with a role chunk, CHUNKS content chunks (2 unless given) and a final chunk (streamed) or a whole response,
-as soon as it comes. The frames are encoded once, as templates, so the worker costs little per chunk.
+`python -m bench.instant_worker WS_URL PARALLEL [CHUNKS] [--one-per-message]` registers model "instant"
+and answers each job with a role chunk, CHUNKS content chunks (2 unless given) and a final chunk
+(streamed) or a whole response, as soon as it comes. The frames are encoded once, as templates, so the
+worker costs little per chunk.
+
+It sends as workerbee does (workerbee/outbox.py): every job answers in a task of its own, one frame a
+turn of the event loop, and the frames of all jobs ready in one turn leave as one message (a `batch`
+frame): like a batching engine whose every step yields a chunk per stream, at the socket's speed. With
+`--one-per-message` it sends each job's frames one message each, as they come: what a bare relay,
+which reads one frame per message, can take.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from protocol import (
     decode_queen_frame,
     encode,
 )
+from workerbee.outbox import Outbox
 
 USAGE = Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
 
@@ -89,7 +97,7 @@ def registration(parallel: int, prefix: str = "bench") -> Register:
     )
 
 
-async def serve(url: str, parallel: int, chunks: int = 2) -> None:
+async def serve(url: str, parallel: int, chunks: int = 2, *, batched: bool = True) -> None:
     """Register and answer jobs until the connection closes."""
     answers = Answers(chunks)
     async with websockets.connect(url, max_size=None, compression=None) as websocket:
@@ -97,19 +105,34 @@ async def serve(url: str, parallel: int, chunks: int = 2) -> None:
         welcome = decode_queen_frame(await websocket.recv())
         if not isinstance(welcome, Welcome):
             raise SystemExit(f"the queen refused the worker: {welcome}")
+        outbox = Outbox(websocket.send, lambda: welcome.max_frame_bytes)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer_job(frames: list[str]) -> None:
+            for data in frames:
+                await outbox.send(data)
+
         async for message in websocket:
             frame = decode_queen_frame(message)
-            if isinstance(frame, Job):
+            if not isinstance(frame, Job):
+                continue
+            if batched:
+                task = asyncio.create_task(answer_job(answers.frames(frame)))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            else:
                 for data in answers.frames(frame):
                     await websocket.send(data)
 
 
 def main() -> None:
-    """Entry point: WS_URL PARALLEL [CHUNKS]."""
-    url, parallel = sys.argv[1], int(sys.argv[2])
-    chunks = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    """Entry point: WS_URL PARALLEL [CHUNKS] [--one-per-message]."""
+    arguments = [argument for argument in sys.argv[1:] if argument != "--one-per-message"]
+    url, parallel = arguments[0], int(arguments[1])
+    chunks = int(arguments[2]) if len(arguments) > 2 else 2
+    batched = "--one-per-message" not in sys.argv
     with contextlib.suppress(KeyboardInterrupt, websockets.ConnectionClosed):
-        asyncio.run(serve(url, parallel, chunks))
+        asyncio.run(serve(url, parallel, chunks, batched=batched))
 
 
 if __name__ == "__main__":

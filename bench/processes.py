@@ -202,12 +202,20 @@ def start_llama_server(model: Path, *, threads: int, logs: Path) -> Service:
 
 
 def start_instant_worker(
-    queen: Service, *, parallel: int, logs: Path, cpus: set[int] | None, chunks: int = 2
+    queen: Service,
+    *,
+    parallel: int,
+    logs: Path,
+    cpus: set[int] | None,
+    chunks: int = 2,
+    batched: bool = True,
 ) -> Service:
     """A scripted worker (bench/instant_worker.py) that answers every job at once, with `chunks`
-    content chunks when streamed."""
+    content chunks when streamed; `batched` False sends one frame per message (a bare relay needs that)."""
     queen_ws = queen.base_url.replace("http://", "ws://") + "/worker"
     command = [sys.executable, "-m", "bench.instant_worker", queen_ws, str(parallel), str(chunks)]
+    if not batched or queen.name == "bare-relay":
+        command.append("--one-per-message")
     worker = _start(f"instant-worker-{free_port()}", command, queen.base_url, logs, cpus)
     if queen.name == "bare-relay":
         time.sleep(1.5)  # the bare relay has no /v1/models to watch

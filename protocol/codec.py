@@ -10,6 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from protocol.errors import ErrorCode
 from protocol.messages import (
+    MAX_BATCH_FRAMES,
     PROTOCOL_VERSION,
     Frame,
     QueenFrame,
@@ -43,6 +44,35 @@ def encode(frame: Frame) -> str:
 def encoded_size(text: str) -> int:
     """Size of an encoded frame on the wire, bytes (websocket text frames are UTF-8)."""
     return len(text.encode())
+
+
+_BATCH_HEAD: Final = '{"type":"batch","frames":['
+_BATCH_TAIL: Final = "]}"
+
+
+def batch_messages(texts: list[str], limit: int) -> list[str]:
+    """The websocket messages that carry encoded frames `texts`, in order, each at most `limit` bytes.
+
+    Frames that fit together travel as one Batch (joined as text, not encoded again); a frame alone in
+    its message travels as itself. Each text must fit the limit on its own (the sender checks that).
+    """
+    messages: list[str] = []
+    group: list[str] = []
+    size = len(_BATCH_HEAD) + len(_BATCH_TAIL)
+    for text in texts:
+        length = len(text) if text.isascii() else encoded_size(text)
+        if group and (size + length + 1 > limit or len(group) == MAX_BATCH_FRAMES):
+            messages.append(_joined(group))
+            group, size = [], len(_BATCH_HEAD) + len(_BATCH_TAIL)
+        group.append(text)
+        size += length + 1
+    if group:
+        messages.append(_joined(group))
+    return messages
+
+
+def _joined(group: list[str]) -> str:
+    return group[0] if len(group) == 1 else _BATCH_HEAD + ",".join(group) + _BATCH_TAIL
 
 
 _PART_OVERHEAD: Final = 1024

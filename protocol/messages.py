@@ -5,7 +5,8 @@ closes the socket with a `ProtocolError` frame and a close reason. After that, e
 belongs to a request carries its `request_id`, so one connection carries many requests at once:
 
     queen -> worker:  Welcome, Job, Cancel, ProtocolError
-    worker -> queen:  Register, Chunk, ResultPart, Result, JobError, Draining, CacheSummary, ProtocolError
+    worker -> queen:  Register, Chunk, ResultPart, Result, JobError, Draining, CacheSummary, ProtocolError,
+                      and Batch: several of those (not Register) in one websocket message
 
 Frame limits are agreed, not assumed: the worker states the largest frame it accepts in `Register`, the
 queen states its own in `Welcome`, and neither side sends a frame larger than the other accepts. A whole
@@ -29,6 +30,9 @@ for auditors), cache summaries for cache-aware routing, and training jobs for fi
 4: the token ids behind a whole answer's choices (`Result.token_ids`, one list per choice of a chat or
 text completion). A queen of 3 refuses the field, and a queen of 4 benches a worker whose whole answer
 leaves it out (it could be neither counted by its ids nor audited), so 3 and 4 do not mix.
+5: `Batch`, a worker's frames of one moment in one websocket message (a batching engine's step yields a
+chunk for every stream at once): the queen's cost per message (websocket parsing, one validation call,
+a wake-up) is shared by the chunks in it. A queen of 4 does not know the frame.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from protocol.errors import ErrorCode
 from protocol.lnurl import check_ln_url
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """Bumped on every incompatible change to the frames below."""
 
 MIN_FRAME_BYTES = 64 * 2**10
@@ -480,8 +484,29 @@ class ProtocolError(Frame):
     message: str = Field(max_length=4096)
 
 
+BatchedFrame = Annotated[
+    Chunk | ResultPart | Result | JobError | Draining | CacheSummary | ProtocolError,
+    Field(discriminator="type"),
+]
+"""A frame a worker may send inside a Batch: any but Register and Batch itself."""
+
+MAX_BATCH_FRAMES = 4096
+"""Frames one Batch may hold (the frame limit bounds its bytes as well)."""
+
+
+class Batch(Frame):
+    """Several frames of a worker in one message, handled by the queen in order as if sent one by one.
+
+    A worker sends one when it has more than one frame ready at once (one step of a batching engine
+    yields a chunk for every stream); the whole message stays within the queen's frame limit.
+    """
+
+    type: Literal["batch"] = "batch"
+    frames: list[BatchedFrame] = Field(min_length=1, max_length=MAX_BATCH_FRAMES)
+
+
 WorkerFrame = Annotated[
-    Register | Chunk | ResultPart | Result | JobError | Draining | CacheSummary | ProtocolError,
+    Register | Chunk | ResultPart | Result | JobError | Draining | CacheSummary | ProtocolError | Batch,
     Field(discriminator="type"),
 ]
 """Any frame a worker sends."""

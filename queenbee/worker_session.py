@@ -21,6 +21,7 @@ from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
 from protocol import (
+    Batch,
     CacheSummary,
     Cancel,
     Chunk,
@@ -33,10 +34,11 @@ from protocol import (
     Register,
     Result,
     ResultPart,
+    WorkerFrame,
     decode_worker_frame,
     encode,
 )
-from protocol.messages import Frame
+from protocol.messages import BatchedFrame, Frame
 
 log = logging.getLogger("queenbee.worker_session")
 
@@ -341,10 +343,21 @@ class WorkerSession:
             log.warning("worker %s sent a bad frame: %s", self.id, exc.message)
             await self._send_quietly(ProtocolError(code=exc.code, message=exc.message))
             return
+        if isinstance(frame, Batch):
+            # Each frame is charged its share of the message against its client's buffer.
+            share = -(-len(data) // len(frame.frames))
+            replies = [self._dispatch(inner, share) for inner in frame.frames]
+        else:
+            replies = [self._dispatch(frame, len(data))]
+        for reply in replies:
+            if reply is not None:
+                await self._send_quietly(reply)
+
+    def _dispatch(self, frame: WorkerFrame | BatchedFrame, size: int) -> ProtocolError | None:
+        """Act on one frame of the worker's (`size`: its bytes on the wire); what to answer, if anything."""
         if isinstance(frame, Chunk):
             stream = self._pending.get(frame.request_id)
             if stream is not None and frame.request_id not in self._cancelling:
-                size = len(data)
                 if stream.buffered_bytes + size > self._max_buffer_bytes:
                     self._overflow(stream, f"more than {self._max_buffer_bytes} bytes waited for the client")
                 else:
@@ -372,7 +385,8 @@ class WorkerSession:
         else:
             message = f"unexpected {frame.type!r} frame after registration"
             log.warning("worker %s sent an %s", self.id, message)
-            await self._send_quietly(ProtocolError(code=ErrorCode.INVALID_FRAME, message=message))
+            return ProtocolError(code=ErrorCode.INVALID_FRAME, message=message)
+        return None
 
     def _overflow(self, stream: RequestStream, reason: str) -> None:
         """Stop holding a request's output: cancel it on the worker and tell its consumer why."""

@@ -9,7 +9,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.server import Server, ServerConnection
 
-from protocol import MAX_FRAME_BYTES, ProtocolError, Register, Welcome, decode_worker_frame, encode
+from protocol import MAX_FRAME_BYTES, Batch, ProtocolError, Register, Welcome, decode_worker_frame, encode
 from protocol.messages import Frame
 
 
@@ -36,6 +36,8 @@ class FakeQueen:
         self.connected = asyncio.Event()
         self.largest_frame = 0
         """Size of the largest frame received after a registration, bytes."""
+        self.batches: list[list[Any]] = []
+        """The frames of every `batch` message received (their frames go on `frames` one by one too)."""
         self._server: Server | None = None
 
     @property
@@ -86,6 +88,12 @@ class FakeQueen:
             async for message in connection:
                 size = len(message.encode()) if isinstance(message, str) else len(message)
                 self.largest_frame = max(self.largest_frame, size)
-                await self.frames.put(decode_worker_frame(message, limit=self.max_frame_bytes))
+                frame = decode_worker_frame(message, limit=self.max_frame_bytes)
+                if isinstance(frame, Batch):
+                    self.batches.append(list(frame.frames))
+                    for inner in frame.frames:
+                        await self.frames.put(inner)
+                else:
+                    await self.frames.put(frame)
         except websockets.ConnectionClosed:
             pass

@@ -20,6 +20,7 @@ from protocol import (
     Job,
     JobError,
     ModelInfo,
+    ProtocolError,
     Register,
     Result,
     Usage,
@@ -171,6 +172,8 @@ class FakeWorker:
         self.jobs: list[Job] = []
         self.cancels: list[str] = []
         self.cancelled = asyncio.Event()
+        self.protocol_errors: list[ProtocolError] = []
+        """What the queen said of frames it refused."""
         self.worker_id: str | None = None
         self.queen_max_frame_bytes = MIN_FRAME_BYTES
         """The largest frame the queen accepts, from its Welcome."""
@@ -265,5 +268,7 @@ class FakeWorker:
                 elif isinstance(frame, Cancel):
                     self.cancels.append(frame.request_id)
                     self.cancelled.set()
+                elif isinstance(frame, ProtocolError):
+                    self.protocol_errors.append(frame)
         except websockets.ConnectionClosed:
             pass

@@ -384,9 +384,7 @@ class BatchedModel:
             )
 
             def post(event: RequestEvent, job: Job = job) -> None:
-                # A closed loop refuses the call: nobody waits for this request any more.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(events.put_nowait, (job, event))
+                self.scheduler.mailbox.post(loop, events.put_nowait, (job, event))
 
             job.post = post
             jobs.append(job)

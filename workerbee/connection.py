@@ -52,6 +52,7 @@ from workerbee.answer_ids import token_ids_of
 from workerbee.cache_reports import REFRESH_SECONDS, CacheReporter, CacheReports
 from workerbee.decoding import TokenIds
 from workerbee.engine import Cancelled, Engine, EngineError
+from workerbee.outbox import Outbox
 from workerbee.tokens import count_tokens
 from workerbee.transport import ssl_context
 
@@ -215,13 +216,14 @@ class WorkerConnection:
             await self._register(websocket)
             self.backoff.reset()
             self.connected.set()
-            reader = asyncio.create_task(self._read(websocket))
+            outbox = Outbox(websocket.send, lambda: self.send_limit)
+            reader = asyncio.create_task(self._read(websocket, outbox))
             stopper = asyncio.create_task(stop.wait())
-            reporter = self._start_reports(websocket)
+            reporter = self._start_reports(outbox)
             try:
                 await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stop.is_set():
-                    await self._drain(websocket)
+                    await self._drain(outbox)
                     reader.cancel()
                     await websocket.close(1001, "worker shutting down")
                 else:
@@ -237,7 +239,7 @@ class WorkerConnection:
                     task.cancel()
                 self._jobs.clear()
 
-    def _start_reports(self, websocket: ClientConnection) -> asyncio.Task[None] | None:
+    def _start_reports(self, outbox: Outbox) -> asyncio.Task[None] | None:
         """Start telling the queen what the engine's caches hold (engines that can say so)."""
         if not isinstance(self.engine, CacheReporter):
             return None
@@ -246,7 +248,7 @@ class WorkerConnection:
         self._reports.reset()
 
         async def send(frame: CacheSummary) -> None:
-            await self._send(websocket, frame)
+            await self._send(outbox, frame)
 
         return asyncio.create_task(self._reports.run(send, lambda: self.send_limit, self.cache_refresh))
 
@@ -278,7 +280,7 @@ class WorkerConnection:
             ", ".join(model.id for model in registration.models),
         )
 
-    async def _read(self, websocket: ClientConnection) -> None:
+    async def _read(self, websocket: ClientConnection, outbox: Outbox) -> None:
         async for message in websocket:
             try:
                 frame = decode_queen_frame(message, limit=self.max_frame_bytes)
@@ -286,17 +288,17 @@ class WorkerConnection:
                 request_id = _job_request_id(message)
                 if request_id is None:
                     log.warning("the queen sent a bad frame: %s", exc.message)
-                    await self._send(websocket, ProtocolError(code=exc.code, message=exc.message))
+                    await self._send(outbox, ProtocolError(code=exc.code, message=exc.message))
                 else:
                     # The job, not the connection, is at fault: the queen can end that one request.
                     log.warning("the queen sent a job that cannot be read (%s): %s", request_id, exc.message)
                     error = JobError(
                         request_id=request_id, code=ErrorCode.INVALID_REQUEST, message=exc.message[:4000]
                     )
-                    await self._send(websocket, error)
+                    await self._send(outbox, error)
                 continue
             if isinstance(frame, Job):
-                self._start_job(websocket, frame)
+                self._start_job(websocket, outbox, frame)
             elif isinstance(frame, Cancel):
                 running = self._jobs.get(frame.request_id)
                 if running is not None:
@@ -304,13 +306,15 @@ class WorkerConnection:
             elif isinstance(frame, ProtocolError):
                 log.warning("the queen reports a protocol error: %s: %s", frame.code, frame.message)
 
-    def _start_job(self, websocket: ClientConnection, job: Job) -> None:
+    def _start_job(self, websocket: ClientConnection, outbox: Outbox, job: Job) -> None:
         cancel = threading.Event()
-        task = asyncio.create_task(self._run_job(websocket, job, cancel))
+        task = asyncio.create_task(self._run_job(websocket, outbox, job, cancel))
         self._jobs[job.request_id] = (task, cancel)
         task.add_done_callback(lambda _: self._jobs.pop(job.request_id, None))
 
-    async def _run_job(self, websocket: ClientConnection, job: Job, cancel: threading.Event) -> None:
+    async def _run_job(
+        self, websocket: ClientConnection, outbox: Outbox, job: Job, cancel: threading.Event
+    ) -> None:
         request_id = job.request_id
         renew = False
         try:
@@ -320,7 +324,7 @@ class WorkerConnection:
             async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
                 ids = list(tokens.ids) if isinstance(tokens, TokenIds) else None
                 frame = Chunk(request_id=request_id, chunk=chunk, tokens=tokens, token_ids=ids)
-                await self._send_output(websocket, frame)
+                await self._send_output(outbox, frame)
 
             kind = job.request.kind
             side = self.side_jobs.get(kind)
@@ -340,16 +344,16 @@ class WorkerConnection:
             if self._reports is not None:
                 # Before the Result: the client's next turn must find its prefix where it now is.
                 for summary in self._reports.pending(self.send_limit):
-                    await self._send(websocket, summary)
+                    await self._send(outbox, summary)
             result = Result(
                 request_id=request_id, usage=usage, response=response, token_ids=token_ids_of(response)
             )
             for frame in result_frames(result, self.send_limit):
-                await self._send_output(websocket, frame)
+                await self._send_output(outbox, frame)
             if renew:
                 # A new model to serve: no new jobs on this registration, the others finished (up to the
                 # shutdown grace), then register again with it.
-                await self._send(websocket, Draining())
+                await self._send(outbox, Draining())
                 others = [task for task, _ in self._jobs.values() if task is not asyncio.current_task()]
                 if others:
                     await asyncio.wait(others, timeout=self.shutdown_grace)
@@ -358,22 +362,22 @@ class WorkerConnection:
             cancelled = JobError(
                 request_id=request_id, code=ErrorCode.CANCELLED, message="cancelled", usage=exc.usage
             )
-            await self._send(websocket, cancelled)
+            await self._send(outbox, cancelled)
         except OutputTooLarge as exc:
             log.error("request %s: %s", request_id, exc)
             await self._send(
-                websocket, JobError(request_id=request_id, code=ErrorCode.INTERNAL_ERROR, message=str(exc))
+                outbox, JobError(request_id=request_id, code=ErrorCode.INTERNAL_ERROR, message=str(exc))
             )
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             where = ".".join(str(part) for part in first["loc"])
             message = f"invalid request: {where + ': ' if where else ''}{first['msg']}"[:4000]
             await self._send(
-                websocket, JobError(request_id=request_id, code=ErrorCode.INVALID_REQUEST, message=message)
+                outbox, JobError(request_id=request_id, code=ErrorCode.INVALID_REQUEST, message=message)
             )
         except EngineError as exc:
             await self._send(
-                websocket,
+                outbox,
                 JobError(request_id=request_id, code=exc.code, message=exc.message, param=exc.param),
             )
         except websockets.ConnectionClosed:
@@ -381,14 +385,14 @@ class WorkerConnection:
         except Exception as exc:
             log.exception("request %s failed", request_id)
             await self._send(
-                websocket,
+                outbox,
                 JobError(request_id=request_id, code=ErrorCode.INTERNAL_ERROR, message=_describe(exc)[:4000]),
             )
 
-    async def _drain(self, websocket: ClientConnection) -> None:
+    async def _drain(self, outbox: Outbox) -> None:
         """Stop taking jobs and let the ones in flight finish, up to the grace period."""
         self._draining = True
-        await self._send(websocket, Draining())
+        await self._send(outbox, Draining())
         tasks = [task for task, _ in self._jobs.values()]
         if not tasks:
             return
@@ -402,23 +406,23 @@ class WorkerConnection:
                 cancel.set()
             await asyncio.wait(pending, timeout=5)
 
-    async def _send_output(self, websocket: ClientConnection, frame: Chunk | ResultPart | Result) -> None:
+    async def _send_output(self, outbox: Outbox, frame: Chunk | ResultPart | Result) -> None:
         """Send a frame of a request's output; OutputTooLarge if the queen would refuse it."""
         text = encode(frame)
         size = encoded_size(text)
         if size > self.send_limit:
             raise OutputTooLarge(frame.type, size, self.send_limit)
-        await self._send_text(websocket, text, frame.type)
+        await self._send_text(outbox, text, frame.type)
 
     @classmethod
-    async def _send(cls, websocket: ClientConnection, frame: Frame) -> None:
+    async def _send(cls, outbox: Outbox, frame: Frame) -> None:
         """Send a control frame (bounded in size: smaller than any limit a queen may state)."""
-        await cls._send_text(websocket, encode(frame), frame.__class__.__name__)
+        await cls._send_text(outbox, encode(frame), frame.__class__.__name__)
 
     @staticmethod
-    async def _send_text(websocket: ClientConnection, text: str, kind: str) -> None:
+    async def _send_text(outbox: Outbox, text: str, kind: str) -> None:
         try:
-            await websocket.send(text)
+            await outbox.send(text)
         except websockets.ConnectionClosed:
             log.debug("could not send %s: the connection is closed", kind)
 

@@ -59,6 +59,7 @@ from workerbee.llama_context import (
     Vocabulary,
     longest_common_prefix,
 )
+from workerbee.mailbox import Mailbox
 from workerbee.prefix_cache import NO_BLOCKS, Block, PromptBlocks, SlotBlocks, summarize
 from workerbee.sampling import SamplerChain, token_logprob
 from workerbee.threads import ThreadTuner
@@ -290,6 +291,8 @@ class Scheduler:
         self.tuner = tuner
         self.vocab = vocab
         self.stats = BatchStats()
+        self.mailbox = Mailbox()
+        """How requests' events reach their loops: each pass of `_run` hands its events over at once."""
         self._slots = [_Slot(seq_id) for seq_id in range(context.n_seq)]
         self._running: list[_Sequence] = []
         self._inbox: deque[Job] = deque()
@@ -348,9 +351,10 @@ class Scheduler:
             while self._next_jobs():
                 if busy is None:
                     busy = (time.perf_counter(), replace(self.stats))
-                self._drop_cancelled()
-                if self._running:
-                    self._step()
+                with self.mailbox.holding():
+                    self._drop_cancelled()
+                    if self._running:
+                        self._step()
                 if not self._running:
                     self._log_busy_period(*busy)
                     busy = None

@@ -392,6 +392,40 @@ async def test_a_big_embeddings_answer_reassembles_to_the_unsplit_one(embedding_
     assert queen.largest_frame <= MIN_FRAME_BYTES
 
 
+@pytest.fixture(scope="module")
+def chat_engine() -> Iterator[LlamaEngine]:
+    """SmolLM2 batching two streams."""
+    model = BatchedModel.load(ModelConfig(id="smol", path=smollm2_path(), n_ctx=512), parallel=2, threads=1)
+    engine = LlamaEngine({"smol": model})
+    yield engine
+    engine.close()
+
+
+async def test_one_steps_chunks_of_several_streams_leave_in_one_batch(chat_engine: LlamaEngine) -> None:
+    """Two streams on the real engine: each step's tokens for both leave as one batch message, and every
+    request's frames still arrive complete and in order (its chunks, then its result)."""
+    queen = await FakeQueen().start()
+    _, stop, task = await start(queen, chat_engine)
+    body = {"model": "smol", "stream": True, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    for request_id, topic in (("r1", "rivers"), ("r2", "mountains")):
+        messages = [{"role": "user", "content": f"Write about {topic}."}]
+        await queen.send(chat_job(request_id, {**body, "messages": messages}))
+    frames: dict[str, list[Any]] = {"r1": [], "r2": []}
+    while not all(items and isinstance(items[-1], Result) for items in frames.values()):
+        frame = await queen.next_frame(timeout=60)
+        if isinstance(frame, Chunk | Result):
+            frames[frame.request_id].append(frame)
+    stop.set()
+    await task
+    await queen.stop()
+    for items in frames.values():
+        assert all(isinstance(item, Chunk) for item in items[:-1])
+        assert sum(item.tokens for item in items[:-1]) == items[-1].usage.completion_tokens == 12
+    streams = [{frame.request_id for frame in batch if isinstance(frame, Chunk)} for batch in queen.batches]
+    shared = [ids for ids in streams if ids == {"r1", "r2"}]
+    assert len(shared) >= 5, streams
+
+
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     """A self-signed CA and a server certificate it signed for localhost: (ca, cert, key)."""
     openssl = shutil.which("openssl")
