@@ -9,7 +9,8 @@ to CPU 0 and the load generator (Debian's `wrk`) and the scripted workers on the
   the server's CPU per request; "added" is the queen's latency minus the upstream's;
 - relay: streams of 200 chunks at 16 connections through the queen, against the bare websocket-to-SSE
   relay (bench/bare_relay.py `relay`) in front of the same instant worker: chunks per second and CPU
-  per chunk;
+  per chunk; the queen twice, its worker sending one frame per message (what the bare relay reads, and
+  what workers sent before protocol 5) and as workerbee sends them, a turn's frames in one batch;
 - scale: `--workers` scripted workers connected at once (bench/many_workers.py), the queen's RSS with
   them and per worker, its latency at one connection with all of them serving the model against one
   worker alone (what choosing among them costs), and its RSS per request held in flight.
@@ -232,13 +233,16 @@ def measure(seconds: float, workers: int) -> dict[str, object]:
         queen.stop()
 
     relays: dict[str, Load] = {}
-    for name in ("bare", "queen"):
+    # "queen single": the worker sends one frame per message, as before protocol 5's batches.
+    for name in ("bare", "queen single", "queen"):
         server = (
             start_bare("relay", logs, cpus=server_cpu)
             if name == "bare"
             else start_queen(logs, cpus=server_cpu, api_key=KEY)
         )
-        worker = start_instant_worker(server, parallel=256, logs=logs, cpus=others, chunks=RELAY_CHUNKS)
+        worker = start_instant_worker(
+            server, parallel=256, logs=logs, cpus=others, chunks=RELAY_CHUNKS, batched=name == "queen"
+        )
         try:
             load(server, "/v1/chat/completions", _body(True), 4, 1, others)  # warm-up
             relays[name] = load(server, "/v1/chat/completions", _body(True), 16, seconds, others)
@@ -287,15 +291,19 @@ def report(results: dict[str, object]) -> str:
         name: figure.cpu_seconds / max(1, figure.run.requests * (RELAY_CHUNKS + 2))
         for name, figure in relay.items()
     }
-    lines += [
-        "",
-        "| relay, 200-chunk streams at 16 connections | bare relay | queen | queen / bare |",
-        "|---|---|---|---|",
-        f"| chunks per second | {chunks['bare']:,.0f} | {chunks['queen']:,.0f} | "
-        f"{chunks['queen'] / chunks['bare']:.2f}x |",
-        f"| server CPU per chunk | {per_chunk['bare'] * 1e6:.1f} µs | {per_chunk['queen'] * 1e6:.1f} µs | "
-        f"{per_chunk['queen'] / per_chunk['bare']:.2f}x |",
-    ]
+    single = "queen single" in relay
+    head = "| relay, 200-chunk streams at 16 connections | bare relay |"
+    head += " queen, a frame per message |" if single else ""
+    head += " queen, batched frames | queen / bare |"
+    lines += ["", head, "|---|---|---|" + ("---|" if single else "") + "---|"]
+    shown = {
+        "chunks per second": {name: f"{value:,.0f}" for name, value in chunks.items()},
+        "server CPU per chunk": {name: f"{value * 1e6:.1f} µs" for name, value in per_chunk.items()},
+    }
+    for label, figures in (("chunks per second", chunks), ("server CPU per chunk", per_chunk)):
+        text = shown[label]
+        row = f"| {label} | {text['bare']} |" + (f" {text['queen single']} |" if single else "")
+        lines.append(row + f" {text['queen']} | {figures['queen'] / figures['bare']:.2f}x |")
     failures += sum(figure.run.failures for figure in relay.values())
     scale = results.get("scale")
     if isinstance(scale, dict):
