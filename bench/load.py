@@ -143,11 +143,16 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Req
 
 
 async def run_load(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -> LoadRun:
-    """Send `bodies` from `concurrency` clients, each sending its next request when the last ends."""
+    """Send `bodies` from `concurrency` clients, each sending its next request when the last ends.
+
+    Every request has a connection of its own (a loopback connect costs microseconds against requests of
+    seconds): llama-server closes a kept-alive connection after five requests, and a request already on
+    its way on it fails, which a client cannot tell from a server failure.
+    """
     url = f"{base_url}/v1/chat/completions"
     pending = list(enumerate(bodies))
     results: list[RequestResult | None] = [None] * len(bodies)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         drained: list[float] = []

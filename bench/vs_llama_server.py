@@ -136,7 +136,7 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
         def go(url: str, bodies: list[dict[str, Any]], concurrency: int, what: str) -> LoadRun:
             run = asyncio.run(run_load(url, bodies, concurrency))
             if run.errors:
-                # llama-server may close a kept-alive connection as the client reuses it: run it again.
+                # A dropped connection (see run_load) fails the run: run it once more.
                 print(f"{what}: {run.errors[0]}; running it again", flush=True)
                 for service in services:
                     service.check_alive()
