@@ -292,7 +292,7 @@ class Scheduler:
         self.vocab = vocab
         self.stats = BatchStats()
         self.mailbox = Mailbox()
-        """How requests' events reach their loops: each pass of `_run` hands its events over at once."""
+        """How requests' events reach their loops: each step hands its events over at once."""
         self._slots = [_Slot(seq_id) for seq_id in range(context.n_seq)]
         self._running: list[_Sequence] = []
         self._inbox: deque[Job] = deque()
@@ -351,9 +351,10 @@ class Scheduler:
             while self._next_jobs():
                 if busy is None:
                     busy = (time.perf_counter(), replace(self.stats))
-                with self.mailbox.holding():
-                    self._drop_cancelled()
-                    if self._running:
+                self._drop_cancelled()
+                if self._running:
+                    # A step's events reach their loops together, once it has sampled every stream.
+                    with self.mailbox.holding():
                         self._step()
                 if not self._running:
                     self._log_busy_period(*busy)
