@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 from fake_worker import FakeWorker, completion
+from ledger_records import record
 from queen_process import QueenProcess
 from servers import QueenServer, eventually
 
@@ -24,7 +25,6 @@ from queenbee import ledger as ledger_module
 from queenbee.cli import main
 from queenbee.ledger import SCHEMA_VERSION, LedgerError, connect, insert, schema_version
 from queenbee.ledger_db import Target, is_postgres
-from queenbee.observer import RequestRecord
 from queenbee.settings import QueenSettings
 from queenbee.usage_report import parse_when, usage_totals
 
@@ -73,24 +73,6 @@ def client(queen: QueenServer | QueenProcess) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=queen.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
     )
-
-
-def record(request_id: str, started_at: float, **fields: Any) -> RequestRecord:
-    """A finished request with defaults for everything the test does not care about."""
-    values: dict[str, Any] = {
-        "path": "/v1/chat/completions",
-        "model": "m",
-        "outcome": "success",
-        "status": 200,
-        "worker_id": "worker-a",
-        "ln_url": "a@wallet",
-        "api_key_id": "alice",
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "attempts": 1,
-    }
-    values.update(fields)
-    return RequestRecord(request_id=request_id, started_at=started_at, **values)
 
 
 async def test_success_is_committed_before_the_response_ends(queen: QueenServer, db: Target) -> None:

@@ -9,13 +9,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import psycopg
 import pytest
 from fake_worker import FakeWorker
+from ledger_records import record
 from postgres_server import PostgresServer, running_postgres
 from queen_process import QueenProcess
 from servers import TIME_UNIT, QueenServer, eventually
@@ -24,7 +24,6 @@ from queenbee import escrow
 from queenbee.cli import main
 from queenbee.ledger import SCHEMA_VERSION, Ledger, LedgerError, Row, connect, insert, retry_delay
 from queenbee.ledger_spool import append
-from queenbee.observer import RequestRecord
 from queenbee.response_store import ResponseStore
 from queenbee.settings import QueenSettings
 from queenbee.tuning_store import StoredFile, TuningStore
@@ -40,24 +39,6 @@ def usage_ids(url: str) -> list[str]:
     """Every usage row's request id, duplicates kept (there must be none), read as another process would."""
     with psycopg.connect(url) as connection:
         return [row[0] for row in connection.execute("SELECT request_id FROM usage ORDER BY id")]
-
-
-def record(request_id: str, started_at: float, **fields: Any) -> RequestRecord:
-    """A finished request with defaults for what the test does not care about."""
-    values: dict[str, Any] = {
-        "path": "/v1/chat/completions",
-        "model": "m",
-        "outcome": "success",
-        "status": 200,
-        "worker_id": "worker-a",
-        "ln_url": "a@x",
-        "api_key_id": "alice",
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "attempts": 1,
-    }
-    values.update(fields)
-    return RequestRecord(request_id=request_id, started_at=started_at, **values)
 
 
 def client(base_url: str) -> httpx.AsyncClient:
@@ -212,7 +193,7 @@ def test_usage_command_reads_postgres(postgres_url: str, capsys: pytest.CaptureF
     assert main(["usage", "--db", postgres_url, "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(row["ln_url"], row["requests"], row["total_tokens"]) for row in report["workers"]] == [
-        ("a@x", 2, 32)
+        ("a@wallet", 2, 32)
     ]
     assert [(row["api_key"], row["total_tokens"], row["cached_tokens"]) for row in report["api_keys"]] == [
         ("bob", 17, 0),
@@ -398,12 +379,12 @@ async def test_stores_and_escrow_on_postgres(postgres_url: str) -> None:
     with closing(connect(postgres_url)) as connection:
         insert(connection, record("before", 100.0, worker_prompt_tokens=7, worker_completion_tokens=11))
         with connection.transaction():
-            assert escrow.open_hold(connection, "a@x", "worker-a", 200.0)
-            assert not escrow.open_hold(connection, "a@x", "worker-a", 201.0)
+            assert escrow.open_hold(connection, "a@wallet", "worker-a", 200.0)
+            assert not escrow.open_hold(connection, "a@wallet", "worker-a", 201.0)
         insert(connection, record("held", 300.0, worker_prompt_tokens=5, worker_completion_tokens=13))
         insert(connection, record("flagged", 310.0, worker_prompt_tokens=3, worker_completion_tokens=17))
-        escrow.forfeit(connection, "flagged", "a@x", "flagged", 400.0)
-        escrow.forfeit(connection, "flagged", "a@x", "again", 401.0)  # kept once
+        escrow.forfeit(connection, "flagged", "a@wallet", "flagged", 400.0)
+        escrow.forfeit(connection, "flagged", "a@wallet", "again", 401.0)  # kept once
         [worker], _ = usage_totals(connection, None, None)
         assert (worker.payable, worker.escrowed, worker.forfeited) == (18, 18, 20)
         assert escrow.release_holds(connection, "worker-a", 500.0) == 1
@@ -440,10 +421,10 @@ async def test_a_lost_connection_is_opened_again_for_rows_audits_and_stores(tmp_
             assert ledger.degraded
             assert ledger.spooled_rows == 1
             with pytest.raises(LedgerError):
-                await ledger.write(lambda connection: escrow.open_hold(connection, "a@x", "w", 1.0))
+                await ledger.write(lambda connection: escrow.open_hold(connection, "a@wallet", "w", 1.0))
             await asyncio.to_thread(server.start)
             await eventually(lambda: not ledger.degraded, timeout=30 * TIME_UNIT)
-            assert await ledger.write(lambda connection: escrow.open_hold(connection, "a@x", "w", 2.0))
+            assert await ledger.write(lambda connection: escrow.open_hold(connection, "a@wallet", "w", 2.0))
             await ledger.request_finished(record("after", 1002.0))
             assert await tuning.get_job(None, "ftjob-1") is not None  # its lost connection, replaced
         finally:
