@@ -48,7 +48,7 @@ class InstantUpstream:
     """Answers at once, as an OpenAI server with an instant model would."""
 
     def __init__(self, chunks: int) -> None:
-        frames = [json.loads(frame) for frame in answer("id", True, chunks)]
+        frames = [json.loads(frame) for frame in answer("id", True, chunks, deltas=False)]
         self._events = [
             _sse(frame["chunk"], "chatcmpl-instant") for frame in frames if frame["type"] == "chunk"
         ]

@@ -209,13 +209,17 @@ def start_instant_worker(
     cpus: set[int] | None,
     chunks: int = 2,
     batched: bool = True,
+    deltas: bool = True,
 ) -> Service:
     """A scripted worker (bench/instant_worker.py) that answers every job at once, with `chunks`
-    content chunks when streamed; `batched` False sends one frame per message (a bare relay needs that)."""
+    content chunks when streamed; `batched` False sends one chunk frame per message (a bare relay needs
+    that), `deltas` False sends the content as chunk frames instead of delta frames."""
     queen_ws = queen.base_url.replace("http://", "ws://") + "/worker"
     command = [sys.executable, "-m", "bench.instant_worker", queen_ws, str(parallel), str(chunks)]
     if not batched or queen.name == "bare-relay":
         command.append("--one-per-message")
+    elif not deltas:
+        command.append("--chunks-only")
     worker = _start(f"instant-worker-{free_port()}", command, queen.base_url, logs, cpus)
     if queen.name == "bare-relay":
         time.sleep(1.5)  # the bare relay has no /v1/models to watch

@@ -9,8 +9,9 @@ to CPU 0 and the load generator (Debian's `wrk`) and the scripted workers on the
   the server's CPU per request; "added" is the queen's latency minus the upstream's;
 - relay: streams of 200 chunks at 16 connections through the queen, against the bare websocket-to-SSE
   relay (bench/bare_relay.py `relay`) in front of the same instant worker: chunks per second and CPU
-  per chunk; the queen twice, its worker sending one frame per message (what the bare relay reads, and
-  what workers sent before protocol 5) and as workerbee sends them, a turn's frames in one batch;
+  per chunk; the queen three times, its worker sending one chunk frame per message (what the bare relay
+  reads, and what workers sent before protocol 5), batches of chunk frames (before protocol 6), and as
+  workerbee sends them: a turn's frames in one batch, text as delta frames;
 - scale: `--workers` scripted workers connected at once (bench/many_workers.py), the queen's RSS with
   them and per worker, its latency at one connection with all of them serving the model against one
   worker alone (what choosing among them costs), and its RSS per request held in flight.
@@ -233,15 +234,22 @@ def measure(seconds: float, workers: int) -> dict[str, object]:
         queen.stop()
 
     relays: dict[str, Load] = {}
-    # "queen single": the worker sends one frame per message, as before protocol 5's batches.
-    for name in ("bare", "queen single", "queen"):
+    # "queen single": the worker sends one chunk frame per message, as before protocol 5's batches;
+    # "queen chunks": batches of chunk frames, as before protocol 6's deltas; "queen": as workerbee sends.
+    for name in ("bare", "queen single", "queen chunks", "queen"):
         server = (
             start_bare("relay", logs, cpus=server_cpu)
             if name == "bare"
             else start_queen(logs, cpus=server_cpu, api_key=KEY)
         )
         worker = start_instant_worker(
-            server, parallel=256, logs=logs, cpus=others, chunks=RELAY_CHUNKS, batched=name == "queen"
+            server,
+            parallel=256,
+            logs=logs,
+            cpus=others,
+            chunks=RELAY_CHUNKS,
+            batched=name != "queen single",
+            deltas=name == "queen",
         )
         try:
             load(server, "/v1/chat/completions", _body(True), 4, 1, others)  # warm-up
@@ -293,14 +301,14 @@ def report(results: dict[str, object]) -> str:
     }
     lines += [
         "",
-        "| relay, 200-chunk streams at 16 connections | bare relay | queen, a frame per message | "
-        "queen, batched frames | queen / bare |",
-        "|---|---|---|---|---|",
+        "| relay, 200-chunk streams at 16 connections | bare relay | queen, a chunk frame per message | "
+        "queen, batched chunk frames | queen, batched deltas | queen / bare |",
+        "|---|---|---|---|---|---|",
         f"| chunks per second | {chunks['bare']:,.0f} | {chunks['queen single']:,.0f} | "
-        f"{chunks['queen']:,.0f} | {chunks['queen'] / chunks['bare']:.2f}x |",
+        f"{chunks['queen chunks']:,.0f} | {chunks['queen']:,.0f} | {chunks['queen'] / chunks['bare']:.2f}x |",
         f"| server CPU per chunk | {per_chunk['bare'] * 1e6:.1f} µs | "
-        f"{per_chunk['queen single'] * 1e6:.1f} µs | {per_chunk['queen'] * 1e6:.1f} µs | "
-        f"{per_chunk['queen'] / per_chunk['bare']:.2f}x |",
+        f"{per_chunk['queen single'] * 1e6:.1f} µs | {per_chunk['queen chunks'] * 1e6:.1f} µs | "
+        f"{per_chunk['queen'] * 1e6:.1f} µs | {per_chunk['queen'] / per_chunk['bare']:.2f}x |",
     ]
     failures += sum(figure.run.failures for figure in relay.values())
     scale = results.get("scale")

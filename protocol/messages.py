@@ -5,8 +5,8 @@ closes the socket with a `ProtocolError` frame and a close reason. After that, e
 belongs to a request carries its `request_id`, so one connection carries many requests at once:
 
     queen -> worker:  Welcome, Job, Cancel, ProtocolError
-    worker -> queen:  Register, Chunk, ResultPart, Result, JobError, Draining, CacheSummary, ProtocolError,
-                      and Batch: several of those (not Register) in one websocket message
+    worker -> queen:  Register, Chunk, Delta, ResultPart, Result, JobError, Draining, CacheSummary,
+                      ProtocolError, and Batch: several of those (not Register) in one websocket message
 
 Frame limits are agreed, not assumed: the worker states the largest frame it accepts in `Register`, the
 queen states its own in `Welcome`, and neither side sends a frame larger than the other accepts. A whole
@@ -33,6 +33,9 @@ leaves it out (it could be neither counted by its ids nor audited), so 3 and 4 d
 5: `Batch`, a worker's frames of one moment in one websocket message (a batching engine's step yields a
 chunk for every stream at once): the queen's cost per message (websocket parsing, one validation call,
 a wake-up) is shared by the chunks in it. A queen of 4 does not know the frame.
+6: `Delta`, the commonest chunk (new text for one choice, nothing else) in a compact form that the queen
+renders in its endpoint's shape without decoding a chunk object and encoding it again. A queen of 5
+does not know the frame.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from protocol.errors import ErrorCode
 from protocol.lnurl import check_ln_url
 from protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """Bumped on every incompatible change to the frames below."""
 
 MIN_FRAME_BYTES = 64 * 2**10
@@ -400,6 +403,25 @@ class Chunk(Frame):
     )
 
 
+class Delta(Frame):
+    """New text for one choice of a stream and nothing else: the compact form of the commonest chunk.
+
+    It stands for the Chunk whose only choice is `index` with the text (a chat chunk's `delta.content`,
+    a completion chunk's `text`), `logprobs` and `finish_reason` null, and the `system_fingerprint` of
+    the stream's earlier chunks. The queen writes it out in its endpoint's shape. A chunk with anything
+    more (a role, tool calls, log probabilities, a finish) travels as a Chunk.
+    """
+
+    type: Literal["delta"] = "delta"
+    request_id: RequestId
+    index: int = Field(default=0, ge=0, le=2**16, description="The choice the text belongs to.")
+    text: str
+    tokens: int = Field(default=0, ge=0, description="Generated tokens whose text this is.")
+    token_ids: list[int] | None = Field(
+        default=None, max_length=2**16, description="The ids of those tokens, in order (as Chunk.token_ids)."
+    )
+
+
 class ResultPart(Frame):
     """A slice of the JSON text of a whole response too big for one frame; a `Result` with `parts` ends it."""
 
@@ -485,7 +507,7 @@ class ProtocolError(Frame):
 
 
 BatchedFrame = Annotated[
-    Chunk | ResultPart | Result | JobError | Draining | CacheSummary | ProtocolError,
+    Chunk | Delta | ResultPart | Result | JobError | Draining | CacheSummary | ProtocolError,
     Field(discriminator="type"),
 ]
 """A frame a worker may send inside a Batch: any but Register and Batch itself."""
@@ -506,7 +528,16 @@ class Batch(Frame):
 
 
 WorkerFrame = Annotated[
-    Register | Chunk | ResultPart | Result | JobError | Draining | CacheSummary | ProtocolError | Batch,
+    Register
+    | Chunk
+    | Delta
+    | ResultPart
+    | Result
+    | JobError
+    | Draining
+    | CacheSummary
+    | ProtocolError
+    | Batch,
     Field(discriminator="type"),
 ]
 """Any frame a worker sends."""

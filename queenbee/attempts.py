@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol import Chunk, JobError, Result
+from protocol import Chunk, Delta, JobError, Result
 from queenbee.errors import QueenError, UpstreamError, UpstreamTimeout, from_job_error
 from queenbee.worker_session import BufferOverflow, RequestEvent, RequestStream, WorkerGone, WorkerSession
 
@@ -15,7 +15,7 @@ class Attempt:
 
     worker: WorkerSession
     stream: RequestStream
-    first: Chunk | Result
+    first: Chunk | Delta | Result
     first_at: float
     relayed_tokens: int = 0
     """Completion tokens relayed from this worker (what a worker replaced mid-answer is credited)."""

@@ -33,6 +33,8 @@ from starlette.responses import Response
 
 from protocol import (
     Chunk,
+    CompletionJob,
+    Delta,
     ErrorCode,
     FrameError,
     Job,
@@ -48,6 +50,7 @@ from protocol import (
 )
 from protocol.openai import ChatCompletionRequest, CompletionRequest
 from queenbee.attempts import Attempt, Failure, Handover, Silent, worker_failure
+from queenbee.deltas import DeltaChunks
 from queenbee.endpoints import Endpoint, OpenAIRequest
 from queenbee.errors import (
     LedgerUnavailable,
@@ -138,6 +141,7 @@ class ForwardedCall:
     _prefix: PrefixQuery | None = None
     """The request's prefix chain and session, for cache-aware routing (made at the first attempt)."""
     _alone: bool = False
+    _deltas: DeltaChunks | None = None
     """The last attempt's worker had no other request when it took this one: its TTFT is its speed."""
 
     def __post_init__(self) -> None:
@@ -277,7 +281,7 @@ class ForwardedCall:
                 if self.remaining() <= 0:
                     break
                 continue
-            if isinstance(event, Chunk | Result):
+            if isinstance(event, Chunk | Delta | Result):
                 if resume is None:
                     self._model_hash = worker.model_hashes.get(self.model)
                     self._first_at = time.monotonic()
@@ -387,6 +391,28 @@ class ForwardedCall:
         if self.include_usage:
             chunk.setdefault("usage", None)
         return chunk
+
+    def delta(self, event: Delta) -> None:
+        """Count a worker's Delta as `chunk` counts a chunk (its text is the chunk's only text)."""
+        text = event.text
+        size = len(text) if text.isascii() else len(text.encode())
+        self.relayed_text_bytes += size
+        self.relayed_tokens += min(event.tokens, size + 1)
+        self._so_far.relayed_text(event)
+
+    @property
+    def deltas(self) -> DeltaChunks:
+        """The chunks this call's Delta frames stand for (made at the first one)."""
+        if self._deltas is None:
+            self._deltas = DeltaChunks(
+                request_id=self.request_id,
+                chunk_object=self.endpoint.chunk_object,
+                created=self.created,
+                model=self.model,
+                chat=self.endpoint.job is not CompletionJob,
+                include_usage=self.include_usage,
+            )
+        return self._deltas
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The last chunk of a stream when stream_options.include_usage is set."""
@@ -587,14 +613,17 @@ class ForwardedCall:
         ready: list[bytes] = []
         try:
             while True:
-                if ready and not isinstance(event, Chunk):  # chunks coalesced so far go before the rest
+                if ready and not isinstance(event, Delta | Chunk):  # coalesced chunks go before the rest
                     yield b"".join(ready)
                     ready = []
-                if isinstance(event, Chunk):
+                if isinstance(event, Delta | Chunk):
                     before = self.relayed_tokens
-                    chunk = self.chunk(event)
+                    if isinstance(event, Delta):
+                        self.delta(event)
+                        ready += self.shown.text(event.index, event.text)
+                    else:
+                        ready += self.shown.chunk(self.chunk(event))
                     attempt.relayed_tokens += self.relayed_tokens - before
-                    ready += self.shown.chunk(chunk)
                     # Chunks that are already here go out in one write: a busy queen makes fewer, larger
                     # writes instead of falling behind, and a chunk never waits for one that is not here.
                     following = attempt.stream.next_nowait() if len(ready) < _COALESCE_EVENTS else None

@@ -28,6 +28,10 @@ class Presenter(Protocol):
         """The SSE events for one chat chunk."""
         ...
 
+    def text(self, index: int, text: str) -> list[bytes]:
+        """The SSE events for new text of one choice (a worker's Delta: `ForwardedCall.deltas`)."""
+        ...
+
     async def done(self, usage: Usage) -> list[bytes]:
         """The SSE events that end a stream that succeeded, with its checked usage."""
         ...
@@ -54,6 +58,10 @@ class ChatPresenter:
     def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
         """The chunk itself."""
         return [sse_event(chunk)]
+
+    def text(self, index: int, text: str) -> list[bytes]:
+        """The chunk the text stands for, written without building it."""
+        return [self.call.deltas.event(index, text, self.call.fingerprint)]
 
     async def done(self, usage: Usage) -> list[bytes]:
         """The usage chunk if the client asked for it, then [DONE]."""

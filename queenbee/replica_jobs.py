@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol import Chunk, ErrorCode, JobError, Result, ResultPart, encode
+from protocol import Chunk, Delta, ErrorCode, JobError, Result, ResultPart, encode
 from queenbee.hive import Hive
 from queenbee.replica_link import Envelope, Kind, Mailbox, channel_of
 from queenbee.settings import QueenSettings
@@ -117,7 +117,7 @@ class ReplicaJobs:
 
     def _forward(self, request_id: str, relayed: _Relayed, event: RequestEvent) -> None:
         """Relay one event of a job to its origin; the last one ends the job here."""
-        if isinstance(event, Chunk):
+        if isinstance(event, Delta | Chunk):
             self._out(relayed, request_id, encode(event))
             return
         if isinstance(event, BufferOverflow):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol import Chunk, Resume, ResumedChoice
+from protocol import Chunk, Delta, Resume, ResumedChoice
 from protocol.openai import ChatCompletionRequest, CompletionRequest
 
 
@@ -48,6 +48,15 @@ class AnswerSoFar:
                 self.finished.add(index)
                 if isinstance(reason, str):
                     self.finish_reasons[index] = reason
+
+    def relayed_text(self, delta: Delta) -> None:
+        """A Delta reached the client: new text for one choice."""
+        if delta.tokens and (delta.token_ids is None or len(delta.token_ids) != delta.tokens):
+            self.resumable = False
+        if delta.token_ids:
+            self.ids.setdefault(delta.index, []).extend(delta.token_ids)
+        if delta.text:
+            self.texts.setdefault(delta.index, []).append(delta.text)
 
     def resume(self, request: ChatCompletionRequest | CompletionRequest) -> Resume | None:
         """The unfinished choices of `request` as a resume; None if there are none or it cannot be."""

@@ -25,6 +25,7 @@ from protocol import (
     CacheSummary,
     Cancel,
     Chunk,
+    Delta,
     Draining,
     ErrorCode,
     FrameError,
@@ -71,7 +72,7 @@ class BufferOverflow:
     reason: str
 
 
-RequestEvent = Chunk | Result | JobError | WorkerGone | BufferOverflow
+RequestEvent = Chunk | Delta | Result | JobError | WorkerGone | BufferOverflow
 
 
 class RequestStream:
@@ -355,7 +356,7 @@ class WorkerSession:
 
     def _dispatch(self, frame: WorkerFrame | BatchedFrame, size: int) -> ProtocolError | None:
         """Act on one frame of the worker's (`size`: its bytes on the wire); what to answer, if anything."""
-        if isinstance(frame, Chunk):
+        if isinstance(frame, Delta | Chunk):
             stream = self._pending.get(frame.request_id)
             if stream is not None and frame.request_id not in self._cancelling:
                 if stream.buffered_bytes + size > self._max_buffer_bytes:

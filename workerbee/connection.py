@@ -30,6 +30,7 @@ from protocol import (
     CacheSummary,
     Cancel,
     Chunk,
+    Delta,
     Draining,
     ErrorCode,
     FrameError,
@@ -50,7 +51,7 @@ from protocol import (
 from protocol.messages import Frame
 from workerbee.answer_ids import token_ids_of
 from workerbee.cache_reports import REFRESH_SECONDS, CacheReporter, CacheReports
-from workerbee.decoding import TokenIds
+from workerbee.chunk_frames import StreamFrames
 from workerbee.engine import Cancelled, Engine, EngineError
 from workerbee.outbox import Outbox
 from workerbee.tokens import count_tokens
@@ -321,9 +322,10 @@ class WorkerConnection:
             if self._draining:
                 raise EngineError(ErrorCode.OVERLOADED, "the worker is shutting down")
 
+            frames = StreamFrames(request_id)
+
             async def on_chunk(chunk: dict[str, Any], tokens: int) -> None:
-                ids = list(tokens.ids) if isinstance(tokens, TokenIds) else None
-                frame = Chunk(request_id=request_id, chunk=chunk, tokens=tokens, token_ids=ids)
+                frame = frames.frame(chunk, tokens)
                 await self._send_output(outbox, frame)
 
             kind = job.request.kind
@@ -406,7 +408,7 @@ class WorkerConnection:
                 cancel.set()
             await asyncio.wait(pending, timeout=5)
 
-    async def _send_output(self, outbox: Outbox, frame: Chunk | ResultPart | Result) -> None:
+    async def _send_output(self, outbox: Outbox, frame: Chunk | Delta | ResultPart | Result) -> None:
         """Send a frame of a request's output; OutputTooLarge if the queen would refuse it."""
         text = encode(frame)
         size = encoded_size(text)

@@ -394,6 +394,10 @@ class MessagesPresenter:
         """The Messages events of a chat chunk."""
         return [_sse(event) for event in self.events.chunk(chunk)]
 
+    def text(self, index: int, text: str) -> list[bytes]:
+        """The events of the chat chunk a Delta stands for."""
+        return self.chunk(self.call.deltas.chunk(index, text, self.call.fingerprint))
+
     async def done(self, usage: Usage) -> list[bytes]:
         """The events that end the message."""
         return [_sse(event) for event in self.events.finish(usage.model_dump())]
@@ -418,6 +422,10 @@ class TokenCountPresenter:
     call: ForwardedCall
 
     def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        """Never called: token counts are not streamed."""
+        return []
+
+    def text(self, index: int, text: str) -> list[bytes]:
         """Never called: token counts are not streamed."""
         return []
 

@@ -595,6 +595,10 @@ class ResponsesPresenter:
         """The Responses events of a chat chunk."""
         return [_sse(event) for event in self.events.chunk(chunk)]
 
+    def text(self, index: int, text: str) -> list[bytes]:
+        """The events of the chat chunk a Delta stands for."""
+        return self.chunk(self.call.deltas.chunk(index, text, self.call.fingerprint))
+
     async def done(self, usage: Usage) -> list[bytes]:
         """Close the items, store the response, and end with response.completed (or .incomplete)."""
         events = self.events.finish(usage.model_dump())

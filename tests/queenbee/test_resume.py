@@ -15,7 +15,7 @@ import pytest
 from fake_worker import FakeWorker, content_chunk
 from servers import QueenServer, eventually
 
-from protocol import ChatJob, Chunk, CompletionJob, Draining, Job, Result, Usage
+from protocol import ChatJob, Chunk, CompletionJob, Delta, Draining, Job, Result, Usage
 from protocol.openai import ChatCompletionRequest
 from queenbee.ledger import Row
 from queenbee.ledger_db import open_database
@@ -57,10 +57,11 @@ def speaker(
     proceed: asyncio.Event | None = None,
     *,
     each: int | None = None,
+    deltas: bool = False,
 ) -> Any:
     """A worker that speaks WORDS from where the job's resume stands, one token a chunk, and after word
     `die_after` (or `each` words of its own; once `proceed` is set) dies: drops the connection, goes
-    silent, or fails."""
+    silent, or fails. With `deltas` the words go as Delta frames (as workerbee sends them)."""
 
     async def behaviour(worker: FakeWorker, job: Job) -> None:
         request = job.request
@@ -81,10 +82,14 @@ def speaker(
                 else:
                     await worker.fail(job)
                 return
-            chunk = Chunk(
-                request_id=job.request_id, chunk=content_chunk(word), tokens=1, token_ids=[100 + number]
-            )
-            await worker.send(chunk)
+            frame: Chunk | Delta
+            if deltas:
+                frame = Delta(request_id=job.request_id, text=word, tokens=1, token_ids=[100 + number])
+            else:
+                frame = Chunk(
+                    request_id=job.request_id, chunk=content_chunk(word), tokens=1, token_ids=[100 + number]
+                )
+            await worker.send(frame)
         await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", finish_reason="stop")))
         generated = len(WORDS) - start
         usage = Usage(prompt_tokens=3, completion_tokens=generated, total_tokens=3 + generated)
@@ -149,6 +154,23 @@ async def test_a_failing_worker_is_replaced_mid_stream(queen: QueenServer, how: 
     async with httpx.AsyncClient(base_url=queen.base_url) as client:
         metrics = (await client.get("/metrics")).text
     assert 'queenbee_resumes_total{model="fake-model",outcome="success"} 1.0' in metrics
+    await first.close()
+    await second.close()
+
+
+async def test_an_answer_sent_as_deltas_resumes_from_their_ids(queen: QueenServer) -> None:
+    """The token ids of Delta frames are what the next worker continues from, as those of chunks."""
+    proceed = asyncio.Event()
+    first = FakeWorker(queen.worker_url, behaviour=speaker(5, "abort", proceed, deltas=True), sha256=HASH)
+    second = FakeWorker(queen.worker_url, behaviour=speaker(deltas=True), sha256=HASH)
+    response = await stream_with_failover(queen, first, second, proceed=proceed)
+    events = events_of(response)
+    assert unbroken(events) == "".join(WORDS)
+    assert events[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+    resumed = second.jobs[0].request
+    assert isinstance(resumed, ChatJob)
+    assert resumed.resume is not None
+    assert resumed.resume.choices[0].token_ids == [100, 101, 102, 103, 104]
     await first.close()
     await second.close()
 

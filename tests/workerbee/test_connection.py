@@ -26,6 +26,7 @@ from protocol import (
     Cancel,
     ChatJob,
     Chunk,
+    Delta,
     Draining,
     EmbeddingJob,
     ErrorCode,
@@ -413,15 +414,17 @@ async def test_one_steps_chunks_of_several_streams_leave_in_one_batch(chat_engin
     frames: dict[str, list[Any]] = {"r1": [], "r2": []}
     while not all(items and isinstance(items[-1], Result) for items in frames.values()):
         frame = await queen.next_frame(timeout=60)
-        if isinstance(frame, Chunk | Result):
+        if isinstance(frame, Chunk | Delta | Result):
             frames[frame.request_id].append(frame)
     stop.set()
     await task
     await queen.stop()
     for items in frames.values():
-        assert all(isinstance(item, Chunk) for item in items[:-1])
+        assert all(isinstance(item, Chunk | Delta) for item in items[:-1])
         assert sum(item.tokens for item in items[:-1]) == items[-1].usage.completion_tokens == 12
-    streams = [{frame.request_id for frame in batch if isinstance(frame, Chunk)} for batch in queen.batches]
+    streams = [
+        {frame.request_id for frame in batch if isinstance(frame, Chunk | Delta)} for batch in queen.batches
+    ]
     shared = [ids for ids in streams if ids == {"r1", "r2"}]
     assert len(shared) >= 5, streams
 
