@@ -1,8 +1,11 @@
-"""A worker's Delta frames (protocol 6): the compact chunk of new text reaches every API's clients as
-the chunk it stands for, is counted and bounded as that chunk would be, and a bad one is refused."""
+"""The frames a worker streams with: batches (protocol 5), whose every frame is handled as if sent alone,
+in order, and which are refused whole when the queen cannot read one; and deltas (protocol 6), the
+compact chunk of new text, which reach every API's clients as the chunk they stand for, are counted and
+bounded as that chunk would be, and are refused when malformed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from contextlib import closing
@@ -13,14 +16,26 @@ import anthropic
 import httpx
 import openai
 import pytest
-from fake_worker import FakeWorker, content_chunk
+from fake_worker import FakeWorker, completion, content_chunk
 from servers import TIME_UNIT, QueenServer, eventually
 
-from protocol import Chunk, CompletionJob, Delta, ErrorCode, Job, Result, Usage, encode
+from protocol import (
+    Chunk,
+    CompletionJob,
+    Delta,
+    ErrorCode,
+    Job,
+    Result,
+    Usage,
+    batch_messages,
+    decode_worker_frame,
+    encode,
+)
 from queenbee.deltas import DeltaChunks
 from queenbee.settings import QueenSettings
 from queenbee.streaming import sse_event
 
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 FINGERPRINT = "b1234-fake"
 PIECES = ("Hello", ' "quoted"', " line\nbreak", " ünïcødé", " \u2028sep", " done")
 
@@ -37,10 +52,128 @@ def queen_settings(db: Path) -> QueenSettings:
     return QueenSettings(queue_timeout=5.0, first_token_timeout=10.0, token_timeout=10.0, db=db)
 
 
-def ledger_rows(db: Path) -> list[tuple[str, int]]:
-    """(outcome, completion tokens) of every usage row."""
+def ledger_rows(db: Path) -> list[tuple[str, int, str]]:
+    """(outcome, completion tokens, request id) of every usage row."""
     with closing(sqlite3.connect(db)) as connection:
-        return list(connection.execute("SELECT outcome, completion_tokens FROM usage ORDER BY id"))
+        query = "SELECT outcome, completion_tokens, request_id FROM usage ORDER BY id"
+        return list(connection.execute(query))
+
+
+def words_of(job: Job) -> list[str]:
+    """What the batching fake answers a job: its last message's text, word by word."""
+    text = job.request.body.messages[-1].text()  # type: ignore[union-attr]
+    return [word if index == 0 else " " + word for index, word in enumerate(text.split())]
+
+
+def frames_for(job: Job, words: list[str]) -> list[list[str]]:
+    """A job's answer as steps of encoded frames: one chunk a step, then the end."""
+    usage = Usage(prompt_tokens=3, completion_tokens=len(words), total_tokens=3 + len(words))
+    if not job.stream:
+        result = Result(
+            request_id=job.request_id,
+            usage=usage,
+            response=completion("".join(words)),
+            token_ids=[[7] * len(words)],
+        )
+        return [[encode(result)]]
+    steps = [[encode(Chunk(request_id=job.request_id, chunk=content_chunk("", role=True)))]]
+    steps += [
+        [encode(Chunk(request_id=job.request_id, chunk=content_chunk(word), tokens=1, token_ids=[7]))]
+        for word in words
+    ]
+    steps.append([encode(Chunk(request_id=job.request_id, chunk=content_chunk("", finish_reason="stop")))])
+    steps.append([encode(Result(request_id=job.request_id, usage=usage))])
+    return steps
+
+
+class BatchingEngine:
+    """A fake worker's behaviour that answers like a batching engine: once `expected` jobs are in, every
+    step sends the next frame of each of them in one batch message."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.jobs: list[Job] = []
+        self.all_in = asyncio.Event()
+        self.messages: list[str] = []
+
+    async def __call__(self, worker: FakeWorker, job: Job) -> None:
+        self.jobs.append(job)
+        if len(self.jobs) < self.expected:
+            return
+        answers = [frames_for(each, words_of(each)) for each in self.jobs]
+        for step in range(max(len(answer) for answer in answers)):
+            texts = [text for answer in answers if step < len(answer) for text in answer[step]]
+            for message in batch_messages(texts, worker.queen_max_frame_bytes):
+                self.messages.append(message)
+                await worker.send_raw(message)
+
+
+async def stream_text(client: httpx.AsyncClient, content: str) -> str:
+    """A streamed chat's text."""
+    body = {**CHAT, "messages": [{"role": "user", "content": content}], "stream": True}
+    text: list[str] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk: dict[str, Any] = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += [choice["delta"].get("content") or "" for choice in chunk["choices"]]
+    return "".join(text)
+
+
+async def test_streams_and_whole_answers_in_shared_batches_reach_their_own_clients(
+    queen: QueenServer, db: Path
+) -> None:
+    """Three requests answered in the same batch messages (two streams and a whole answer, their frames
+    interleaved): each client gets its own answer, each is counted once with its own tokens."""
+    engine = BatchingEngine(expected=3)
+    worker = await FakeWorker(queen.worker_url, parallel=3, behaviour=engine).connect()
+    async with httpx.AsyncClient(base_url=queen.base_url, timeout=30 * TIME_UNIT) as client:
+        whole_body = {**CHAT, "messages": [{"role": "user", "content": "whole answer here"}]}
+        first, second, whole = await asyncio.gather(
+            stream_text(client, "alpha beta gamma"),
+            stream_text(client, "one two three four"),
+            client.post("/v1/chat/completions", json=whole_body),
+        )
+    assert first == "alpha beta gamma"
+    assert second == "one two three four"
+    assert whole.status_code == 200
+    assert whole.json()["choices"][0]["message"]["content"] == "whole answer here"
+    assert any(message.startswith('{"type":"batch"') for message in engine.messages)
+    await eventually(lambda: len(ledger_rows(db)) == 3)
+    await worker.close()
+    counted = {request_id: (outcome, tokens) for outcome, tokens, request_id in ledger_rows(db)}
+    by_job = {job.request_id: len(words_of(job)) for job in engine.jobs}
+    assert counted == {request_id: ("success", tokens) for request_id, tokens in by_job.items()}
+
+
+async def test_a_batch_with_one_bad_frame_is_refused_whole(queen: QueenServer, db: Path) -> None:
+    """A batch whose second frame is malformed: a protocol_error naming it, and not even the good first
+    frame reaches the client; the answer sent afterwards is relayed as if the batch had never come."""
+    sent_bad = asyncio.Event()
+
+    async def behaviour(worker: FakeWorker, job: Job) -> None:
+        forged = encode(Chunk(request_id=job.request_id, chunk=content_chunk("FORGED"), tokens=1))
+        bad = '{"type":"batch","frames":[' + forged + ',{"type":"chunk","chunk":{}}]}'
+        await worker.send_raw(bad)
+        await eventually(lambda: bool(worker.protocol_errors))
+        sent_bad.set()
+        for step in frames_for(job, ["fine", " answer"]):
+            for text in step:
+                await worker.send_raw(text)
+
+    worker = await FakeWorker(queen.worker_url, behaviour=behaviour).connect()
+    async with httpx.AsyncClient(base_url=queen.base_url, timeout=30 * TIME_UNIT) as client:
+        text = await stream_text(client, "anything")
+    assert sent_bad.is_set()
+    assert text == "fine answer"
+    (error,) = worker.protocol_errors
+    assert error.code is ErrorCode.INVALID_FRAME
+    assert "frames.1" in error.message
+    await eventually(lambda: len(ledger_rows(db)) == 1)
+    await worker.close()
+    assert [(outcome, tokens) for outcome, tokens, _ in ledger_rows(db)] == [("success", 2)]
 
 
 def fingerprinted(chunk: dict[str, Any]) -> dict[str, Any]:
@@ -181,8 +314,8 @@ async def test_deltas_are_counted_and_bounded_as_chunks(queen: QueenServer, db: 
     await worker.close()
     usage = events[-2]["usage"]
     assert usage["completion_tokens"] < 100
-    (row,) = ledger_rows(db)
-    assert row[1] == usage["completion_tokens"]
+    ((_, tokens, _),) = ledger_rows(db)
+    assert tokens == usage["completion_tokens"]
 
 
 @pytest.mark.parametrize(
@@ -225,7 +358,7 @@ async def test_a_bad_delta_is_refused_and_relays_nothing(
     assert where in error.message
     await eventually(lambda: len(ledger_rows(db)) == 1)
     await worker.close()
-    assert ledger_rows(db) == [("success", 2)]
+    assert [(outcome, tokens) for outcome, tokens, _ in ledger_rows(db)] == [("success", 2)]
 
 
 @pytest.mark.parametrize("chat", [True, False])
@@ -257,8 +390,6 @@ def test_the_written_event_is_the_chunk_it_stands_for(
 
 def test_a_delta_is_a_protocol_frame_of_its_own() -> None:
     """Encoded and decoded as itself, alone or in a batch."""
-    from protocol import batch_messages, decode_worker_frame
-
     delta = Delta(request_id="r1", index=2, text="hé", tokens=1, token_ids=[9])
     assert decode_worker_frame(encode(delta)) == delta
     (message,) = batch_messages([encode(delta), encode(delta)], 2**20)
