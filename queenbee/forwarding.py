@@ -141,8 +141,8 @@ class ForwardedCall:
     _prefix: PrefixQuery | None = None
     """The request's prefix chain and session, for cache-aware routing (made at the first attempt)."""
     _alone: bool = False
-    _deltas: DeltaChunks | None = None
     """The last attempt's worker had no other request when it took this one: its TTFT is its speed."""
+    _deltas: DeltaChunks | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:

@@ -17,8 +17,8 @@ _NOT_SENT = object()
 
 
 def text_only(chunk: dict[str, Any]) -> tuple[int, str] | None:
-    """The choice index and text of a chunk that carries only new text for one choice (chat's or a
-    text completion's shape, as the choices below build it): what a protocol Delta frame stands for."""
+    """The choice index and text of a chunk that carries only new text for one choice (in chat's or a
+    text completion's shape, as workerbee/choices.py builds them): what a protocol Delta stands for."""
     choices = chunk.get("choices")
     if len(chunk) != 2 or "system_fingerprint" not in chunk or not isinstance(choices, list):
         return None
