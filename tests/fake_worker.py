@@ -16,6 +16,7 @@ from protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
+    Delta,
     ErrorCode,
     Job,
     JobError,
@@ -59,13 +60,14 @@ def completion(text: str) -> dict[str, Any]:
 async def answer(worker: FakeWorker, job: Job, words: tuple[str, ...] = ("Hello", " there")) -> None:
     """The default behaviour: a short, well-formed answer, streamed or whole as the job asks.
 
-    Each word is one token (Chunk.tokens); a whole answer too big for the queen's frames goes in parts.
+    Each word is one token, sent as a Delta as workerbee sends text; a whole answer too big for the
+    queen's frames goes in parts.
     """
     usage = Usage(prompt_tokens=3, completion_tokens=len(words), total_tokens=3 + len(words))
     if job.stream:
         await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", role=True)))
         for word in words:
-            await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk(word), tokens=1))
+            await worker.send(Delta(request_id=job.request_id, text=word, tokens=1))
         await worker.send(Chunk(request_id=job.request_id, chunk=content_chunk("", finish_reason="stop")))
         await worker.send(Result(request_id=job.request_id, usage=usage))
     else:
