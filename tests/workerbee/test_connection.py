@@ -421,6 +421,13 @@ async def test_one_steps_chunks_of_several_streams_leave_in_one_batch(chat_engin
     await queen.stop()
     for items in frames.values():
         assert all(isinstance(item, Chunk | Delta) for item in items[:-1])
+        # The role chunk carries the fingerprint, the text after it goes as deltas (protocol 6), and the
+        # finish is a chunk again.
+        role, *text, finish, _ = items
+        assert isinstance(role, Chunk)
+        assert isinstance(finish, Chunk)
+        assert text
+        assert all(isinstance(item, Delta) for item in text)
         assert sum(item.tokens for item in items[:-1]) == items[-1].usage.completion_tokens == 12
     streams = [
         {frame.request_id for frame in batch if isinstance(frame, Chunk | Delta)} for batch in queen.batches
