@@ -376,9 +376,7 @@ class ForwardedCall:
     def chunk(self, event: Chunk) -> dict[str, Any]:
         """A worker's chunk with the queen's identity fields; counts what it relays, and the token ids."""
         payload = event.chunk
-        size = text_bytes(payload)
-        self.relayed_text_bytes += size
-        self.relayed_tokens += min(event.tokens, size + 1)
+        self._count_relayed(text_bytes(payload), event.tokens)
         self.fingerprint = payload.get("system_fingerprint", self.fingerprint)
         self._so_far.relayed(event)
         chunk = {
@@ -395,10 +393,13 @@ class ForwardedCall:
     def delta(self, event: Delta) -> None:
         """Count a worker's Delta as `chunk` counts a chunk (its text is the chunk's only text)."""
         text = event.text
-        size = len(text) if text.isascii() else len(text.encode())
-        self.relayed_text_bytes += size
-        self.relayed_tokens += min(event.tokens, size + 1)
+        self._count_relayed(len(text) if text.isascii() else len(text.encode()), event.tokens)
         self._so_far.relayed_text(event)
+
+    def _count_relayed(self, size: int, claimed: int) -> None:
+        """Count `size` bytes of relayed text and the tokens claimed for it: at most one a byte, plus one."""
+        self.relayed_text_bytes += size
+        self.relayed_tokens += min(claimed, size + 1)
 
     @property
     def deltas(self) -> DeltaChunks:
