@@ -4,7 +4,8 @@ A queen with one workerbee process (A) and llama-server built from the llama.cpp
 llama-cpp-python vendors (B, see bench/llama_server.py) serve the bundled model with the same threads
 (--threads 1: see docs/benchmarks.md), slots (--parallel 8) and context per slot. Each round runs, for
 1, 4 and 8 concurrent streams, a run on A and a run on B, in alternating order (A B, then B A), so that
-the machine's shared load hits both; a side's figure is the median over rounds of its per-round ratio.
+the machine's shared load hits both; a figure is the median over rounds of the per-round ratio (tokens per
+second, and the time to first token p50 of A over B's).
 
 Then, on A alone, also alternating within each round: 4 concurrent streams of tool calls, JSON-schema
 answers and logprobs requests against 4 plain chats, and one request with n = 4 against 4 separate
@@ -222,13 +223,17 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
         *(f"- {line}" for line in machine()),
         "",
         "| concurrent streams | A tok/s | B tok/s | A / B (median of per-round ratios) "
-        "| TTFT p50 A | TTFT p50 B |",
-        "|---|---|---|---|---|---|",
+        "| TTFT p50 A | TTFT p50 B | TTFT A / B (median of per-round ratios) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    ttft_ratios = {
+        level: [a / b for a, b in zip(ttft["A", level], ttft["B", level], strict=True)] for level in LEVELS
+    }
     for level in LEVELS:
         lines.append(
             f"| {level} | {med(rates['A', level]):.1f} | {med(rates['B', level]):.1f} | "
-            f"**{med(ratios[level]):.2f}x** | {med(ttft['A', level]):.2f} s | {med(ttft['B', level]):.2f} s |"
+            f"**{med(ratios[level]):.2f}x** | {med(ttft['A', level]):.2f} s | "
+            f"{med(ttft['B', level]):.2f} s | **{med(ttft_ratios[level]):.2f}x** |"
         )
     lines += [
         "",
@@ -242,6 +247,8 @@ def measure(args: argparse.Namespace, logs: Path) -> list[str]:
         "",
         "Per-round ratios: "
         + "; ".join(f"{level} streams {', '.join(f'{r:.2f}' for r in ratios[level])}" for level in LEVELS)
+        + "; TTFT "
+        + "; ".join(f"{n} streams {', '.join(f'{r:.2f}' for r in ttft_ratios[n])}" for n in LEVELS)
         + f"; mixed {', '.join(f'{r:.2f}' for r in mixed)}"
         + f"; mixed, long answers {', '.join(f'{r:.2f}' for r in mixed_long)}"
         + f"; n=4 {', '.join(f'{r:.2f}' for r in several)}.",
