@@ -10,12 +10,10 @@ first choice's slot decodes the prompt; when its last prompt token is decoded, t
 the others' slots and every choice samples its first token from that one logits row with its own seeded
 sampler, so the prompt is decoded once for all n.
 
-- Requests join at the next step and leave when they finish; newcomers a moment apart (a burst) join
-  the same one, the thread waiting a few milliseconds for the rest (ARRIVAL_GAP_SECONDS), so that
-  their prompts share one step instead of the first being read alone while the others wait for it.
-  While others are generating, a newcomer's prompt is fed in chunks sized so that a step stays near
-  STEP_TARGET_SECONDS; when nobody is waiting for a token, a whole batch of it; a short one
-  (WHOLE_PROMPT_TOKENS) always in one step, so that its numbers do not depend on the load.
+- Requests join at the next step and leave when they finish. While others are generating, a newcomer's
+  prompt is fed in chunks sized so that a step stays near STEP_TARGET_SECONDS; when nobody is waiting
+  for a token, a whole batch of it; a short one (WHOLE_PROMPT_TOKENS) always in one step, so that its
+  numbers do not depend on the load.
 - A step's batch lists its sequences in slot order: with a stream per sequence, llama.cpp decodes a
   batch as micro-batches of consecutive sequence ids, one pass over the weights each, so a newcomer
   with no cached prefix to reuse takes the free slot that keeps the busy ones together.
@@ -81,10 +79,6 @@ COPY_MIN_TOKENS = 16
 HOLD_MIN_TOKENS = 128
 """Prompt tokens another slot must still be reading of a newcomer's prefix before the newcomer waits
 for them (to copy them) instead of reading them too."""
-ARRIVAL_GAP_SECONDS = 0.003
-"""How long the thread waits, once a newcomer has come, for another before it starts a step."""
-GATHER_SECONDS = 0.015
-"""The longest it waits so for the rest of a burst of newcomers."""
 
 
 @dataclass(frozen=True)
@@ -302,9 +296,6 @@ class Scheduler:
         self._slots = [_Slot(seq_id) for seq_id in range(context.n_seq)]
         self._running: list[_Sequence] = []
         self._inbox: deque[Job] = deque()
-        self._submitted = 0
-        """Jobs submitted so far (a newcomer since the last admission is one the thread has not seen)."""
-        self._admitted_up_to = 0
         self._wake = threading.Condition()
         self._closing = False
         self._batch = TokenBatch(context.n_batch)
@@ -322,7 +313,6 @@ class Scheduler:
                 job.post(Failed(EngineError(ErrorCode.OVERLOADED, "the model is shutting down")))
                 return
             self._inbox.append(job)
-            self._submitted += 1
             self._wake.notify()
 
     def slot_states(self) -> list[SlotState]:
@@ -399,11 +389,6 @@ class Scheduler:
                 self._wake.wait()
             if self._closing:
                 return None
-            if self._submitted != self._admitted_up_to:
-                self._wait_for_stragglers()
-                self._admitted_up_to = self._submitted
-                if self._closing:
-                    return None
             waiting = [job for job in self._inbox if not job.cancel.is_set()]
             for job in self._inbox:
                 if job.cancel.is_set():
@@ -428,29 +413,6 @@ class Scheduler:
                 admitted.append(job)
             self._inbox.extend(held)
         return admitted
-
-    def _wait_for_stragglers(self) -> None:
-        """With newcomers in the inbox (and `_wake` held), give the rest of a burst a moment to come.
-
-        Requests sent together (a client's parallel calls, an agent's fan-out, the clients of a
-        closed loop whose answers ended in the same step) reach the worker a millisecond or so apart.
-        Admitted as they come, the first would start a prompt step alone and every other would wait
-        for all of it before its own prompt is read; gathered, their prompts are read in one step
-        (on a GPU hardly longer than one prompt's), and none waits for another's. The wait ends when
-        a newcomer is followed by none within
-        ARRIVAL_GAP_SECONDS, when the free slots are spoken for, or after GATHER_SECONDS: a lone
-        request pays one gap, a few milliseconds against the tenth of a second or more of its prompt.
-        """
-        deadline = time.monotonic() + GATHER_SECONDS
-        free = sum(not slot.busy for slot in self._slots)
-        while not self._closing and sum(len(job.choices) for job in self._inbox) < free:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            seen = self._submitted
-            self._wake.wait(min(ARRIVAL_GAP_SECONDS, left))
-            if self._submitted == seen:
-                return  # no newcomer within the gap (or a cancel's poke): the burst is in
 
     def _prefix_being_read(self, job: Job, admitted: list[Job]) -> bool:
         """Whether a slot is reading (or, `admitted` with it, is about to read) at least HOLD_MIN_TOKENS
