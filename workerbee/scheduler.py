@@ -13,7 +13,10 @@ sampler, so the prompt is decoded once for all n.
 - Requests join at the next step and leave when they finish. While others are generating, a newcomer's
   prompt is fed in chunks sized so that a step stays near STEP_TARGET_SECONDS; when nobody is waiting
   for a token, a whole batch of it; a short one (WHOLE_PROMPT_TOKENS) always in one step, so that its
-  numbers do not depend on the load.
+  numbers do not depend on the load. Several newcomers' prompts share a step only up to that size too,
+  in the order they came: on a CPU a step takes about as long as its tokens, so a burst read a few
+  prompts a step gives the first of them their first token steps earlier, where reading all in one
+  step would keep every one of them waiting for all the others.
 - A step's batch lists its sequences in slot order: with a stream per sequence, llama.cpp decodes a
   batch as micro-batches of consecutive sequence ids, one pass over the weights each, so a newcomer
   with no cached prefix to reuse takes the free slot that keeps the busy ones together.
@@ -562,6 +565,10 @@ class Scheduler:
         if generating == 0:
             # Nobody waits for a next token: take as much prompt as one call holds.
             return room
+        return self._step_share(room)
+
+    def _step_share(self, room: int) -> int:
+        """Prompt tokens that keep a step near STEP_TARGET_SECONDS (MIN_PROMPT_CHUNK at least)."""
         return max(1, min(room, max(MIN_PROMPT_CHUNK, int(STEP_TARGET_SECONDS / self._token_seconds))))
 
     def _step(self) -> None:
@@ -571,11 +578,15 @@ class Scheduler:
         generating = [seq for seq in self._running if seq.next_token is not None]
         budget = self._prompt_budget(len(generating))
         room = self.context.n_batch - len(generating)
-        # Prompt tokens go to the sequences in the order they came, within the step's budget.
+        # Prompt tokens go to the sequences in the order they came, within the step's budget; a prompt
+        # after the first joins only while the step is under its share (see `_step_share`).
+        share = self._step_share(room)
         fed: list[tuple[_Sequence, int]] = []
         for seq in self._running:
             if seq.next_token is not None or seq.leader is not None:
                 continue
+            if fed and sum(take for _, take in fed) >= share:
+                break
             left = len(seq.job.prompt) - seq.position
             # A short prompt is never split across steps, however busy the worker: llama.cpp's CPU kernels
             # give a position slightly different numbers in a batch of 8 than of 40, and a greedy answer

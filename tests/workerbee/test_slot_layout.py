@@ -17,6 +17,7 @@ import pytest
 from servers import smollm2_path
 
 from protocol.openai import ChatCompletionRequest
+from workerbee import scheduler
 from workerbee.batching import BatchedModel
 from workerbee.llama_context import TokenBatch
 from workerbee.prompts import ModelConfig
@@ -133,3 +134,24 @@ async def test_a_newcomer_takes_the_free_slot_next_to_the_busy_ones(
     fed = {seq_id for batch in recorder.batches for seq_id, _, _ in batch if seq_id not in (0, 2)}
     assert fed == {1}
     await asyncio.gather(*busy)
+
+
+async def test_a_burst_of_prompts_is_read_a_share_of_a_step_at_a_time(
+    backend: BatchedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three newcomers at once, the step's share of prompt tokens shrunk to one token: each step reads
+    one prompt whole (a short prompt is never split) and the next waits for the next step, in the order
+    they came; the first to come gets its first token after its own prompt, not after all three."""
+    monkeypatch.setattr(scheduler, "STEP_TARGET_SECONDS", 1e-9)
+    monkeypatch.setattr(scheduler, "MIN_PROMPT_CHUNK", 1)
+    recorder = Recorder(backend, monkeypatch)
+    await asyncio.gather(*(run(backend, chat(topic, max_tokens=4)) for topic in TOPICS[:3]))
+    prompts_per_batch = [
+        sum(1 for seq_id in recorder.seq_ids(batch) if sum(1 for sid, _, _ in batch if sid == seq_id) > 1)
+        for batch in recorder.batches
+    ]
+    assert max(prompts_per_batch) == 1, prompts_per_batch
+    assert sum(prompts_per_batch) == 3
+    # Whole: every prompt went in one batch, all its tokens (it shares only the template's first ones).
+    fed = [batch for batch, count in zip(recorder.batches, prompts_per_batch, strict=True) if count]
+    assert all(len(batch) > 10 for batch in fed)
