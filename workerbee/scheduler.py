@@ -578,25 +578,30 @@ class Scheduler:
         generating = [seq for seq in self._running if seq.next_token is not None]
         budget = self._prompt_budget(len(generating))
         room = self.context.n_batch - len(generating)
-        # Prompt tokens go to the sequences in the order they came, within the step's budget; a prompt
-        # after the first joins only while the step is under its share (see `_step_share`).
+        # Prompt tokens go to the sequences in the order they came, within the step's budget. A short
+        # prompt after another joins only while the short ones fed are under the step's share (see
+        # `_step_share`); one behind a long prompt's chunk is not held up by it.
         share = self._step_share(room)
+        short_fed = 0
         fed: list[tuple[_Sequence, int]] = []
         for seq in self._running:
             if seq.next_token is not None or seq.leader is not None:
                 continue
-            if fed and sum(take for _, take in fed) >= share:
-                break
             left = len(seq.job.prompt) - seq.position
+            short = left <= WHOLE_PROMPT_TOKENS
+            if short and short_fed >= share:
+                continue
             # A short prompt is never split across steps, however busy the worker: llama.cpp's CPU kernels
             # give a position slightly different numbers in a batch of 8 than of 40, and a greedy answer
             # (a resumed one included) should not depend on the load when its prompt came.
-            take = left if left <= WHOLE_PROMPT_TOKENS else min(budget, left)
+            take = left if short else min(budget, left)
             if take <= 0 or take > room:
                 continue
             fed.append((seq, take))
             budget -= take
             room -= take
+            if short:
+                short_fed += take
         # The batch lists the sequences by id: with a stream per sequence, llama.cpp splits a batch into
         # micro-batches of consecutive sequence ids (each a pass over the weights), so the order of
         # admission would cut 8 generating tokens into several passes.

@@ -155,3 +155,27 @@ async def test_a_burst_of_prompts_is_read_a_share_of_a_step_at_a_time(
     # Whole: every prompt went in one batch, all its tokens (it shares only the template's first ones).
     fed = [batch for batch, count in zip(recorder.batches, prompts_per_batch, strict=True) if count]
     assert all(len(batch) > 10 for batch in fed)
+
+
+async def test_a_short_prompt_is_not_held_up_behind_a_long_one(
+    backend: BatchedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long prompt read a chunk a step beside a generating sequence, and a short newcomer behind it:
+    the short one is read whole in the next step, beside the long one's next chunk, not after it."""
+    monkeypatch.setattr(scheduler, "STEP_TARGET_SECONDS", 1e-9)
+    monkeypatch.setattr(scheduler, "MIN_PROMPT_CHUNK", 8)
+    started = asyncio.Event()
+    generating = asyncio.ensure_future(run(backend, chat(TOPICS[0], max_tokens=40), started))
+    await asyncio.wait_for(started.wait(), 60)
+    long_text = " ".join(TOPICS * 3)  # some 200 tokens: read 8 a step
+    long_tokens: list[int] = []
+
+    async def on_long_chunk(chunk: dict[str, Any], tokens: int) -> None:
+        long_tokens.append(tokens)
+
+    long_request = chat(long_text, max_tokens=2, stream=True)
+    long = asyncio.ensure_future(backend.chat(long_request, threading.Event(), on_long_chunk))
+    await asyncio.sleep(0.05)  # it is submitted first
+    await asyncio.wait_for(run(backend, chat(OTHER, max_tokens=1)), 60)
+    assert sum(long_tokens) == 0  # the short one was read and answered while the long one was read
+    await asyncio.wait_for(asyncio.gather(generating, long), 120)
