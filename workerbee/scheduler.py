@@ -13,10 +13,11 @@ sampler, so the prompt is decoded once for all n.
 - Requests join at the next step and leave when they finish. While others are generating, a newcomer's
   prompt is fed in chunks sized so that a step stays near STEP_TARGET_SECONDS; when nobody is waiting
   for a token, a whole batch of it; a short one (WHOLE_PROMPT_TOKENS) always in one step, so that its
-  numbers do not depend on the load. Several newcomers' prompts share a step only up to that size too,
-  in the order they came: on a CPU a step takes about as long as its tokens, so a burst read a few
-  prompts a step gives the first of them their first token steps earlier, where reading all in one
-  step would keep every one of them waiting for all the others.
+  numbers do not depend on the load. Several newcomers' short prompts share a step only up to that
+  size too, in the order they came (a long one's chunk does not count against them): on a CPU a step
+  takes about as long as its tokens, so a burst read a few prompts a step gives the first of them
+  their first token steps earlier, where reading all in one step would keep every one of them waiting
+  for all the others.
 - A step's batch lists its sequences in slot order: with a stream per sequence, llama.cpp decodes a
   batch as micro-batches of consecutive sequence ids, one pass over the weights each, so a newcomer
   with no cached prefix to reuse takes the free slot that keeps the busy ones together.
