@@ -68,7 +68,7 @@ from queenbee.presenters import ChatPresenter, Presenter
 from queenbee.ratelimit import Lease
 from queenbee.resume import AnswerSoFar
 from queenbee.settings import QueenSettings
-from queenbee.streaming import SSE_HEADERS, JsonBody, RelayResponse
+from queenbee.streaming import SSE_HEADERS, JsonBody, RelayResponse, StreamEnd
 from queenbee.usage_check import UsageBounds, check_usage, counted_by_ids, text_bytes
 from queenbee.whole_answers import whole_answer
 from queenbee.worker_session import (
@@ -640,17 +640,14 @@ class ForwardedCall:
                     try:
                         billed = await self.succeeded(attempt, usage, violation)
                     except LedgerUnavailable as exc:
-                        for data in self.shown.failed(exc):
-                            yield data
+                        yield StreamEnd(b"".join(self.shown.failed(exc)))
                         return
-                    for data in await self.shown.done(billed):
-                        yield data
+                    yield StreamEnd(b"".join(await self.shown.done(billed)))
                     return
                 elif isinstance(event, BufferOverflow):
                     # The client stopped reading: what it was sent is what it pays for.
                     self._settle_cancelled(attempt.worker, attempt.stream, attempt, "client_too_slow")
-                    for data in self.shown.cut():
-                        yield data
+                    yield StreamEnd(b"".join(self.shown.cut()))
                     return
                 else:
                     resumed = await self.resume(attempt, event)
@@ -660,8 +657,7 @@ class ForwardedCall:
                     error = worker_failure(event)
                     log.warning("request %s: stream ended with an error: %s", self.request_id, error.message)
                     await self._fail_quietly(attempt, event, error)
-                    for data in self.shown.failed(error):
-                        yield data
+                    yield StreamEnd(b"".join(self.shown.failed(error)))
                     return
                 attempt, event = await self._next(attempt)
         finally:

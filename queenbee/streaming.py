@@ -32,6 +32,11 @@ class JsonBody(JSONResponse):
         return pydantic_core.to_json(content)
 
 
+class StreamEnd(bytes):
+    """The last bytes of a relayed stream: `RelayResponse` sends them with the end of the response, in one
+    write instead of two."""
+
+
 class RelayResponse(StreamingResponse):
     """An SSE response that ends when its client leaves, and that the queen can end from outside.
 
@@ -57,6 +62,16 @@ class RelayResponse(StreamingResponse):
                 self._task.uncancel()
         finally:
             watcher.cancel()
+
+    async def stream_response(self, send: Send) -> None:
+        """The headers, then each piece the body iterator yields as it comes; a `StreamEnd` ends it."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for piece in self.body_iterator:
+            if isinstance(piece, StreamEnd):
+                await send({"type": "http.response.body", "body": bytes(piece), "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _abort_on_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

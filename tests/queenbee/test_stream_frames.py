@@ -33,7 +33,7 @@ from protocol import (
 )
 from queenbee.deltas import DeltaChunks
 from queenbee.settings import QueenSettings
-from queenbee.streaming import sse_event
+from queenbee.streaming import SSE_DONE, RelayResponse, StreamEnd, sse_event
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 FINGERPRINT = "b1234-fake"
@@ -396,3 +396,42 @@ def test_a_delta_is_a_protocol_frame_of_its_own() -> None:
     batch = decode_worker_frame(message)
     assert batch.type == "batch"
     assert list(batch.frames) == [delta, delta]  # type: ignore[union-attr]
+
+
+async def _sent_by_relay_response(pieces: list[bytes]) -> list[dict[str, Any]]:
+    """The ASGI messages a RelayResponse sends for a body of `pieces` (its client never leaves)."""
+
+    async def body() -> Any:
+        for piece in pieces:
+            yield piece
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await RelayResponse(body(), media_type="text/event-stream")({"type": "http"}, receive, send)
+    return sent
+
+
+async def test_a_stream_end_leaves_with_the_end_of_the_response() -> None:
+    # One write for the stream's last events and the response's end, not one each.
+    sent = await _sent_by_relay_response([b"data: a\n\n", StreamEnd(SSE_DONE)])
+    assert [message["type"] for message in sent] == ["http.response.start", *["http.response.body"] * 2]
+    assert [(message["body"], message["more_body"]) for message in sent[1:]] == [
+        (b"data: a\n\n", True),
+        (SSE_DONE, False),
+    ]
+    assert type(sent[2]["body"]) is bytes
+
+
+async def test_a_body_without_a_stream_end_still_ends_the_response() -> None:
+    sent = await _sent_by_relay_response([b"data: a\n\n"])
+    assert [(message["body"], message["more_body"]) for message in sent[1:]] == [
+        (b"data: a\n\n", True),
+        (b"", False),
+    ]
