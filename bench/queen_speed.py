@@ -213,6 +213,13 @@ def _hold_requests(queen: Service, count: int) -> int:
     return asyncio.run(hold())
 
 
+def _server(name: str, logs: Path, cpus: set[int]) -> Service:
+    """The bare relay ("bare"), or the queen with client keys on and its ledger on disk."""
+    if name == "bare":
+        return start_bare("relay", logs, cpus=cpus)
+    return start_queen(logs, cpus=cpus, api_key=KEY)
+
+
 def measure(seconds: float, workers: int) -> dict[str, object]:
     """Every figure, baselines first."""
     cpus = os.sched_getaffinity(0)
@@ -227,30 +234,20 @@ def measure(seconds: float, workers: int) -> dict[str, object]:
         results["upstream"] = _requests(upstream, seconds, others)
     finally:
         upstream.stop()
-    bare = start_bare("relay", logs, cpus=server_cpu)
-    worker = start_instant_worker(bare, parallel=256, logs=logs, cpus=others)
-    try:
-        results["bare"] = _requests(bare, seconds, others)
-    finally:
-        worker.stop()
-        bare.stop()
-    queen = start_queen(logs, cpus=server_cpu, api_key=KEY)
-    worker = start_instant_worker(queen, parallel=256, logs=logs, cpus=others)
-    try:
-        results["queen"] = _requests(queen, seconds, others)
-    finally:
-        worker.stop()
-        queen.stop()
+    for name in ("bare", "queen"):  # the same instant worker behind the bare relay, then the queen
+        server = _server(name, logs, server_cpu)
+        worker = start_instant_worker(server, parallel=256, logs=logs, cpus=others)
+        try:
+            results[name] = _requests(server, seconds, others)
+        finally:
+            worker.stop()
+            server.stop()
 
     relays: dict[str, Load] = {}
     # "queen single": the worker sends one chunk frame per message, as before protocol 5's batches;
     # "queen chunks": batches of chunk frames, as before protocol 6's deltas; "queen": as workerbee sends.
     for name in ("bare", "queen single", "queen chunks", "queen"):
-        server = (
-            start_bare("relay", logs, cpus=server_cpu)
-            if name == "bare"
-            else start_queen(logs, cpus=server_cpu, api_key=KEY)
-        )
+        server = _server(name, logs, server_cpu)
         worker = start_instant_worker(
             server,
             parallel=256,
