@@ -662,14 +662,17 @@ class ForwardedCall:
                 attempt, event = await self._next(attempt)
         finally:
             if not self._recorded:
-                # The client went away mid-stream: free the worker's slot, and record the cancellation
-                # from a task of its own, since this one is being cancelled.
+                # The client went away mid-stream, or stopped reading and the queen gave up on it (its
+                # response aborted while blocked in a write): free the worker's slot, and record the
+                # cancellation from a task of its own, since this one is being cancelled.
+                reason = "client_too_slow" if attempt.stream.overflowed else None
                 log.info(
-                    "request %s: client disconnected; cancelling on worker %s",
+                    "request %s: %s; cancelling on worker %s",
                     self.request_id,
+                    "client too slow" if reason else "client disconnected",
                     attempt.worker.id,
                 )
-                self._settle_cancelled(attempt.worker, attempt.stream, attempt, None)
+                self._settle_cancelled(attempt.worker, attempt.stream, attempt, reason)
 
     async def _next(self, attempt: Attempt) -> tuple[Attempt, RequestEvent | Silent]:
         """The stream's next event, within the token deadline; a draining worker's stream moves on to

@@ -91,6 +91,8 @@ class RequestStream:
         self.part_bytes = 0
         self.on_overflow: Callable[[], None] | None = None
         """Called once when the request overflows its buffer (the client stopped reading)."""
+        self.overflowed = False
+        """The request overflowed its buffer: the queen stopped holding its output."""
         self._queue: asyncio.Queue[tuple[RequestEvent, int]] = asyncio.Queue()
         self.on_event: Callable[[RequestEvent], None] | None = None
         """Takes every event as it comes, instead of `next` (a job relayed for another replica)."""
@@ -393,6 +395,7 @@ class WorkerSession:
         """Stop holding a request's output: cancel it on the worker and tell its consumer why."""
         log.warning("request %s on worker %s: %s; cancelling it", stream.request_id, self.id, reason)
         stream.parts.clear()
+        stream.overflowed = True
         stream.put(BufferOverflow(reason))
         self.cancel(stream.request_id)
         if stream.on_overflow is not None:

@@ -382,10 +382,14 @@ def small_buffer_settings(db: Path) -> QueenSettings:
     return QueenSettings(queue_timeout=2.0, cancel_grace=1.0, db=db, max_request_buffer_bytes=64 * 2**10)
 
 
+# A flood can fill the queen's buffer before the response is written at all, so that the relay meets
+# the overflow in its queue; chunks that trickle in fill it only once the relay is blocked writing to the
+# client, and the overflow aborts that write. Both are recorded as the client being too slow.
+@pytest.mark.parametrize("pause", [0.0, 0.001], ids=["flood", "trickle"])
 async def test_a_client_that_does_not_read_cannot_grow_the_queens_memory(
-    small_buffer_settings: QueenSettings, db: Path
+    small_buffer_settings: QueenSettings, db: Path, pause: float
 ) -> None:
-    """A flood of chunks for a client that never reads: cancelled on the worker, response ended."""
+    """Chunks for a client that never reads: cancelled on the worker, response ended."""
     queen = QueenServer(small_buffer_settings).start()
     try:
         flood_sent = asyncio.Event()
@@ -396,19 +400,25 @@ async def test_a_client_that_does_not_read_cannot_grow_the_queens_memory(
                 if job.request_id in worker.cancels:
                     break
                 await worker.send(Chunk(request_id=job.request_id, chunk=piece, tokens=1))
+                if pause:
+                    await asyncio.sleep(pause)
             flood_sent.set()
 
         worker = await FakeWorker(queen.worker_url, behaviour=floods).connect()
         body = json.dumps({**CHAT, "stream": True}).encode()
-        with socket.create_connection(("127.0.0.1", queen.port)) as raw:
+        with socket.socket() as raw:
+            # Set before connecting, so that the window the queen sees is small from the start.
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(("127.0.0.1", queen.port))
             raw.sendall(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: q\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
             await asyncio.wait_for(worker.cancelled.wait(), 20 * TIME_UNIT)
-            # Once the queen gave up on it, the response is over: the socket reaches its end.
+            # Once the queen gave up on it, the response is over: the socket reaches its end. (Read with
+            # a larger buffer: what the kernel holds would take long to arrive through 4 KiB.)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             raw.settimeout(20 * TIME_UNIT)
             received = 0
             while chunk := await asyncio.to_thread(raw.recv, 1 << 20):
