@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -22,6 +22,9 @@ from queenbee.auth import stats_endpoint
 from queenbee.hive import Hive
 from queenbee.metrics import RecentActivity, Served
 from queenbee.worker_session import WorkerSession
+
+if TYPE_CHECKING:  # the replicas module needs the redis package, which a queen on its own does not
+    from queenbee.replicas import ReplicaHive
 
 # The page loads nothing but its own script and styles, so a worker that registers a model name full of
 # markup gets it shown as text, never run.
@@ -104,7 +107,8 @@ async def list_workers(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
-    """GET /stats: load per model, throughput over the last minute, totals since the queen started."""
+    """GET /stats: load per model, throughput over the last minute, totals since the queen started; in a
+    hive of replicas, also the whole hive's throughput and totals (`hive`)."""
     hive: Hive = request.state.hive
     activity: RecentActivity = request.state.activity
     workers = list(hive.workers.values())
@@ -122,22 +126,26 @@ async def stats(request: Request) -> Response:
         )
     busy = sum(worker.in_flight for worker in workers)
     free = sum(worker.free_slots for worker in workers)
-    return JSONResponse(
-        {
-            "uptime": round(time.monotonic() - activity.started, 3),
-            "workers": len(workers),
-            "slots": {"busy": busy, "free": free, "total": sum(worker.parallel for worker in workers)},
-            "queue_depth": hive.queue_depth(),
-            "models": models,
-            "throughput": activity.throughput(),
-            "totals": {
-                "requests": activity.totals.requests,
-                "failed": activity.failed,
-                "prompt_tokens": activity.totals.prompt_tokens,
-                "completion_tokens": activity.totals.completion_tokens,
-            },
-        }
-    )
+    body: dict[str, Any] = {
+        "uptime": round(time.monotonic() - activity.started, 3),
+        "workers": len(workers),
+        "slots": {"busy": busy, "free": free, "total": sum(worker.parallel for worker in workers)},
+        "queue_depth": hive.queue_depth(),
+        "models": models,
+        "throughput": activity.throughput(),
+        "totals": {
+            "requests": activity.totals.requests,
+            "failed": activity.failed,
+            "prompt_tokens": activity.totals.prompt_tokens,
+            "completion_tokens": activity.totals.completion_tokens,
+        },
+    }
+    replicas: ReplicaHive | None = getattr(request.state, "replicas", None)
+    if replicas is not None:
+        # In a hive of replicas, the traffic of every replica's clients: "throughput" and "totals" above
+        # are this replica's own.
+        body["hive"] = replicas.stats()
+    return JSONResponse(body)
 
 
 def dashboard_routes() -> list[BaseRoute]:

@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -53,6 +55,14 @@ _EARLY_SUMMARIES = 4096
 
 _SERVED = ("requests", "errors", "prompt_tokens", "completion_tokens")
 """The totals each replica announces of its own clients' requests."""
+
+_RATES = (
+    "requests_per_minute",
+    "prompt_tokens_per_second",
+    "completion_tokens_per_second",
+    "errors_per_minute",
+)
+"""The throughput each replica announces of its own clients' requests, over the last window."""
 
 _SECRETS = {"auth_key", "auditor_token", "training"}
 """Left out of announcements: secrets, and fine-tuning, which stays with the replica holding the worker."""
@@ -93,6 +103,8 @@ class ReplicaView:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    rates: dict[str, float] = field(default_factory=dict)
+    """Its own clients' throughput over the last window, as announced (`_RATES`)."""
 
 
 @dataclass
@@ -294,14 +306,12 @@ class ReplicaHive:
             "jobs_relayed": self.jobs.running,
             "jobs_run": self.jobs.started,
             "served": self._served(),
+            "rates": self._rates(),
             "workers": workers,
         }
 
-    def served(self) -> dict[str, int]:
-        """This replica's own clients' totals, as it announces them."""
-        return self._served()
-
     def _served(self) -> dict[str, int]:
+        """This replica's own clients' totals, as it announces them."""
         activity = self.activity
         if activity is None:
             return {}
@@ -311,6 +321,53 @@ class ReplicaHive:
             "errors": activity.failed,
             "prompt_tokens": totals.prompt_tokens,
             "completion_tokens": totals.completion_tokens,
+        }
+
+    def _rates(self) -> dict[str, float]:
+        """This replica's own clients' throughput over the last window, as it announces it."""
+        activity = self.activity
+        if activity is None:
+            return {}
+        throughput = activity.throughput()
+        return {name: throughput[name] for name in _RATES}
+
+    def own_view(self) -> ReplicaView:
+        """This replica as the others see it in its announcements, as of now."""
+        local = [worker for worker in self.hive.workers.values() if worker.replica is None]
+        served = self._served()
+        return ReplicaView(
+            id=self.id,
+            announced_at=time.time(),
+            workers=len(local),
+            slots=sum(worker.parallel for worker in local),
+            busy=sum(worker.in_flight for worker in local),
+            jobs_relayed=self.jobs.running,
+            jobs_run=self.jobs.started,
+            requests=served.get("requests", 0),
+            errors=served.get("errors", 0),
+            prompt_tokens=served.get("prompt_tokens", 0),
+            completion_tokens=served.get("completion_tokens", 0),
+            rates=self._rates(),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """The whole hive's traffic for /stats: every live replica's own clients' totals and throughput
+        (this one's now, the others' as last announced), summed."""
+        served: Counter[str] = Counter()
+        rates: Counter[str] = Counter()
+        for view in [self.own_view(), *self.status.replicas.values()]:
+            served.update({name: getattr(view, name) for name in _SERVED})
+            rates.update(view.rates)
+        return {
+            "replica": self.id,
+            "replicas": sorted([self.id, *self.status.replicas]),
+            "totals": {
+                "requests": served["requests"],
+                "failed": served["errors"],
+                "prompt_tokens": served["prompt_tokens"],
+                "completion_tokens": served["completion_tokens"],
+            },
+            "throughput": {name: round(rates[name], 3) for name in _RATES},
         }
 
     async def _update(self, announcements: dict[str, bytes | None]) -> None:
@@ -408,6 +465,11 @@ class ReplicaHive:
             jobs_relayed=int(body.get("jobs_relayed", 0)),
             jobs_run=int(body.get("jobs_run", 0)),
             **{name: int(value) for name, value in (body.get("served") or {}).items() if name in _SERVED},
+            rates={
+                name: float(value)
+                for name, value in (body.get("rates") or {}).items()
+                if name in _RATES and math.isfinite(float(value)) and float(value) >= 0
+            },
         )
 
     def _add_mirror(self, name: str, worker_id: str, registration: Register) -> RemoteWorker:
@@ -524,20 +586,7 @@ class ReplicaCollector:
             )
             for name in _SERVED
         }
-        local: list[WorkerSession] = [w for w in replicas.hive.workers.values() if w.replica is None]
-        views = [
-            ReplicaView(
-                id=replicas.id,
-                announced_at=time.time(),
-                workers=len(local),
-                slots=sum(worker.parallel for worker in local),
-                busy=sum(worker.in_flight for worker in local),
-                jobs_relayed=replicas.jobs.running,
-                jobs_run=replicas.jobs.started,
-                **replicas.served(),
-            ),
-            *replicas.status.replicas.values(),
-        ]
+        views = [replicas.own_view(), *replicas.status.replicas.values()]
         for view in views:
             workers.add_metric([view.id], view.workers)
             slots.add_metric([view.id, "busy"], view.busy)

@@ -82,7 +82,9 @@ function renderWorkers(workers) {
   const rows = workers.map((worker) => {
     const row = el("tr");
     row.dataset.workerId = worker.id;
-    const name = lines(worker.id, `v${worker.version}`);
+    // In a hive of replicas, every replica lists every worker, with the replica it is connected to.
+    const version = worker.replica ? `v${worker.version}, on ${worker.replica}` : `v${worker.version}`;
+    const name = lines(worker.id, version);
     if (worker.benched) name.appendChild(el("div", "benched after failures", "benched"));
     row.appendChild(name);
     row.appendChild(hardwareCell(worker.hardware));
@@ -123,10 +125,12 @@ function renderStats(stats) {
   $("stat-models").textContent = fmtNumber(stats.models.length);
   $("stat-slots").textContent = `${stats.slots.busy} / ${stats.slots.total}`;
   $("stat-queue").textContent = fmtNumber(stats.queue_depth);
-  $("stat-rpm").textContent = fmtNumber(stats.throughput.requests_per_minute, 1);
-  $("stat-tps").textContent = fmtNumber(stats.throughput.completion_tokens_per_second, 1);
-  $("stat-tokens").textContent = fmtNumber(stats.totals.prompt_tokens + stats.totals.completion_tokens);
-  throughputHistory.push(stats.throughput.completion_tokens_per_second);
+  // In a hive of replicas, the traffic of every replica's clients, not only of this one's.
+  const traffic = stats.hive ?? stats;
+  $("stat-rpm").textContent = fmtNumber(traffic.throughput.requests_per_minute, 1);
+  $("stat-tps").textContent = fmtNumber(traffic.throughput.completion_tokens_per_second, 1);
+  $("stat-tokens").textContent = fmtNumber(traffic.totals.prompt_tokens + traffic.totals.completion_tokens);
+  throughputHistory.push(traffic.throughput.completion_tokens_per_second);
   if (throughputHistory.length > HISTORY) throughputHistory.shift();
   drawThroughput();
 }
@@ -183,7 +187,8 @@ async function update() {
   renderModels(stats.models);
   renderStats(stats);
   setStatus("live", "live");
-  $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  const hive = stats.hive ? `replica ${stats.hive.replica} of ${stats.hive.replicas.length}, ` : "";
+  $("updated").textContent = `${hive}updated ${new Date().toLocaleTimeString()}`;
 }
 
 async function refresh() {

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from browser import CHROMIUM_ARGS, chromium
 from fake_worker import FakeWorker
 from playwright.async_api import ConsoleMessage, Error, Request, async_playwright
 from servers import TIME_UNIT, QueenServer
@@ -18,15 +18,6 @@ from queenbee.settings import QueenSettings
 LN_URL = "secret-payout@wallet.example"
 WORKER_TOKEN = "dashboard-worker-token"
 PROMPT = "the dashboard must never show this prompt"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture
@@ -149,13 +140,6 @@ async def test_page_and_assets_are_served_with_a_strict_policy(queen: QueenServe
     assert assets[0].headers["content-type"].split(";")[0] in {"text/javascript", "application/javascript"}
     assert missing.status_code == 404
     assert set(missing.json()["error"]) == {"message", "type", "param", "code"}
-
-
-def chromium() -> str:
-    """The system's Chromium (Debian's chromium package, which scripts/install provides)."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert path is not None, "Chromium is missing: run scripts/install (it installs Debian's chromium)"
-    return path
 
 
 async def test_dashboard_in_a_headless_browser(queen: QueenServer, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,9 @@ import httpx
 import openai
 import pytest
 import websockets
+from browser import CHROMIUM_ARGS, chromium
 from fake_worker import FakeWorker, answer, content_chunk, reply
+from playwright.async_api import async_playwright
 from queen_process import QueenProcess
 from redis_server import RedisServer, redis_server
 from servers import (
@@ -186,6 +189,8 @@ async def test_every_replica_shows_the_whole_hive(tmp_path: Path, redis_server: 
                 while not all(line in seen_by_a for line in counted):  # announced at the next beats
                     seen_by_a = (await client.get(f"{a.base_url}/metrics")).text
                     await asyncio.sleep(0.05)
+            stats_of_a = (await client.get(f"{a.base_url}/stats")).json()
+            stats_of_b = (await client.get("/stats")).json()
         await worker.close()
         await eventually(lambda: not sees(b, worker))
     assert [model["id"] for model in models["data"]] == ["only-on-a"]
@@ -200,6 +205,54 @@ async def test_every_replica_shows_the_whole_hive(tmp_path: Path, redis_server: 
     assert 'queenbee_replica_requests_total{replica="a"} 0.0' in metrics
     assert health["status"] == "ok"
     assert health["hive"] == {"replica": "b", "redis": "ok", "replicas": ["a", "b"], "remote_workers": 1}
+    # /stats of either replica: its own clients' traffic, and the whole hive's (B's client, seen by A).
+    tokens = {"prompt_tokens": 3, "completion_tokens": 2}
+    assert stats_of_b["totals"] == {"requests": 1, "failed": 0, **tokens}
+    assert stats_of_a["totals"] == {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    for stats, name in ((stats_of_a, "a"), (stats_of_b, "b")):
+        assert stats["hive"]["replica"] == name
+        assert stats["hive"]["replicas"] == ["a", "b"]
+        assert stats["hive"]["totals"] == {"requests": 1, "failed": 0, **tokens}
+        assert stats["hive"]["throughput"]["requests_per_minute"] > 0
+        assert stats["hive"]["throughput"]["errors_per_minute"] == 0
+
+
+async def test_the_dashboard_of_one_replica_shows_the_whole_hive(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Replica A's page, in a headless Chromium, shows B's worker with its replica and the tokens B's
+    client was served."""
+    with replicas(tmp_path, redis_server, "a", "b") as (a, b):
+        worker = await FakeWorker(b.worker_url).connect()
+        await eventually(lambda: sees(a, worker))
+        async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as client:
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        problems: list[str] = []
+        timeout_ms = 15_000 * TIME_UNIT
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"),
+                executable_path=chromium(),
+                headless=True,
+                args=CHROMIUM_ARGS,
+            )
+            try:
+                page = await browser.new_page()
+                page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+                await page.goto(a.base_url + "/", wait_until="load", timeout=timeout_ms)
+                row = page.locator(f'#workers tr[data-worker-id="{worker.worker_id}"]')
+                await row.wait_for(timeout=timeout_ms)
+                row_text = await row.inner_text()
+                # B's client's 3 + 2 tokens, once A has heard B's next announcement.
+                served = page.locator("#stat-tokens", has_text=re.compile(r"^5$"))
+                await served.wait_for(timeout=timeout_ms)
+                updated = await page.locator("#updated").inner_text()
+            finally:
+                await browser.close()
+        await worker.close()
+    assert problems == []
+    assert "on b" in row_text
+    assert updated.startswith("replica a of 2, updated")
 
 
 async def test_a_local_worker_is_preferred_when_the_scores_tie(
