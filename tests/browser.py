@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
+
+from playwright.async_api import BrowserContext, Playwright
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -20,3 +23,10 @@ def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     assert path is not None, "Chromium is missing: run scripts/install (it installs Debian's chromium)"
     return path
+
+
+async def headless_chromium(playwright: Playwright, directory: Path) -> BrowserContext:
+    """The system's Chromium, headless, with a fresh profile under `directory`."""
+    return await playwright.chromium.launch_persistent_context(
+        str(directory / "chromium-profile"), executable_path=chromium(), headless=True, args=CHROMIUM_ARGS
+    )

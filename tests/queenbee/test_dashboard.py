@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from browser import CHROMIUM_ARGS, chromium
+from browser import headless_chromium
 from fake_worker import FakeWorker
 from playwright.async_api import ConsoleMessage, Error, Request, async_playwright
 from servers import TIME_UNIT, QueenServer
@@ -160,9 +160,7 @@ async def test_dashboard_in_a_headless_browser(queen: QueenServer, tmp_path: Pat
 
     timeout_ms = 15_000 * TIME_UNIT
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=chromium(), headless=True, args=CHROMIUM_ARGS
-        )
+        browser = await headless_chromium(playwright, tmp_path)
         try:
             page = await browser.new_page()
             page.on("console", on_console)
@@ -204,12 +202,7 @@ async def test_dashboard_behind_a_stats_key_in_a_headless_browser(tmp_path: Path
     timeout_ms = 15_000 * TIME_UNIT
     try:
         async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"),
-                executable_path=chromium(),
-                headless=True,
-                args=CHROMIUM_ARGS,
-            )
+            browser = await headless_chromium(playwright, tmp_path)
             try:
                 refused = await browser.new_page()
                 bare = await refused.goto(queen.base_url + "/", timeout=timeout_ms)

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 import websockets
-from browser import CHROMIUM_ARGS, chromium
+from browser import headless_chromium
 from fake_worker import FakeWorker, answer, content_chunk, reply
 from playwright.async_api import async_playwright
 from queen_process import QueenProcess
@@ -230,12 +230,7 @@ async def test_the_dashboard_of_one_replica_shows_the_whole_hive(
         problems: list[str] = []
         timeout_ms = 15_000 * TIME_UNIT
         async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"),
-                executable_path=chromium(),
-                headless=True,
-                args=CHROMIUM_ARGS,
-            )
+            browser = await headless_chromium(playwright, tmp_path)
             try:
                 page = await browser.new_page()
                 page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
