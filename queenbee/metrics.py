@@ -229,6 +229,9 @@ class RecentActivity:
         self._clock = clock
         self._served: dict[str, Served] = {}
         self._recent: deque[tuple[float, int, int, bool]] = deque()
+        self._in_window = [0, 0, 0]
+        """Prompt tokens, completion tokens and failures of the requests in `_recent`, kept as they come
+        and go: reading the throughput costs the same at any request rate."""
         self.totals = Served()
         self.failed = 0
 
@@ -237,6 +240,10 @@ class RecentActivity:
         now = self._clock()
         failed = record.outcome == "error"
         self._recent.append((now, record.prompt_tokens, record.completion_tokens, failed))
+        window = self._in_window
+        window[0] += record.prompt_tokens
+        window[1] += record.completion_tokens
+        window[2] += failed
         self._expire(now)
         self.totals.requests += 1
         self.totals.prompt_tokens += record.prompt_tokens
@@ -266,11 +273,15 @@ class RecentActivity:
         return {
             "window_seconds": self.window,
             "requests_per_minute": 60.0 * len(self._recent) / span,
-            "prompt_tokens_per_second": sum(entry[1] for entry in self._recent) / span,
-            "completion_tokens_per_second": sum(entry[2] for entry in self._recent) / span,
-            "errors_per_minute": 60.0 * sum(entry[3] for entry in self._recent) / span,
+            "prompt_tokens_per_second": self._in_window[0] / span,
+            "completion_tokens_per_second": self._in_window[1] / span,
+            "errors_per_minute": 60.0 * self._in_window[2] / span,
         }
 
     def _expire(self, now: float) -> None:
+        window = self._in_window
         while self._recent and self._recent[0][0] <= now - self.window:
-            self._recent.popleft()
+            _, prompt_tokens, completion_tokens, failed = self._recent.popleft()
+            window[0] -= prompt_tokens
+            window[1] -= completion_tokens
+            window[2] -= failed

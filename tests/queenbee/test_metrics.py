@@ -8,11 +8,13 @@ from pathlib import Path
 import httpx
 import pytest
 from fake_worker import FakeWorker, answer
+from ledger_records import record
 from prometheus_client.parser import text_string_to_metric_families
 from servers import QueenServer, eventually
 
 from protocol import Job
-from queenbee.metrics import worker_failures
+from queenbee.hive import Hive
+from queenbee.metrics import RecentActivity, worker_failures
 from queenbee.observer import Outcome, RequestRecord
 from queenbee.settings import QueenSettings
 
@@ -147,3 +149,29 @@ def test_worker_failures_from_a_record(outcome: Outcome, status: int, attempts: 
     """Every attempt but the last failed; the last did too when the request ended in a 5xx."""
     record = RequestRecord("r", "/v1/chat/completions", "m", 0.0, outcome, status, attempts=attempts)
     assert worker_failures(record) == failures
+
+
+async def test_the_last_minutes_throughput_counts_what_is_in_the_window() -> None:
+    """Requests count while they are younger than the window, then leave it, however many came."""
+    now = [0.0]
+    activity = RecentActivity(Hive(QueenSettings()), window=60.0, clock=lambda: now[0])
+    now[0] = 1000.0  # a queen older than the window: rates are over the whole window
+    await activity.request_finished(record("r1", 0.0, prompt_tokens=30, completion_tokens=12))
+    now[0] += 30
+    await activity.request_finished(record("r2", 0.0, outcome="error", prompt_tokens=6, completion_tokens=0))
+    assert activity.throughput() == {
+        "window_seconds": 60.0,
+        "requests_per_minute": 2.0,
+        "prompt_tokens_per_second": 36 / 60,
+        "completion_tokens_per_second": 12 / 60,
+        "errors_per_minute": 1.0,
+    }
+    now[0] += 31  # the first is 61 s old: out of the window; the totals keep it
+    assert activity.throughput()["requests_per_minute"] == 1.0
+    assert activity.throughput()["prompt_tokens_per_second"] == 6 / 60
+    assert activity.throughput()["completion_tokens_per_second"] == 0.0
+    assert activity.throughput()["errors_per_minute"] == 1.0
+    now[0] += 60
+    assert activity.throughput()["errors_per_minute"] == 0.0
+    assert activity.throughput()["prompt_tokens_per_second"] == 0.0
+    assert (activity.totals.requests, activity.totals.prompt_tokens, activity.failed) == (2, 36, 1)
