@@ -229,9 +229,11 @@ class RecentActivity:
         self._clock = clock
         self._served: dict[str, Served] = {}
         self._recent: deque[tuple[float, int, int, bool]] = deque()
-        self._in_window = [0, 0, 0]
-        """Prompt tokens, completion tokens and failures of the requests in `_recent`, kept as they come
-        and go: reading the throughput costs the same at any request rate."""
+        # The tokens and failures of the requests in `_recent`, kept as they come and go: reading the
+        # throughput costs the same at any request rate.
+        self._window_prompt_tokens = 0
+        self._window_completion_tokens = 0
+        self._window_failures = 0
         self.totals = Served()
         self.failed = 0
 
@@ -240,10 +242,9 @@ class RecentActivity:
         now = self._clock()
         failed = record.outcome == "error"
         self._recent.append((now, record.prompt_tokens, record.completion_tokens, failed))
-        window = self._in_window
-        window[0] += record.prompt_tokens
-        window[1] += record.completion_tokens
-        window[2] += failed
+        self._window_prompt_tokens += record.prompt_tokens
+        self._window_completion_tokens += record.completion_tokens
+        self._window_failures += failed
         self._expire(now)
         self.totals.requests += 1
         self.totals.prompt_tokens += record.prompt_tokens
@@ -273,15 +274,14 @@ class RecentActivity:
         return {
             "window_seconds": self.window,
             "requests_per_minute": 60.0 * len(self._recent) / span,
-            "prompt_tokens_per_second": self._in_window[0] / span,
-            "completion_tokens_per_second": self._in_window[1] / span,
-            "errors_per_minute": 60.0 * self._in_window[2] / span,
+            "prompt_tokens_per_second": self._window_prompt_tokens / span,
+            "completion_tokens_per_second": self._window_completion_tokens / span,
+            "errors_per_minute": 60.0 * self._window_failures / span,
         }
 
     def _expire(self, now: float) -> None:
-        window = self._in_window
         while self._recent and self._recent[0][0] <= now - self.window:
             _, prompt_tokens, completion_tokens, failed = self._recent.popleft()
-            window[0] -= prompt_tokens
-            window[1] -= completion_tokens
-            window[2] -= failed
+            self._window_prompt_tokens -= prompt_tokens
+            self._window_completion_tokens -= completion_tokens
+            self._window_failures -= failed
