@@ -24,9 +24,10 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -107,7 +108,7 @@ class ForwardedCall:
     lease: Lease | None = None
     """The key's hold on its limits, settled when the request is recorded."""
     presenter: Presenter | None = None
-    """How the answer is shown to the client; None: a ChatPresenter."""
+    """How the answer is shown to the client; None: a ChatPresenter. It holds `backref()`."""
     on_delivered: Callable[[ForwardedCall, WorkerSession, Usage, AnswerSoFar], None] | None = None
     """Told of every answer that reached its client whole, after its record (audits sample them)."""
     worker_filter: Callable[[WorkerSession], bool] | None = None
@@ -150,7 +151,16 @@ class ForwardedCall:
         if self.lease is not None:
             self.lease.handed_over = True
         if self.presenter is None:
-            self.presenter = ChatPresenter(self)
+            self.presenter = ChatPresenter(self.backref())
+
+    def backref(self) -> ForwardedCall:
+        """This call, for what it owns to refer back to without keeping it alive (a weak proxy).
+
+        A presenter that held the call itself would make a reference cycle of the two, and with them
+        everything the call holds (its request, stream, lease and answer, some 30 objects) would wait
+        for the cyclic garbage collector instead of being freed when the request ends.
+        """
+        return cast(ForwardedCall, weakref.proxy(self))
 
     @property
     def shown(self) -> Presenter:

@@ -207,7 +207,7 @@ async def forward(
         lease=lease,
     )
     if present is not None:
-        call.presenter = present(call)
+        call.presenter = present(call.backref())
     audits = getattr(request.state, "audits", None)
     if audits is not None:
         call.on_delivered = audits.delivered
